@@ -1,0 +1,35 @@
+"""hf_munba: Machine Unlearning via Nash Bargaining for diffusers / transformers users."""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+# torch is pinned below a version range that the CPU wheel 2.13.0 satisfies; install the build that
+# fits your hardware first (CPU CI: `pip install torch==2.13.0`).
+RUNTIME = [
+    "torch>=2.4",
+    "diffusers>=0.32",
+    "transformers>=4.46",
+    "accelerate>=1.0",
+    "peft>=0.13",
+    "datasets>=3.0",
+    "safetensors>=0.4",
+    "huggingface_hub>=0.26",
+    "numpy",
+    "pillow",
+    "tqdm",
+]
+EVAL = ["nudenet>=3.4", "scikit-learn>=1.3", "matplotlib>=3.7", "scipy"]
+DEV = EVAL + ["pytest>=8", "hypothesis>=6.100", "pytest-timeout"]
+
+setup(
+    name="hf_munba",
+    version="0.1.0",
+    description="MUNBa (Machine Unlearning via Nash Bargaining) for diffusers, transformers, accelerate and peft",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["hf_munba", "hf_munba.*"]),
+    python_requires=">=3.10",
+    install_requires=RUNTIME,
+    extras_require={"eval": EVAL, "dev": DEV},
+    license="Apache-2.0",
+)
