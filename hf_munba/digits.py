@@ -51,7 +51,12 @@ __all__ = [
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 PROMPT_TEMPLATE = "a handwritten digit {word}"
 # Bump when the build code changes in a way that changes the weights for the same recipe.
-BUILD_VERSION = 1
+BUILD_VERSION = 2
+# The digits are gray, but the pipeline and classifier work in RGB (gray repeated): every SD tool
+# (diffusers' image processor, datasets' imagefolder, our unlearning data loader) feeds RGB images,
+# so the digits model is a drop-in stand-in for a real SD checkpoint. It costs only the VAE's
+# first and last convolutions.
+CHANNELS = 3
 
 
 def digit_prompt(digit: int) -> str:
@@ -86,6 +91,7 @@ class DigitsRecipe:
     classifier_batch_size: int = 64
     classifier_lr: float = 2e-3
     test_fraction: float = 0.2
+    num_images: Optional[int] = None  # a seeded subset of the 1,797 digits (None: all); for tests
 
     def __post_init__(self):
         object.__setattr__(self, "unet_channels", tuple(int(c) for c in self.unet_channels))
@@ -93,6 +99,8 @@ class DigitsRecipe:
             raise ValueError(f"resolution must be even and >= 8, got {self.resolution}")
         if not 0.0 <= self.empty_prompt_prob < 1.0:
             raise ValueError(f"empty_prompt_prob must be in [0, 1), got {self.empty_prompt_prob}")
+        if self.num_images is not None and not 20 <= self.num_images <= 1797:
+            raise ValueError(f"num_images must be in 20..1797 (or None for all), got {self.num_images}")
         if not 0.0 < self.test_fraction < 1.0:
             raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
         if len(self.unet_channels) != 3:
@@ -136,10 +144,11 @@ class DigitsArtifacts:
 # data
 
 
-def load_digits(resolution: int = 16):
-    """scikit-learn's digits as (N, 1, R, R) float images in [-1, 1], int labels and captions.
+def load_digits(resolution: int = 16, num_channels: int = CHANNELS):
+    """scikit-learn's digits as (N, C, R, R) float images in [-1, 1], int labels and captions.
 
     The 8x8 originals (ink 0..16) are upsampled bilinearly; ink is white on black like MNIST.
+    The gray value is repeated over ``num_channels`` (3 by default, see ``CHANNELS``).
     """
     from sklearn.datasets import load_digits as _sk_load_digits
 
@@ -148,7 +157,7 @@ def load_digits(resolution: int = 16):
     if resolution != 8:
         images = F.interpolate(images, size=(resolution, resolution), mode="bilinear",
                                align_corners=False)
-    images = (images.clamp(0, 1) * 2 - 1).contiguous()
+    images = (images.clamp(0, 1) * 2 - 1).repeat(1, num_channels, 1, 1).contiguous()
     labels = torch.tensor(data.target, dtype=torch.long)
     captions = [digit_prompt(int(y)) for y in labels]
     return images, labels, captions
@@ -168,7 +177,7 @@ def _make_vae(recipe: DigitsRecipe):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        in_channels=1, out_channels=1,
+        in_channels=CHANNELS, out_channels=CHANNELS,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
         block_out_channels=(32, 64), latent_channels=4, layers_per_block=1,
@@ -216,7 +225,7 @@ def _make_classifier(recipe: DigitsRecipe):
     from transformers import ResNetConfig, ResNetForImageClassification
 
     id2label = {i: str(i) for i in range(10)}
-    cfg = ResNetConfig(num_channels=1, embedding_size=32, hidden_sizes=[32, 64], depths=[1, 1],
+    cfg = ResNetConfig(num_channels=CHANNELS, embedding_size=32, hidden_sizes=[32, 64], depths=[1, 1],
                        layer_type="basic", num_labels=10, id2label=id2label,
                        label2id={v: k for k, v in id2label.items()},
                        downsample_in_first_stage=False)
@@ -224,13 +233,13 @@ def _make_classifier(recipe: DigitsRecipe):
 
 
 def _image_processor(recipe: DigitsRecipe):
-    """Maps a grayscale PIL image / uint8 array to the classifier's [-1, 1] pixel values."""
+    """Maps an RGB PIL image (as the pipeline writes them) to the classifier's [-1, 1] input."""
     from transformers import ViTImageProcessor
 
     r = recipe.resolution
     return ViTImageProcessor(do_resize=True, size={"height": r, "width": r}, do_rescale=True,
-                             rescale_factor=1 / 255, do_normalize=True, image_mean=[0.5],
-                             image_std=[0.5])
+                             rescale_factor=1 / 255, do_normalize=True, image_mean=[0.5] * CHANNELS,
+                             image_std=[0.5] * CHANNELS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -353,7 +362,7 @@ def _train_classifier(clf, images, labels, train_idx, recipe: DigitsRecipe, log)
 
 @torch.no_grad()
 def classify_digit_images(classifier, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Predicted digit for (N, 1, R, R) images in [-1, 1] (the pipeline's ``output_type="pt"``
+    """Predicted digit for (N, 3, R, R) images in [-1, 1] (the pipeline's ``output_type="pt"``
     images are in [0, 1]: pass ``2 * x - 1``)."""
     preds = [classifier(pixel_values=images[i:i + batch_size]).logits.argmax(-1)
              for i in range(0, len(images), batch_size)]
@@ -362,16 +371,22 @@ def classify_digit_images(classifier, images: torch.Tensor, batch_size: int = 25
 
 @torch.no_grad()
 def generate_digit_images(pipeline, prompts: Sequence[str], num_images_per_prompt: int,
-                          guidance_scale: float, seed: int = 0,
-                          num_inference_steps: int = 25) -> torch.Tensor:
-    """(len(prompts) * n, 1, R, R) images in [-1, 1], prompt-major, seeded per prompt so that a
-    prompt's images do not depend on which other prompts are generated alongside it."""
+                          guidance_scale: float, seed: int = 0, num_inference_steps: int = 25,
+                          batch_size: int = 200) -> torch.Tensor:
+    """(len(prompts) * n, 3, R, R) images in [-1, 1], prompt-major.
+
+    Image k of prompt i has its own generator seeded by (seed, i, k), so it does not depend on
+    the batch size or on which other prompts are generated alongside it. Large batches matter on
+    CPU: a tiny UNet's forward pass costs about the same for 2 images as for 40.
+    """
+    jobs = [(i, k, p) for i, p in enumerate(prompts) for k in range(num_images_per_prompt)]
     out = []
-    for i, prompt in enumerate(prompts):
-        gen = torch.Generator().manual_seed(seed * 1000 + i)
-        img = pipeline(prompt, num_images_per_prompt=num_images_per_prompt,
-                       guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
-                       generator=gen, output_type="pt").images
+    for s in range(0, len(jobs), batch_size):
+        chunk = jobs[s:s + batch_size]
+        gens = [torch.Generator().manual_seed(seed * 1_000_003 + 1000 * i + k) for i, k, _ in chunk]
+        img = pipeline([p for _, _, p in chunk], guidance_scale=guidance_scale,
+                       num_inference_steps=num_inference_steps, generator=gens,
+                       output_type="pt").images
         out.append(img * 2 - 1)
     return torch.cat(out)
 
@@ -409,6 +424,10 @@ def build_digits_models(output_dir: str | os.PathLike, recipe: DigitsRecipe = Di
     t_start = time.perf_counter()
     torch.manual_seed(recipe.seed)
     images, labels, _ = load_digits(recipe.resolution)
+    if recipe.num_images is not None:
+        keep = torch.randperm(len(images), generator=torch.Generator().manual_seed(recipe.seed))
+        keep = keep[:recipe.num_images].sort().values
+        images, labels = images[keep], labels[keep]
     train_idx, test_idx = _split(len(images), recipe.test_fraction, recipe.seed)
 
     torch.manual_seed(recipe.seed)

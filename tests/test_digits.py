@@ -4,6 +4,7 @@ A drastically shortened recipe (a few optimizer steps) keeps this fast; the full
 come from ``training/build_digits_sd.py`` and are reported in docs/digits.md.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -27,8 +28,9 @@ from hf_munba.digits import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = DigitsRecipe(seed=3, vae_steps=3, unet_steps=3, classifier_epochs=1)
-TINY_ARGS = ["--seed", "3", "--vae_steps", "3", "--unet_steps", "3", "--classifier_epochs", "1"]
+TINY = DigitsRecipe(seed=3, vae_steps=3, unet_steps=3, classifier_epochs=1, num_images=100)
+TINY_ARGS = ["--seed", "3", "--vae_steps", "3", "--unet_steps", "3", "--classifier_epochs", "1",
+             "--num_images", "100"]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
        "TOKENIZERS_PARALLELISM": "false"}
 
@@ -55,7 +57,8 @@ def script_build(tmp_path_factory):
 
 def test_load_digits_is_real_data_in_range():
     images, labels, captions = load_digits(16)
-    assert images.shape == (1797, 1, 16, 16)
+    assert images.shape == (1797, 3, 16, 16)
+    assert torch.equal(images[:, 0], images[:, 2])  # gray repeated over RGB
     assert images.min() == -1.0 and images.max() == 1.0
     assert sorted(set(labels.tolist())) == list(range(10))
     assert captions[0] == digit_prompt(int(labels[0])) == f"a handwritten digit {['zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine'][int(labels[0])]}"
@@ -74,8 +77,7 @@ def test_build_lands_in_recipe_hash_dir_and_is_reused(script_build):
     messages = []
     arts = load_or_build_digits_models(TINY, cache_dir=cache, log=messages.append)
     assert arts.root == str(target) and messages == [f"reusing cached digits models in {target}"]
-    assert recipe_hash(TINY) != recipe_hash(DigitsRecipe(seed=4, vae_steps=3, unet_steps=3,
-                                                         classifier_epochs=1))
+    assert recipe_hash(TINY) != recipe_hash(dataclasses.replace(TINY, seed=4))
 
 
 def test_build_is_deterministic_by_seed(script_build, tmp_path):
@@ -96,13 +98,13 @@ def test_saved_pipeline_and_classifier_round_trip(script_build):
     root = cache / recipe_hash(TINY)
     pipe = StableDiffusionPipeline.from_pretrained(root / "pipeline")
     pipe.set_progress_bar_config(disable=True)
-    assert pipe.vae.config.in_channels == 1 and pipe.vae.config.scaling_factor != 0.18215
+    assert pipe.vae.config.in_channels == 3 and pipe.vae.config.scaling_factor != 0.18215
     kw = dict(num_inference_steps=3, guidance_scale=2.0)
     pt = pipe(digit_prompt(3), generator=torch.Generator().manual_seed(0), output_type="pt", **kw).images
     npy = pipe(digit_prompt(3), generator=torch.Generator().manual_seed(0), output_type="np", **kw).images
     pil = pipe(digit_prompt(3), generator=torch.Generator().manual_seed(0), **kw).images
-    assert pt.shape == (1, 1, 16, 16) and npy.shape == (1, 16, 16, 1)
-    assert pil[0].mode == "L" and pil[0].size == (16, 16)
+    assert pt.shape == (1, 3, 16, 16) and npy.shape == (1, 16, 16, 3)
+    assert pil[0].mode == "RGB" and pil[0].size == (16, 16)
     assert np.allclose(pt.permute(0, 2, 3, 1).numpy(), npy, atol=1e-6)
     again = generate_digit_images(pipe, [digit_prompt(3)], 1, 2.0, seed=0, num_inference_steps=3)
     assert torch.allclose(again, pt * 2 - 1, atol=1e-6)
@@ -110,12 +112,13 @@ def test_saved_pipeline_and_classifier_round_trip(script_build):
     clf = AutoModelForImageClassification.from_pretrained(root / "classifier").eval()
     proc = AutoImageProcessor.from_pretrained(root / "classifier")
     images, labels, _ = load_digits(16)
-    # the processor maps uint8 grayscale PIL images to the [-1, 1] range the classifier trained on
+    # the processor maps uint8 RGB PIL images to the [-1, 1] range the classifier trained on
     from PIL import Image
 
-    u8 = ((images[:8, 0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-    pv = proc(images=[Image.fromarray(a, mode="L") for a in u8], return_tensors="pt")["pixel_values"]
-    assert pv.shape == (8, 1, 16, 16)
+    u8 = ((images[:8] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    pv = proc(images=[Image.fromarray(a.numpy(), mode="RGB") for a in u8],
+              return_tensors="pt")["pixel_values"]
+    assert pv.shape == (8, 3, 16, 16)
     assert torch.allclose(pv, images[:8], atol=1 / 127.5)
     assert torch.equal(classify_digit_images(clf, pv), clf(pixel_values=pv).logits.argmax(-1))
     assert clf.config.id2label[3] == "3"
@@ -129,13 +132,15 @@ def test_generated_images_are_prompt_major_and_seeded(script_build):
     pipe.set_progress_bar_config(disable=True)
     both = generate_digit_images(pipe, [digit_prompt(1), digit_prompt(7)], 2, 2.0, seed=1,
                                  num_inference_steps=2)
-    alone = generate_digit_images(pipe, [digit_prompt(1)], 2, 2.0, seed=1, num_inference_steps=2)
-    assert both.shape == (4, 1, 16, 16) and both.min() >= -1 and both.max() <= 1
-    assert torch.allclose(both[:2], alone, atol=1e-6)
+    alone = generate_digit_images(pipe, [digit_prompt(1)], 2, 2.0, seed=1, num_inference_steps=2,
+                                  batch_size=1)
+    assert both.shape == (4, 3, 16, 16) and both.min() >= -1 and both.max() <= 1
+    assert torch.allclose(both[:2], alone, atol=1e-5)
+    assert not torch.allclose(both[0], both[1])
 
 
 @pytest.mark.parametrize("bad", [dict(resolution=7), dict(unet_steps=0), dict(test_fraction=1.0),
-                                 dict(unet_channels=(32, 64))])
+                                 dict(unet_channels=(32, 64)), dict(num_images=5)])
 def test_bad_recipe_is_refused(bad):
     with pytest.raises(ValueError):
         DigitsRecipe(**bad)

@@ -32,7 +32,9 @@ def parse_args(argv=None):
     defaults = DigitsRecipe()
     for name in ("seed", "vae_steps", "unet_steps", "classifier_epochs"):
         p.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
-    p.add_argument("--eval_guidance_scales", type=float, nargs="+", default=[1.5, 3.0])
+    p.add_argument("--num_images", type=int, default=None,
+                   help="train on a seeded subset of the 1,797 digits (for quick trials)")
+    p.add_argument("--eval_guidance_scales", type=float, nargs="*", default=[1.5, 3.0])
     p.add_argument("--eval_images_per_digit", type=int, default=20)
     args = p.parse_args(argv)
     if args.eval_images_per_digit < 1:
@@ -40,7 +42,8 @@ def parse_args(argv=None):
     try:
         args.recipe = DigitsRecipe(seed=args.seed, vae_steps=args.vae_steps,
                                    unet_steps=args.unet_steps,
-                                   classifier_epochs=args.classifier_epochs)
+                                   classifier_epochs=args.classifier_epochs,
+                                   num_images=args.num_images)
     except ValueError as e:
         p.error(str(e))
     if args.output_dir and not args.overwrite_output_dir:
