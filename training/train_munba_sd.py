@@ -379,7 +379,7 @@ def main(argv=None):
                     m.save_pretrained(os.path.join(output_dir, args.train_component),
                                       safe_serialization=True)
                 weights.pop()
-            state = {"guard": guard.state_dict(), "history": history,
+            state = {"guard": guard.state_dict(), "history": history, "metrics": metrics,
                      "bargainer": None if bargainer is None else {
                          "num_steps": bargainer.num_steps, "num_skipped": bargainer.num_skipped,
                          "num_fallbacks": bargainer.num_fallbacks}}
@@ -405,6 +405,7 @@ def main(argv=None):
         state = json.loads(Path(input_dir, "munba_state.json").read_text())
         guard.load_state_dict(state["guard"])
         history[:] = state["history"]
+        metrics.update(state["metrics"])
         if bargainer is not None and state["bargainer"]:
             for k, v in state["bargainer"].items():
                 setattr(bargainer, k, v)
@@ -414,6 +415,10 @@ def main(argv=None):
 
     if accelerator.is_main_process:
         accelerator.init_trackers("munba-sd", config=public_hparams(vars(args)))
+
+    # Forget / retain losses of the base model on fixed batches and noise (the RNG is untouched);
+    # a resumed run takes them from its checkpoint.
+    metrics = {f"before/{k}": v for k, v in unlearner.evaluate(eval_batches, args.seed).items()}
 
     # ---- resume --------------------------------------------------------------------------------
     global_step, first_epoch, resume_batches = 0, 0, 0
@@ -473,12 +478,11 @@ def main(argv=None):
         return folder, recs
 
     # ---- train ---------------------------------------------------------------------------------
-    metrics = {f"before/{k}": v for k, v in unlearner.evaluate(eval_batches, args.seed).items()}
-    log.info(f"before unlearning: {metrics}")
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     log.info(f"D_f: {len(forget_src)} images, D_r: {len(retain_src)} images; {args.max_train_steps} "
              f"optimizer steps of {total_batch} pairs; method {args.method}, objective "
              f"{args.forget_objective}")
+    log.info(f"before unlearning: {metrics}")
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps",
                     disable=not accelerator.is_local_main_process)
     scaler = getattr(accelerator, "scaler", None)
@@ -487,7 +491,7 @@ def main(argv=None):
         for epoch in range(first_epoch, args.num_train_epochs):
             if global_step >= args.max_train_steps:
                 break
-            dataset.set_epoch(epoch)
+            dataset.set_pairing_epoch(epoch)
             trained.train()
             loader = train_dataloader
             if epoch == first_epoch and resume_batches:
