@@ -103,7 +103,9 @@ def parse_args(argv=None):
     a("--mixed_precision", choices=("no", "fp16", "bf16"), default=None)
     a("--allow_tf32", action="store_true")
     # logging, checkpoints, validation
-    a("--report_to", default="tensorboard")
+    a("--report_to", default=None,
+      help='tracker(s) for accelerate: tensorboard, wandb, comet_ml, all or none '
+           '(default: tensorboard if installed, else none; history.jsonl and a PNG are always written)')
     a("--logging_dir", default="logs")
     a("--checkpointing_steps", type=int, default=500)
     a("--checkpoints_total_limit", type=int, default=None)
@@ -172,6 +174,15 @@ def check_args(args):
         fail(f"--forget_weight must be >= 0, got {args.forget_weight}")
     if args.resolution < 1:
         fail(f"--resolution must be positive, got {args.resolution}")
+    import importlib.util
+
+    if args.report_to is None:
+        args.report_to = "tensorboard" if importlib.util.find_spec("tensorboard") else "none"
+    for tracker in args.report_to.split(","):
+        if tracker in ("tensorboard", "wandb", "comet_ml", "mlflow") and \
+                importlib.util.find_spec(tracker) is None:
+            fail(f"--report_to {tracker}: the {tracker} package is not installed "
+                 f"(pip install {tracker}, or --report_to none)")
     if args.push_to_hub and not args.hub_model_id:
         fail("--push_to_hub needs --hub_model_id (e.g. your-name/sd-munba-nudity)")
     if args.class_names is not None:
@@ -251,7 +262,7 @@ def main(argv=None):
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to in (None, "none") else args.report_to,
+        log_with=None if args.report_to == "none" else args.report_to.split(","),
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=os.path.join(args.output_dir,
                                                                      args.logging_dir)),
@@ -612,6 +623,22 @@ def main(argv=None):
                                       private=args.hub_private_repo)
             log.info(f"pushed to https://huggingface.co/{repo}")
     accelerator.end_training()
+
+
+def log_validation_images(accelerator, folder, records, step):
+    """Send the validation images to the trackers that take images."""
+    import numpy as np
+    from PIL import Image
+
+    images = [np.asarray(Image.open(Path(folder) / r["file_name"]).convert("RGB")) for r in records]
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images("validation", np.stack(images), step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": [wandb.Image(im, caption=r["text"])
+                                        for im, r in zip(images, records)]}, step=step)
 
 
 def make_grid(folder, records, path):
