@@ -523,6 +523,11 @@ def main(argv=None):
                     acc["loss/retain"] += float(loss_r.detach()) / n
                     acc["loss/forget"] += float(loss_f.detach()) / n
                     if accelerator.sync_gradients:
+                        # the mean over ranks: what is logged and what decides a skip is global
+                        if accelerator.num_processes > 1:
+                            red = accelerator.reduce(torch.tensor(list(acc.values()),
+                                                                  device=accelerator.device), "mean")
+                            acc = dict(zip(acc, red.tolist()))
                         logs = {}
                         if bargainer is not None:
                             stats = bargainer.combine(
