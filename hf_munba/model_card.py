@@ -40,7 +40,7 @@ def _table(rows: Mapping) -> str:
 def sd_model_card(*, base_model: str, forgotten: Sequence[str], retained: Sequence[str],
                   hparams: Mapping, metrics: Optional[Mapping] = None,
                   image_grid: Optional[str] = None, lora: bool = False,
-                  extra_tags: Iterable[str] = ()):
+                  extra_tags: Iterable[str] = (), repo_id: Optional[str] = None):
     """A ``huggingface_hub.ModelCard`` for an unlearned Stable Diffusion model."""
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -52,7 +52,7 @@ def sd_model_card(*, base_model: str, forgotten: Sequence[str], retained: Sequen
     base_ref = f"[{base_model}](https://huggingface.co/{base_model})" if on_hub else f"`{base_model}`"
     usage = ("pipe = DiffusionPipeline.from_pretrained(BASE)\npipe.load_lora_weights(REPO)"
              if lora else "pipe = DiffusionPipeline.from_pretrained(REPO)")
-    usage = usage.replace("BASE", repr(base_model)).replace("REPO", "'<this repo>'")
+    usage = usage.replace("BASE", repr(base_model)).replace("REPO", repr(repo_id or "<this repo>"))
     body = [
         "# Unlearned with MUNBa",
         "",

@@ -329,3 +329,20 @@ def test_cli_refuses_non_empty_output_dir_before_loading_anything(assets, tmp_pa
     assert proc.returncode == 2
     assert "--overwrite_output_dir" in proc.stderr and "Traceback" not in proc.stderr
     assert sorted(os.listdir(out)) == ["keep.txt"]
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops(assets, tmp_path):
+    """lr 1e30 blows the weights up after step 1; later steps are NaN, skipped, then stop."""
+    out = tmp_path / "nan"
+    proc = _run(TRAIN, common(assets, out, steps=6) + [
+        "--learning_rate", 1e30, "--max_consecutive_skips", 2, "--checkpointing_steps", 1],
+        expect_ok=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "2 consecutive optimizer steps had non-finite" in proc.stderr
+    assert "step 2: non-finite loss or gradient, update skipped" in proc.stderr
+    first, second = _unet_state(out / "checkpoint-1"), _unet_state(out / "checkpoint-2")
+    assert all(torch.equal(first[k], second[k]) for k in first)  # the skipped step left them alone
+    state = json.loads((out / "checkpoint-2" / "munba_state.json").read_text())
+    assert state["guard"] == {"total": 1, "consecutive": 1}
+    assert state["history"][-1]["step_skipped"] == 1.0
+    assert not (out / "model_index.json").exists()  # nothing final was written

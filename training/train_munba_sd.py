@@ -618,7 +618,8 @@ def main(argv=None):
             card = sd_model_card(base_model=path, forgotten=forgotten,
                                  retained=sorted(set(retain_src.captions))[:10],
                                  hparams=vars(args), metrics=metrics, image_grid=grid,
-                                 lora=args.use_lora and not args.fuse_lora)
+                                 lora=args.use_lora and not args.fuse_lora,
+                                 repo_id=args.hub_model_id)
             card.save(str(tmp / "README.md"))
             (tmp / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
             commit_staged(tmp, out)
