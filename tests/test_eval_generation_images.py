@@ -2,7 +2,6 @@
 per-prompt guidance, LoRA loading, and refusals."""
 
 import csv
-import json
 
 import numpy as np
 import pytest
@@ -13,6 +12,8 @@ from hf_munba.evaluation.generate import (evaluation_plan, generate_evaluation_i
 from hf_munba.evaluation.prompts import NUDITY_PROMPTS, load_prompt_set
 from hf_munba.generation import read_manifest
 from hf_munba.testing import save_tiny_sd_pipeline
+
+from eval_generation_helpers import save_tiny_lora
 
 KW = dict(num_inference_steps=2, height=16, width=16)
 
@@ -154,25 +155,8 @@ def test_plan_refuses_duplicates_and_empty():
         evaluation_plan([])
 
 
-def _save_lora(sd_dir, lora_dir):
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-    import torch
-
-    pipe = load_pipeline(sd_dir)
-    torch.manual_seed(0)
-    pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights=False,
-                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
-    StableDiffusionPipeline.save_lora_weights(str(lora_dir), unet_lora_layers=layers,
-                                              safe_serialization=True)
-    return lora_dir
-
-
 def test_lora_is_applied_and_never_silently_dropped(sd_dir, pipe, tmp_path):
-    lora = _save_lora(sd_dir, tmp_path / "lora")
+    lora = save_tiny_lora(sd_dir, tmp_path / "lora")
     recs = load_prompt_set(["nudity"])
     base = generate_evaluation_images(pipe, recs, tmp_path / "base", **KW)
     lora_pipe = load_pipeline(sd_dir, lora)

@@ -114,6 +114,22 @@ class GenerativeEvalConfig:
         if out.is_dir() and any(out.iterdir()) and not (self.overwrite_output_dir or self.resume):
             raise ValueError(f"output_dir {out} is not empty: pass --resume to continue a run "
                              "or --overwrite_output_dir to start over")
+        if self.resume and not self.overwrite_output_dir:
+            self._validate_resume(out)
+
+    def _validate_resume(self, out: Path) -> None:
+        from ..generation import read_manifest
+        from .generate import evaluation_plan
+
+        plan = {p["file_name"]: p for p in evaluation_plan(
+            self.records, guidance_scale=self.guidance_scale,
+            num_inference_steps=self.num_inference_steps, height=self.height, width=self.width)}
+        for m in self.models:
+            for line in read_manifest(out / "images" / m.name):
+                want = plan.get(line.get("file_name"))
+                if want is None or any(line.get(k) != v for k, v in want.items()):
+                    raise ValueError(f"cannot resume: {out / 'images' / m.name} holds images made "
+                                     "with other prompts or settings")
 
     def _validate_classification(self) -> None:
         from transformers import AutoConfig
