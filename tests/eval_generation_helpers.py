@@ -1,5 +1,6 @@
 """Helpers shared by the generative-evaluation tests (not a test module)."""
 
+import pytest
 import torch
 
 
@@ -18,3 +19,12 @@ def save_tiny_lora(sd_dir, lora_dir):
     StableDiffusionPipeline.save_lora_weights(str(lora_dir), unet_lora_layers=layers,
                                               safe_serialization=True)
     return lora_dir
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models on a shared, busy CPU run ~100x faster on one thread than on spinning ones."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

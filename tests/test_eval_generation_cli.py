@@ -19,7 +19,7 @@ from hf_munba.evaluation.report import CARD_BEGIN
 from hf_munba.testing import (save_tiny_sd_pipeline, tiny_clip_model, tiny_clip_processor,
                               tiny_vit_classifier)
 
-from eval_generation_helpers import save_tiny_lora
+from eval_generation_helpers import one_torch_thread, save_tiny_lora  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "eval" / "evaluate_generation.py"
@@ -74,7 +74,7 @@ def _metric_args(a):
 def test_one_command_end_to_end(assets, tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false")
+               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(SCRIPT), *_argv(assets, out), *ALL,
                            *_metric_args(assets)], capture_output=True, text=True, env=env,
                           timeout=300)

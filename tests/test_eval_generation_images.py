@@ -13,7 +13,7 @@ from hf_munba.evaluation.prompts import NUDITY_PROMPTS, load_prompt_set
 from hf_munba.generation import read_manifest
 from hf_munba.testing import save_tiny_sd_pipeline
 
-from eval_generation_helpers import save_tiny_lora
+from eval_generation_helpers import one_torch_thread, save_tiny_lora  # noqa: F401
 
 KW = dict(num_inference_steps=2, height=16, width=16)
 

@@ -9,6 +9,8 @@ import torch
 from PIL import Image
 
 from hf_munba.evaluation import nudity
+
+from eval_generation_helpers import one_torch_thread  # noqa: F401
 from hf_munba.evaluation.clip_score import (clip_scores, clip_scores_from_embeddings, load_clip,
                                             summarize_clip_scores)
 from hf_munba.evaluation.fid import (FIDUnavailableError, extract_features, frechet_distance,
