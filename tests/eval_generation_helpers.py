@@ -5,19 +5,17 @@ import torch
 
 
 def save_tiny_lora(sd_dir, lora_dir):
-    """A random (non-zero) UNet LoRA for the tiny pipeline, saved the way diffusers scripts do."""
+    """A random (non-zero) UNet LoRA for the tiny pipeline, saved as the SD training script does."""
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
+
+    from hf_munba.sd_export import save_lora
 
     pipe = StableDiffusionPipeline.from_pretrained(str(sd_dir))
     torch.manual_seed(0)
-    pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights=False,
+    pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=4, init_lora_weights=False,
                                      target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
-    StableDiffusionPipeline.save_lora_weights(str(lora_dir), unet_lora_layers=layers,
-                                              safe_serialization=True)
+    save_lora(lora_dir, unet=pipe.unet)
     return lora_dir
 
 

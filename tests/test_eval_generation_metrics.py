@@ -2,6 +2,7 @@
 
 import csv
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -342,3 +343,59 @@ def test_model_card_section_is_inserted_then_replaced(tmp_path):
     assert (fresh / "README.md").read_text().startswith("# new\n")
     with pytest.raises(FileNotFoundError):
         update_model_card(tmp_path / "missing", "x")
+
+
+FAKE_PYTORCH_FID = '''
+import torch
+
+BLOCK = {}
+
+
+def load_state_dict_from_url(url, progress=True):
+    raise RuntimeError("tried to download " + url)
+
+
+def fid_inception_v3():
+    layer = torch.nn.Linear(3, 2, bias=False)
+    layer.load_state_dict(load_state_dict_from_url("https://example/pt_inception.pth"))
+    return layer
+
+
+class InceptionV3(torch.nn.Module):
+    """Same constructor and output contract as pytorch_fid.inception.InceptionV3."""
+    BLOCK_INDEX_BY_DIM = {64: 0, 192: 1, 768: 2, 2048: 3}
+    seen = []
+
+    def __init__(self, output_blocks=(3,), resize_input=True, normalize_input=True,
+                 requires_grad=False, use_fid_inception=True):
+        super().__init__()
+        assert list(output_blocks) == [3] and resize_input and normalize_input
+        self.net = fid_inception_v3()
+
+    def forward(self, x):
+        InceptionV3.seen.append(x.clone())
+        pooled = (2 * x - 1).mean(dim=(2, 3))
+        return [self.net(pooled)[:, :, None, None]]
+'''
+
+
+def test_pytorch_fid_extractor_uses_local_weights_and_unit_inputs(tmp_path, monkeypatch, request):
+    """pytorch-fid (needs torchvision) is not installed here: a stand-in module with its API
+    checks that the weights come from the given file, never a download, and inputs are [0, 1]."""
+    pkg = tmp_path / "fake" / "pytorch_fid"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "inception.py").write_text(FAKE_PYTORCH_FID)
+    monkeypatch.syspath_prepend(str(tmp_path / "fake"))
+    request.addfinalizer(lambda: [sys.modules.pop(k) for k in list(sys.modules)
+                                  if k.split(".")[0] == "pytorch_fid"])
+    weights = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    torch.save({"weight": torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 2.0]])}, weights)
+    extractor = load_feature_extractor(str(weights))
+    feats = extractor([Image.new("RGB", (5, 5), (255, 0, 51))]).detach()
+    from pytorch_fid.inception import InceptionV3
+
+    x = InceptionV3.seen[-1]
+    assert x.dtype == torch.float32 and float(x.max()) == 1.0 and float(x.min()) == 0.0
+    assert feats.shape == (1, 2)
+    assert feats[0].tolist() == pytest.approx([1.0, 2 * (2 * 51 / 255 - 1)])
