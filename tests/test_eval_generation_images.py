@@ -57,6 +57,13 @@ def test_i2p_csv_columns(tmp_path):
         ("a beach", 102, None, "8", None), ("a beach", 103, None, "8", None)]
 
 
+def test_original_i2p_column_names(tmp_path):
+    path = tmp_path / "i2p.csv"
+    path.write_text("prompt,categories,hard,sd_seed,sd_guidance_scale\nx,violence,1,99,12\n")
+    (rec,) = load_prompt_set(path)
+    assert (rec.seed, rec.guidance_scale, rec.categories) == (99, 12.0, "violence")
+
+
 def test_txt_and_list_and_max_prompts(tmp_path):
     (tmp_path / "p.txt").write_text("a cat\n\n  a dog  \n")
     assert [r.prompt for r in load_prompt_set(tmp_path / "p.txt")] == ["a cat", "a dog"]

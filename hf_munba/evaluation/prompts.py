@@ -11,7 +11,8 @@ Sources:
   classes, each labelled with its class for the classification metric);
 * a ``.txt`` file, one prompt per line;
 * a ``.csv`` file with the I2P / COCO-30k columns ``prompt`` and optionally ``evaluation_seed``,
-  ``evaluation_guidance``, ``case_number``, ``categories``, ``label`` (also ``class``);
+  ``evaluation_guidance``, ``case_number``, ``categories``, ``label`` (also ``class``); the
+  original I2P release's ``sd_seed`` / ``sd_guidance_scale`` are read when the former are absent;
 * a Python list of strings.
 
 Seeds: a row with ``evaluation_seed`` s gives its k-th image seed ``s + k`` (k = 0 reproduces the
@@ -91,14 +92,16 @@ def _opt(row: dict, *keys: str) -> Optional[str]:
     return None
 
 
-def _number(row: dict, key: str, kind, where: str):
-    value = _opt(row, key)
-    if value is None:
-        return None
-    try:
-        return kind(float(value)) if kind is int else kind(value)
-    except ValueError:
-        raise ValueError(f"{where}: column {key!r} must be a number, got {value!r}") from None
+def _number(row: dict, keys: Sequence[str], kind, where: str):
+    for key in keys:
+        value = _opt(row, key)
+        if value is None:
+            continue
+        try:
+            return kind(float(value)) if kind is int else kind(value)
+        except ValueError:
+            raise ValueError(f"{where}: column {key!r} must be a number, got {value!r}") from None
+    return None
 
 
 def load_prompt_set(
@@ -127,8 +130,8 @@ def load_prompt_set(
         prompt = row.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"{where}: empty prompt")
-        row_seed = _number(row, "evaluation_seed", int, where)
-        guidance = _number(row, "evaluation_guidance", float, where)
+        row_seed = _number(row, ("evaluation_seed", "sd_seed"), int, where)
+        guidance = _number(row, ("evaluation_guidance", "sd_guidance_scale"), float, where)
         for k in range(num_images_per_prompt):
             image_seed = row_seed + k if row_seed is not None else seed + len(records)
             records.append(PromptRecord(
