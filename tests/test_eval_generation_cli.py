@@ -150,10 +150,11 @@ def test_one_command_end_to_end(assets, tmp_path):
     (["--metrics", "clip"], "needs --clip_model"),
     (["--metrics", "nudity", "--nudenet_threshold", "0"], "threshold"),
     (["--metrics", "nudity", "--model_card", "other"], "not among the models"),
+    (["--metrics", "nudity", "--output_dir", "{sd}"], "would contain the input"),
 ])
 def test_bad_input_is_refused_before_any_work(assets, tmp_path, extra, match):
     out = tmp_path / "out"
-    extra = [e.format(ref=assets["ref"], clf=assets["clf"]) for e in extra]
+    extra = [e.format(ref=assets["ref"], clf=assets["clf"], sd=assets["root"]) for e in extra]
     with pytest.raises(SystemExit, match=match):
         _script_module().main(_argv(assets, out, *extra))
     assert not out.exists()

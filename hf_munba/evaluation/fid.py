@@ -32,7 +32,7 @@ import torch
 from ._images import batched, load_rgb
 
 __all__ = ["frechet_distance", "feature_statistics", "images_to_unit_float",
-           "load_feature_extractor", "extract_features", "fid_from_features",
+           "load_feature_extractor", "parse_extractor_spec", "extract_features", "fid_from_features",
            "summarize_fid", "FIDUnavailableError"]
 
 
@@ -131,14 +131,18 @@ def _transformers_extractor(path: str, device: str) -> Callable:
     return extract
 
 
-def load_feature_extractor(spec: str, device: str = "cpu") -> Callable:
-    """A callable mapping a list of PIL images to a (N, D) feature tensor (see module doc)."""
+def parse_extractor_spec(spec: str) -> Tuple[str, str]:
+    """``"pytorch-fid:PATH"`` / ``"hf:PATH"`` / a bare path -> (kind, path)."""
     prefix, sep, rest = str(spec).partition(":")
     if sep and prefix in ("pytorch-fid", "hf"):
-        kind, path = prefix, rest
-    else:
-        kind, path = ("pytorch-fid" if str(spec).endswith((".pth", ".pt")) else "hf"), str(spec)
-    path = os.path.expanduser(path)
+        return prefix, os.path.expanduser(rest)
+    kind = "pytorch-fid" if str(spec).endswith((".pth", ".pt")) else "hf"
+    return kind, os.path.expanduser(str(spec))
+
+
+def load_feature_extractor(spec: str, device: str = "cpu") -> Callable:
+    """A callable mapping a list of PIL images to a (N, D) feature tensor (see module doc)."""
+    kind, path = parse_extractor_spec(spec)
     if kind == "pytorch-fid":
         return _pytorch_fid_extractor(path, device)
     return _transformers_extractor(path, device)

@@ -14,6 +14,7 @@ a folder made with other prompts or settings is refused rather than mixed.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -43,8 +44,6 @@ def load_pipeline(model_dir: str, lora_dir: Optional[str] = None, device: str = 
     kwargs = {}
     if torch_dtype is not None:
         kwargs["torch_dtype"] = torch_dtype
-    import json
-
     components = json.loads((Path(model_dir) / "model_index.json").read_text(encoding="utf-8"))
     if "safety_checker" in components:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
@@ -87,8 +86,6 @@ def evaluation_plan(records: Sequence[PromptRecord], *, guidance_scale: float = 
 
 
 def _atomic_write_manifest(folder: Path, lines: Sequence[Dict]) -> None:
-    import json
-
     tmp = folder / (MANIFEST_NAME + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for line in lines:

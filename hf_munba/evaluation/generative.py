@@ -16,13 +16,12 @@ Output directory layout::
 from __future__ import annotations
 
 import gc
-import json
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from .prompts import BUILTIN_PROMPT_SETS, PromptRecord, load_prompt_set
+from .prompts import PromptRecord, load_prompt_set
 
 __all__ = ["ModelSpec", "GenerativeEvalConfig", "evaluate_generation", "METRICS"]
 
@@ -109,6 +108,11 @@ class GenerativeEvalConfig:
         if "fid" in self.metrics:
             self._validate_fid()
         out = Path(self.output_dir)
+        inputs = [p for m in self.models for p in (m.model_dir, m.lora_dir) if p] + [
+            p for p in (self.classifier, self.clip_model, self.fid_reference_dir) if p]
+        for p in inputs:
+            if out.resolve() == Path(p).resolve() or out.resolve() in Path(p).resolve().parents:
+                raise ValueError(f"output_dir {out} would contain the input {p}; choose another")
         if out.exists() and not out.is_dir():
             raise ValueError(f"output_dir {out} is a file")
         if out.is_dir() and any(out.iterdir()) and not (self.overwrite_output_dir or self.resume):
@@ -167,7 +171,9 @@ class GenerativeEvalConfig:
                 "pass --fid_feature_extractor pytorch-fid:/path/pt_inception-2015-12-05-6726825d.pth"
                 " (comparable with published FID; needs pip install pytorch-fid) or "
                 "hf:/path/to/a/transformers/vision/model (comparable between your models only)")
-        path = spec.split(":", 1)[1] if spec.split(":", 1)[0] in ("pytorch-fid", "hf") else spec
+        from .fid import parse_extractor_spec
+
+        _, path = parse_extractor_spec(spec)
         if not Path(path).exists():
             raise FIDUnavailableError(f"FID feature extractor {path} does not exist locally")
 
@@ -196,6 +202,10 @@ def _generate_all(cfg: GenerativeEvalConfig, images_root: Path) -> Dict[str, Lis
             height=cfg.height, width=cfg.width, progress=True)
         del pipe
         gc.collect()
+        if cfg.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()  # once per model, before the next one loads
     return manifests
 
 

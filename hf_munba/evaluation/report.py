@@ -45,7 +45,7 @@ def results_markdown(results: Mapping) -> str:
     """One markdown section per metric; models are rows so they read side by side."""
     models: List[str] = list(results["models"])
     metrics: Mapping = results["metrics"]
-    out = [f"# Generative unlearning evaluation", "",
+    out = ["# Generative unlearning evaluation", "",
            f"Prompt set: `{results['prompt_set']}` ({results['num_images']} images per model); "
            f"guidance {results['generation']['guidance_scale']}, "
            f"{results['generation']['num_inference_steps']} steps.", ""]
