@@ -1,0 +1,107 @@
+"""The digits class-forgetting experiment: real D_f / D_r folders, run arguments, summaries, and
+one end-to-end run of eval/digits_sd_experiment.py on a drastically shortened build."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hf_munba.digits import DigitsRecipe, build_digits_models, digit_prompt
+from hf_munba.digits_unlearning import (METHODS, summarize_runs, summary_markdown,
+                                        train_script_args, write_digit_imagefolders,
+                                        write_digit_prompt_csv)
+from hf_munba.sd_data import check_disjoint, load_imagefolder
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
+       "TOKENIZERS_PARALLELISM": "false"}
+
+
+def test_imagefolders_hold_real_disjoint_digits(tmp_path):
+    paths = write_digit_imagefolders(tmp_path / "d", forget_digit=7)
+    forget = load_imagefolder(paths["forget"], role="forget")
+    retain = load_imagefolder(paths["retain"], role="retain")
+    assert len(forget) + len(retain) == 1797
+    assert set(forget.captions) == {digit_prompt(7)}
+    assert digit_prompt(7) not in set(retain.captions) and len(set(retain.captions)) == 9
+    check_disjoint(forget, retain)  # raises on a shared image
+    from PIL import Image
+
+    with Image.open(forget.images[0]) as im:
+        assert im.mode == "RGB" and im.size == (16, 16)
+    # same digit: reused; another digit: refused
+    assert write_digit_imagefolders(tmp_path / "d", forget_digit=7) == paths
+    with pytest.raises(ValueError, match="forget_digit"):
+        write_digit_imagefolders(tmp_path / "d", forget_digit=2)
+    with pytest.raises(ValueError, match="0..9"):
+        write_digit_imagefolders(tmp_path / "e", forget_digit=10)
+    assert not (tmp_path / "e").exists()
+
+
+def test_prompt_csv_labels_every_digit(tmp_path):
+    from hf_munba.evaluation.prompts import load_prompt_set
+
+    recs = load_prompt_set(write_digit_prompt_csv(tmp_path / "p.csv"), num_images_per_prompt=2)
+    assert [(r.prompt, r.label) for r in recs[::2]] == [(digit_prompt(d), str(d)) for d in range(10)]
+
+
+def test_train_script_args_remap_to_next_digit_by_default():
+    data = {"forget": "F", "retain": "R"}
+    a = train_script_args(method="munba", pretrained="P", data=data, output_dir="O",
+                          forget_digit=9, use_lora=True)
+    assert a[a.index("--forget_class") + 1] == "nine" and a[a.index("--remap_class") + 1] == "zero"
+    assert a[a.index("--prompt_template") + 1].format("nine") == digit_prompt(9)
+    assert "--use_lora" in a and a[a.index("--method") + 1] == "munba"
+    ga = train_script_args(method="ga", pretrained="P", data=data, output_dir="O", forget_digit=1)
+    assert ga[ga.index("--forget_objective") + 1] == "ga" and "--use_lora" not in ga
+    with pytest.raises(ValueError, match="unknown method"):
+        train_script_args(method="salun", pretrained="P", data=data, output_dir="O", forget_digit=1)
+    with pytest.raises(ValueError, match="differ"):
+        train_script_args(method="ga", pretrained="P", data=data, output_dir="O", forget_digit=1,
+                          remap_digit=1)
+
+
+def test_summary_is_mean_and_std_over_seeds():
+    runs = [{"method": "munba", "variant": "full", "seed": s, "forget_accuracy": f,
+             "retain_accuracy": r, "seconds": 10.0} for s, f, r in [(0, 0.0, 90.0), (1, 10.0, 94.0)]]
+    base = {"forget_accuracy": 100.0, "retain_accuracy": 100.0}
+    (row,) = summarize_runs(runs, base)
+    assert row["forget_accuracy"] == 5.0 and row["retain_accuracy"] == 92.0
+    assert abs(row["forget_accuracy_std"] - 7.0711) < 1e-3 and row["retain_ratio"] == 92.0
+    md = summary_markdown([row], base)
+    assert "| munba | full | 5.0 ± 7.1 | 92.0 ± 2.8 | 92% | 10 |" in md
+
+
+def test_experiment_end_to_end_on_a_tiny_build(tmp_path):
+    build = build_digits_models(tmp_path / "build", DigitsRecipe(vae_steps=2, unet_steps=2,
+                                                                 classifier_epochs=1, num_images=60),
+                                eval_guidance_scales=(), log=lambda *_: None)
+    out = tmp_path / "exp"
+    cmd = [sys.executable, str(ROOT / "eval/digits_sd_experiment.py"), "--output_dir", str(out),
+           "--models_dir", build.root, "--methods", "munba", "--variants", "lora", "--seeds", "0",
+           "--max_train_steps", "2", "--num_images_per_prompt", "1", "--num_inference_steps", "2",
+           "--forget_digit", "5"]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-2000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["original"]["name"] == "original"
+    (run,) = res["runs"]
+    assert run["name"] == "munba-lora-s0" and 0 <= run["forget_accuracy"] <= 100
+    assert run["training_metrics"]["skipped_steps"] == 0
+    assert (out / "runs" / "munba-lora-s0" / "pytorch_lora_weights.safetensors").is_file()
+    assert (out / "grid.png").is_file() and "| munba | lora |" in (out / "results.md").read_text()
+    # 1 image per prompt: the forget digit's image + one per other digit, for original + munba
+    from PIL import Image
+
+    with Image.open(out / "grid.png") as g:
+        assert g.size == (110 + 10 * 48, 2 * 48)
+    # a non-empty output dir is refused before any work
+    again = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and "not empty" in again.stderr
+
+
+def test_methods_registry_is_what_the_docs_compare():
+    assert list(METHODS) == ["munba", "weighted", "ga", "retain"]
