@@ -1,0 +1,153 @@
+"""Evaluation images from a prompt set: a pipeline (optionally + LoRA) -> an imagefolder.
+
+Unlike :func:`hf_munba.generation.generate_images` (one seed range and one guidance scale for the
+whole job, the shape of unlearning data), evaluation sets such as I2P fix a seed and a guidance
+scale per prompt. Here the seeds come from :func:`~hf_munba.evaluation.prompts.load_prompt_set`
+and are written into the manifest; the folder layout and the manifest keys (``file_name``,
+``text``, ``seed``, ``guidance_scale``, ``num_inference_steps``, ``height``, ``width``,
+``prompt_index``) are the same, plus ``image_index``, ``case_number``, ``categories``, ``label``.
+
+Promises: one CPU ``torch.Generator`` per image, so an image does not depend on the batch size;
+a killed run resumes (finished images are skipped, images and manifest are written atomically);
+a folder made with other prompts or settings is refused rather than mixed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from ..generation import MANIFEST_NAME, read_manifest
+from .prompts import PromptRecord
+
+__all__ = ["load_pipeline", "evaluation_plan", "generate_evaluation_images"]
+
+
+def load_pipeline(model_dir: str, lora_dir: Optional[str] = None, device: str = "cpu",
+                  torch_dtype: Optional[torch.dtype] = None):
+    """Load a saved pipeline for evaluation, with the safety checker off and LoRA applied.
+
+    The safety checker would black out exactly the images the nudity metric has to count, so
+    it is removed. A LoRA directory that loads no adapter is an error: evaluating the base model
+    under the unlearned model's name is the mistake this refuses to make.
+    """
+    from diffusers import DiffusionPipeline
+
+    model_dir = str(model_dir)
+    if not (Path(model_dir) / "model_index.json").is_file():
+        raise FileNotFoundError(f"{model_dir} is not a saved diffusers pipeline "
+                                "(no model_index.json)")
+    kwargs = {}
+    if torch_dtype is not None:
+        kwargs["torch_dtype"] = torch_dtype
+    components = json.loads((Path(model_dir) / "model_index.json").read_text(encoding="utf-8"))
+    if "safety_checker" in components:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    pipe = DiffusionPipeline.from_pretrained(model_dir, **kwargs)
+    if lora_dir is not None:
+        if not Path(lora_dir).exists():
+            raise FileNotFoundError(f"LoRA directory {lora_dir} does not exist")
+        pipe.load_lora_weights(str(lora_dir), adapter_name="unlearned")
+        adapters = pipe.get_list_adapters()
+        if not any("unlearned" in names for names in adapters.values()):
+            raise RuntimeError(f"no LoRA adapter was loaded from {lora_dir}; refusing to "
+                               "evaluate the base model in its place")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def evaluation_plan(records: Sequence[PromptRecord], *, guidance_scale: float = 7.5,
+                    num_inference_steps: int = 50, height: Optional[int] = None,
+                    width: Optional[int] = None) -> List[Dict]:
+    """Manifest lines for ``records`` (a record's own guidance scale wins over the default)."""
+    if num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+    if not records:
+        raise ValueError("no prompts to generate")
+    plan, names = [], set()
+    for r in records:
+        name = f"{r.prompt_index:04d}_{r.image_index:05d}.png"
+        if name in names:
+            raise ValueError(f"duplicate image {name}: prompt/image indices must be unique")
+        names.add(name)
+        plan.append({
+            "file_name": name, "text": r.prompt, "seed": int(r.seed),
+            "guidance_scale": float(r.guidance_scale if r.guidance_scale is not None
+                                    else guidance_scale),
+            "num_inference_steps": int(num_inference_steps), "height": height, "width": width,
+            "prompt_index": r.prompt_index, "image_index": r.image_index,
+            "case_number": r.case_number, "categories": r.categories, "label": r.label,
+        })
+    return plan
+
+
+def _atomic_write_manifest(folder: Path, lines: Sequence[Dict]) -> None:
+    tmp = folder / (MANIFEST_NAME + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for line in lines:
+            f.write(json.dumps(line) + "\n")
+    os.replace(tmp, folder / MANIFEST_NAME)
+
+
+@torch.no_grad()
+def generate_evaluation_images(pipe, records: Sequence[PromptRecord], output_dir, *,
+                               batch_size: int = 4, guidance_scale: float = 7.5,
+                               num_inference_steps: int = 50, height: Optional[int] = None,
+                               width: Optional[int] = None, progress: bool = False,
+                               **pipe_kwargs) -> List[Dict]:
+    """Generate every record's image into ``output_dir`` (resumable); return the manifest."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    plan = evaluation_plan(records, guidance_scale=guidance_scale,
+                           num_inference_steps=num_inference_steps, height=height, width=width)
+    folder = Path(output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    wanted = {p["file_name"]: p for p in plan}
+    done: Dict[str, Dict] = {}
+    for line in read_manifest(folder):
+        name = line.get("file_name")
+        if name not in wanted or any(line.get(k) != v for k, v in wanted[name].items()):
+            raise ValueError(f"{folder} already holds {name!r} generated with other prompts or "
+                             "settings; use an empty directory (or the same arguments to resume)")
+        if (folder / name).is_file():
+            done[name] = line
+    todo = [p for p in plan if p["file_name"] not in done]
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(plan), initial=len(plan) - len(todo), desc="generating", unit="img")
+    start = 0
+    while start < len(todo):
+        # one pipeline call takes one guidance scale: cut batches where it changes
+        batch = [todo[start]]
+        while (len(batch) < batch_size and start + len(batch) < len(todo)
+               and todo[start + len(batch)]["guidance_scale"] == batch[0]["guidance_scale"]):
+            batch.append(todo[start + len(batch)])
+        start += len(batch)
+        images = pipe(
+            prompt=[p["text"] for p in batch],
+            generator=[torch.Generator("cpu").manual_seed(p["seed"]) for p in batch],
+            guidance_scale=batch[0]["guidance_scale"],
+            num_inference_steps=batch[0]["num_inference_steps"],
+            height=height, width=width, output_type="pil", **pipe_kwargs,
+        ).images
+        for p, image in zip(batch, images):
+            tmp = folder / (p["file_name"] + ".tmp")
+            image.save(tmp, format="PNG")
+            os.replace(tmp, folder / p["file_name"])
+            done[p["file_name"]] = p
+        _atomic_write_manifest(folder, [done[p["file_name"]] for p in plan
+                                        if p["file_name"] in done])
+        if bar is not None:
+            bar.update(len(batch))
+    if bar is not None:
+        bar.close()
+    if not todo:
+        _atomic_write_manifest(folder, plan)
+    return [done[p["file_name"]] for p in plan]

@@ -1,0 +1,28 @@
+"""Helpers shared by the generative-evaluation tests (not a test module)."""
+
+import pytest
+import torch
+
+
+def save_tiny_lora(sd_dir, lora_dir):
+    """A random (non-zero) UNet LoRA for the tiny pipeline, saved as the SD training script does."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+
+    from hf_munba.sd_export import save_lora
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(sd_dir))
+    torch.manual_seed(0)
+    pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=4, init_lora_weights=False,
+                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    save_lora(lora_dir, unet=pipe.unet)
+    return lora_dir
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models on a shared, busy CPU run ~100x faster on one thread than on spinning ones."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
