@@ -154,11 +154,20 @@ def test_lora_with_alpha_not_rank_and_fused_pipeline(assets, tmp_path):
     from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
     out = tmp_path / "lora"
-    _run(TRAIN, common(assets, out) + ["--use_lora", "--rank", 2, "--lora_alpha", 6,
-                                       "--fuse_lora", "--target_model", "frozen",
-                                       "--train_params", "full"])
+    lora_args = common(assets, out) + ["--use_lora", "--rank", 2, "--lora_alpha", 6, "--fuse_lora",
+                                       "--target_model", "frozen", "--train_params", "full",
+                                       "--checkpointing_steps", 1]
+    _run(TRAIN, lora_args)
+    # resuming from the LoRA checkpoint of step 1 ends with the same adapter
+    resumed = tmp_path / "lora_resumed"
+    resumed.mkdir()
+    shutil.copytree(out / "checkpoint-1", resumed / "checkpoint-1")
+    lora_args[lora_args.index("--output_dir") + 1] = resumed
+    _run(TRAIN, lora_args + ["--resume_from_checkpoint", "latest"])
+    again = load_file(str(resumed / "pytorch_lora_weights.safetensors"))
     lora = load_file(str(out / "pytorch_lora_weights.safetensors"))
     assert lora and all(k.startswith("unet.") for k in lora)
+    assert lora.keys() == again.keys() and all(torch.equal(lora[k], again[k]) for k in lora)
     assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora.up" in k)
     # The fused weights are W + (alpha / rank) B A: the alpha survived the round trip.
     base, fused = _unet_state(assets["pipe"]), _unet_state(out)
@@ -252,15 +261,19 @@ def test_classwise_remaps_to_the_next_class(tmp_path, assets):
     args = common(assets, out) + ["--class_names", "tench", "chain saw", "church",
                                   "--forget_class", "chain saw", "--train_params", "xattn",
                                   "--method", "weighted", "--forget_weight", 0.5]
-    args[args.index("--forget_data_dir") + 1] = data / "forget"
-    args[args.index("--retain_data_dir") + 1] = data / "retain"
-    _run(TRAIN, args)
+    # read through `datasets` this time (a local imagefolder by path), with accumulation
+    args[args.index("--forget_data_dir"):args.index("--forget_data_dir") + 2] = \
+        ["--forget_dataset_name", data / "forget"]
+    args[args.index("--retain_data_dir"):args.index("--retain_data_dir") + 2] = \
+        ["--retain_dataset_name", data / "retain"]
+    _run(TRAIN, args + ["--gradient_accumulation_steps", 2])
     saved = json.loads((out / "training_args.json").read_text())
     assert saved["anchor_prompt"] == "an image of a church"
     base, new = _unet_state(assets["pipe"]), _unet_state(out)
     changed = {k for k in base if not torch.equal(base[k], new[k])}
     assert changed and all("attn2" in k for k in changed)
     assert "chain saw" in (out / "README.md").read_text()
+    assert len((out / "history.jsonl").read_text().splitlines()) == 2  # optimizer steps, not batches
 
 
 def _check(argv):

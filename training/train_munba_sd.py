@@ -290,7 +290,7 @@ def main(argv=None):
     # ---- models --------------------------------------------------------------------------------
     path, rev, var = args.pretrained_model_name_or_path, args.revision, args.variant
     tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=rev)
-    noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+    noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=rev)
     text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=rev,
                                                  variant=var)
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=rev, variant=var)
@@ -458,6 +458,9 @@ def main(argv=None):
             for _, d in old[:max(0, len(old) - args.checkpoints_total_limit + 1)]:
                 shutil.rmtree(d)
         staging = out / f".checkpoint-{step}.partial"
+        if accelerator.is_main_process and staging.exists():
+            shutil.rmtree(staging)  # left by a run killed while saving
+        accelerator.wait_for_everyone()
         accelerator.save_state(str(staging))  # every rank saves its RNG state
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
