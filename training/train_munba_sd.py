@@ -103,7 +103,9 @@ def parse_args(argv=None):
     a("--mixed_precision", choices=("no", "fp16", "bf16"), default=None)
     a("--allow_tf32", action="store_true")
     # logging, checkpoints, validation
-    a("--report_to", default="tensorboard")
+    a("--report_to", default=None,
+      help='tracker(s) for accelerate: tensorboard, wandb, comet_ml, all or none '
+           '(default: tensorboard if installed, else none; history.jsonl and a PNG are always written)')
     a("--logging_dir", default="logs")
     a("--checkpointing_steps", type=int, default=500)
     a("--checkpoints_total_limit", type=int, default=None)
@@ -172,6 +174,15 @@ def check_args(args):
         fail(f"--forget_weight must be >= 0, got {args.forget_weight}")
     if args.resolution < 1:
         fail(f"--resolution must be positive, got {args.resolution}")
+    import importlib.util
+
+    if args.report_to is None:
+        args.report_to = "tensorboard" if importlib.util.find_spec("tensorboard") else "none"
+    for tracker in args.report_to.split(","):
+        if tracker in ("tensorboard", "wandb", "comet_ml", "mlflow") and \
+                importlib.util.find_spec(tracker) is None:
+            fail(f"--report_to {tracker}: the {tracker} package is not installed "
+                 f"(pip install {tracker}, or --report_to none)")
     if args.push_to_hub and not args.hub_model_id:
         fail("--push_to_hub needs --hub_model_id (e.g. your-name/sd-munba-nudity)")
     if args.class_names is not None:
@@ -251,7 +262,7 @@ def main(argv=None):
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to in (None, "none") else args.report_to,
+        log_with=None if args.report_to == "none" else args.report_to.split(","),
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=os.path.join(args.output_dir,
                                                                      args.logging_dir)),
@@ -279,7 +290,7 @@ def main(argv=None):
     # ---- models --------------------------------------------------------------------------------
     path, rev, var = args.pretrained_model_name_or_path, args.revision, args.variant
     tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=rev)
-    noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+    noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=rev)
     text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=rev,
                                                  variant=var)
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=rev, variant=var)
@@ -379,7 +390,7 @@ def main(argv=None):
                     m.save_pretrained(os.path.join(output_dir, args.train_component),
                                       safe_serialization=True)
                 weights.pop()
-            state = {"guard": guard.state_dict(), "history": history,
+            state = {"guard": guard.state_dict(), "history": history, "metrics": metrics,
                      "bargainer": None if bargainer is None else {
                          "num_steps": bargainer.num_steps, "num_skipped": bargainer.num_skipped,
                          "num_fallbacks": bargainer.num_fallbacks}}
@@ -405,6 +416,7 @@ def main(argv=None):
         state = json.loads(Path(input_dir, "munba_state.json").read_text())
         guard.load_state_dict(state["guard"])
         history[:] = state["history"]
+        metrics.update(state["metrics"])
         if bargainer is not None and state["bargainer"]:
             for k, v in state["bargainer"].items():
                 setattr(bargainer, k, v)
@@ -414,6 +426,10 @@ def main(argv=None):
 
     if accelerator.is_main_process:
         accelerator.init_trackers("munba-sd", config=public_hparams(vars(args)))
+
+    # Forget / retain losses of the base model on fixed batches and noise (the RNG is untouched);
+    # a resumed run takes them from its checkpoint.
+    metrics = {f"before/{k}": v for k, v in unlearner.evaluate(eval_batches, args.seed).items()}
 
     # ---- resume --------------------------------------------------------------------------------
     global_step, first_epoch, resume_batches = 0, 0, 0
@@ -442,6 +458,9 @@ def main(argv=None):
             for _, d in old[:max(0, len(old) - args.checkpoints_total_limit + 1)]:
                 shutil.rmtree(d)
         staging = out / f".checkpoint-{step}.partial"
+        if accelerator.is_main_process and staging.exists():
+            shutil.rmtree(staging)  # left by a run killed while saving
+        accelerator.wait_for_everyone()
         accelerator.save_state(str(staging))  # every rank saves its RNG state
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
@@ -473,12 +492,11 @@ def main(argv=None):
         return folder, recs
 
     # ---- train ---------------------------------------------------------------------------------
-    metrics = {f"before/{k}": v for k, v in unlearner.evaluate(eval_batches, args.seed).items()}
-    log.info(f"before unlearning: {metrics}")
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     log.info(f"D_f: {len(forget_src)} images, D_r: {len(retain_src)} images; {args.max_train_steps} "
              f"optimizer steps of {total_batch} pairs; method {args.method}, objective "
              f"{args.forget_objective}")
+    log.info(f"before unlearning: {metrics}")
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps",
                     disable=not accelerator.is_local_main_process)
     scaler = getattr(accelerator, "scaler", None)
@@ -487,7 +505,7 @@ def main(argv=None):
         for epoch in range(first_epoch, args.num_train_epochs):
             if global_step >= args.max_train_steps:
                 break
-            dataset.set_epoch(epoch)
+            dataset.set_pairing_epoch(epoch)
             trained.train()
             loader = train_dataloader
             if epoch == first_epoch and resume_batches:
@@ -508,6 +526,11 @@ def main(argv=None):
                     acc["loss/retain"] += float(loss_r.detach()) / n
                     acc["loss/forget"] += float(loss_f.detach()) / n
                     if accelerator.sync_gradients:
+                        # the mean over ranks: what is logged and what decides a skip is global
+                        if accelerator.num_processes > 1:
+                            red = accelerator.reduce(torch.tensor(list(acc.values()),
+                                                                  device=accelerator.device), "mean")
+                            acc = dict(zip(acc, red.tolist()))
                         logs = {}
                         if bargainer is not None:
                             stats = bargainer.combine(
@@ -598,7 +621,8 @@ def main(argv=None):
             card = sd_model_card(base_model=path, forgotten=forgotten,
                                  retained=sorted(set(retain_src.captions))[:10],
                                  hparams=vars(args), metrics=metrics, image_grid=grid,
-                                 lora=args.use_lora and not args.fuse_lora)
+                                 lora=args.use_lora and not args.fuse_lora,
+                                 repo_id=args.hub_model_id)
             card.save(str(tmp / "README.md"))
             (tmp / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
             commit_staged(tmp, out)
@@ -608,6 +632,22 @@ def main(argv=None):
                                       private=args.hub_private_repo)
             log.info(f"pushed to https://huggingface.co/{repo}")
     accelerator.end_training()
+
+
+def log_validation_images(accelerator, folder, records, step):
+    """Send the validation images to the trackers that take images."""
+    import numpy as np
+    from PIL import Image
+
+    images = [np.asarray(Image.open(Path(folder) / r["file_name"]).convert("RGB")) for r in records]
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images("validation", np.stack(images), step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": [wandb.Image(im, caption=r["text"])
+                                        for im, r in zip(images, records)]}, step=step)
 
 
 def make_grid(folder, records, path):
