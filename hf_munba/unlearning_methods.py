@@ -151,8 +151,12 @@ class SalUn(UnlearningMethod):
         model.train(was_training)
         flat = torch.cat([g.flatten().float() for g in grads])
         k = max(1, int(round(self.config.salun_ratio * flat.numel())))
-        threshold = torch.topk(flat, k, sorted=True).values[-1]
-        self.masks = [(g >= threshold).to(p.dtype) for g, p in zip(grads, params)]
+        keep = torch.zeros_like(flat, dtype=torch.bool)
+        keep[torch.topk(flat, k, sorted=False).indices] = True  # exactly k, even among ties at 0
+        self.masks, start = [], 0
+        for p in params:
+            self.masks.append(keep[start:start + p.numel()].view_as(p).to(p.dtype))
+            start += p.numel()
         self.mask_params = params
 
     def edit_gradients(self, trainer, params):
