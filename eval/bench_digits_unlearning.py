@@ -54,7 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--output_dir", default="bench_digits_out")
-    p.add_argument("--recipes", default=None, help="JSON overriding RECIPES, e.g. '{\"munba\": {\"lr\": 0.02}}'")
+    p.add_argument("--recipes", default=None, help="JSON overriding RECIPES, e.g. '{\"munba\": {\"lr\": 0.02}, \"random:ga\": {\"max_steps\": 5}}'")
     a = p.parse_args(argv)
     a.seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
     a.methods = [m for m in a.methods.split(",") if m.strip()]
@@ -69,11 +69,13 @@ def parse_args(argv=None):
     if bad:
         p.error(f"unknown settings {bad}")
     overrides = json.loads(a.recipes) if a.recipes else {}
-    a.recipes = {k: dict(v) for k, v in RECIPES.items()}
+    a.recipes = {s: {k: dict(v) for k, v in RECIPES.items()} for s in ("class", "random")}
     for k, v in overrides.items():
-        if k not in a.recipes:
+        setting, _, name = k.rpartition(":")  # "munba" (both settings) or "random:munba"
+        if name not in RECIPES or setting not in ("", "class", "random"):
             p.error(f"--recipes: unknown entry {k!r}")
-        a.recipes[k].update(v)
+        for s in ([setting] if setting else ["class", "random"]):
+            a.recipes[s][name].update(v)
     return a
 
 
@@ -90,7 +92,8 @@ def train(model, method, retain, forget, recipe, batch_size, seed, workdir):
         max_grad_norm=1.0, seed=seed, data_seed=seed, save_strategy="no", report_to=[],
         logging_strategy="no", disable_tqdm=True, use_cpu=True, dataloader_num_workers=0)
     trainer = MunbaTrainer(model=model, args=args, train_dataset=retain,
-                           forget_dataset=forget, method=method)
+                           forget_dataset=forget, method=method,
+                           forget_weight=recipe.get("forget_weight"))
     t0 = time.perf_counter()
     trainer.train()
     runtime = time.perf_counter() - t0
@@ -122,7 +125,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as work:
         for seed in a.seeds:
             base, _ = load_image_classifier(a.model, seed=seed)
-            original, t_orig = train(base, "ft", full, None, a.recipes["original"],
+            original, t_orig = train(base, "ft", full, None, a.recipes["class"]["original"],
                                      a.batch_size, seed, work)
             originals.append(t_orig)
             for setting in a.settings:
@@ -135,10 +138,10 @@ def main(argv=None):
                 m["runtime_s"] = float("nan")
                 results["original"] = m
                 fresh, _ = load_image_classifier(a.model, seed=seed + 1000)
-                model, rt = train(fresh, "retrain", retain, forget, a.recipes["retrain"], a.batch_size, seed, work)
+                model, rt = train(fresh, "retrain", retain, forget, a.recipes[setting]["retrain"], a.batch_size, seed, work)
                 results["retrain"] = {**evaluate_unlearning(model, forget, retain, test), "runtime_s": rt}
                 for method in a.methods:
-                    model, rt = train(copy.deepcopy(original), method, retain, forget, a.recipes[method],
+                    model, rt = train(copy.deepcopy(original), method, retain, forget, a.recipes[setting][method],
                                       a.batch_size, seed, work)
                     results[method] = {**evaluate_unlearning(model, forget, retain, test), "runtime_s": rt}
                 for name, m in results.items():
