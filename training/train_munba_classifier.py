@@ -30,6 +30,8 @@ from hf_munba.forget_sets import ForgetSpec, parse_forget_classes, split_forget_
 from hf_munba.trainer import MunbaArguments, MunbaTrainer  # noqa: E402
 
 CHECKPOINTS = "checkpoints"
+DEEPSPEED_MESSAGE = ("DeepSpeed is not supported: its backward pass also steps the optimizer, but MUNBa "
+                     "needs two backward passes (retain, forget) per step. Use DDP or FSDP via `accelerate config`.")
 
 
 @dataclass
@@ -83,6 +85,10 @@ def forget_spec(a: ScriptArguments, label2id) -> ForgetSpec:
 
 def main(argv=None):
     parser = HfArgumentParser((ScriptArguments, MunbaArguments, TrainingArguments))
+    raw = sys.argv[1:] if argv is None else list(argv)
+    if any(a == "--deepspeed" or a.startswith("--deepspeed=") for a in raw) or \
+            os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        parser.error(DEEPSPEED_MESSAGE)
     try:
         script, munba, targs = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as e:
@@ -97,9 +103,6 @@ def main(argv=None):
         validate_model_source(script.model_name_or_path)
         if targs.fp16 and not torch.cuda.is_available():
             raise ValueError("--fp16 needs a CUDA GPU; on CPU use --bf16 or fp32")
-        if targs.deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-            raise ValueError("DeepSpeed is not supported: its backward pass also steps the optimizer, but "
-                             "MUNBa needs two backward passes per step. Use DDP/FSDP via `accelerate config`.")
         if resume is not None and resume != "latest" and not os.path.isdir(resume):
             raise ValueError(f"--resume_from_checkpoint {resume!r} is neither 'latest' nor a folder")
         if targs.process_index == 0:
