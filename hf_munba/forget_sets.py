@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["ForgetSpec", "split_forget_retain", "parse_forget_classes"]
+__all__ = ["ForgetSpec", "split_forget_retain", "parse_forget_classes", "forget_spec_from_strings"]
 
 
 @dataclass
@@ -106,3 +106,28 @@ def split_forget_retain(dataset, spec: ForgetSpec, label_column: str = "labels")
     mask = np.ones(len(dataset), dtype=bool)
     mask[idx] = False
     return dataset.select(idx.tolist()), dataset.select(np.flatnonzero(mask).tolist())
+
+
+def forget_spec_from_strings(classes: Optional[str] = None, fraction: Optional[float] = None,
+                             indices: Optional[str] = None, seed: int = 0,
+                             label2id: Optional[dict] = None) -> ForgetSpec:
+    """A ForgetSpec from command-line strings: classes '3,5' or 'cat,dog'; indices '1,2,3' or a .json list."""
+    idx = None
+    if indices is not None:
+        if indices.endswith(".json"):
+            import json
+            import os
+
+            if not os.path.isfile(indices):
+                raise ValueError(f"forget indices file {indices!r} does not exist")
+            with open(indices) as f:
+                idx = json.load(f)
+            if not isinstance(idx, list) or not all(isinstance(i, int) for i in idx):
+                raise ValueError(f"forget indices file {indices!r} must hold a JSON list of integers")
+        else:
+            try:
+                idx = [int(t) for t in indices.split(",") if t.strip()]
+            except ValueError:
+                raise ValueError("forget indices must be comma-separated integers or a .json file") from None
+    cls = parse_forget_classes(classes, label2id) if classes is not None else None
+    return ForgetSpec(classes=cls, fraction=fraction, indices=idx, seed=seed)

@@ -26,7 +26,7 @@ from transformers import HfArgumentParser, TrainingArguments  # noqa: E402
 
 from hf_munba.atomic_save import ensure_output_dir, staged_output  # noqa: E402
 from hf_munba.classifier_io import load_image_classifier, validate_model_source, write_model_card  # noqa: E402
-from hf_munba.forget_sets import ForgetSpec, parse_forget_classes, split_forget_retain  # noqa: E402
+from hf_munba.forget_sets import ForgetSpec, forget_spec_from_strings, split_forget_retain  # noqa: E402
 from hf_munba.trainer import MunbaArguments, MunbaTrainer  # noqa: E402
 
 CHECKPOINTS = "checkpoints"
@@ -67,20 +67,7 @@ class ScriptArguments:
 
 
 def forget_spec(a: ScriptArguments, label2id) -> ForgetSpec:
-    indices = None
-    if a.forget_indices is not None:
-        if a.forget_indices.endswith(".json"):
-            if not os.path.isfile(a.forget_indices):
-                raise ValueError(f"--forget_indices file {a.forget_indices!r} does not exist")
-            with open(a.forget_indices) as f:
-                indices = json.load(f)
-        else:
-            try:
-                indices = [int(t) for t in a.forget_indices.split(",") if t.strip()]
-            except ValueError:
-                raise ValueError("--forget_indices must be comma-separated integers or a .json file") from None
-    classes = parse_forget_classes(a.forget_classes, label2id) if a.forget_classes is not None else None
-    return ForgetSpec(classes=classes, fraction=a.forget_fraction, indices=indices, seed=a.forget_seed)
+    return forget_spec_from_strings(a.forget_classes, a.forget_fraction, a.forget_indices, a.forget_seed, label2id)
 
 
 def main(argv=None):

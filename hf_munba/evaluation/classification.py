@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 __all__ = ["METRIC_KEYS", "predict_confidences", "mia_efficacy", "avg_gap", "evaluate_unlearning",
+           "evaluate_models",
            "aggregate_runs", "results_markdown", "write_results"]
 
 METRIC_KEYS = ("acc_forget", "acc_retain", "acc_test", "mia_efficacy")
@@ -91,6 +92,20 @@ def evaluate_unlearning(model, forget_set, retain_set, test_set, batch_size: int
         confs[name] = conf
     out["mia_efficacy"] = mia_efficacy(confs["retain"], confs["test"], confs["forget"], seed=mia_seed)
     return out
+
+
+def evaluate_models(models: Mapping[str, object], forget_set, retain_set, test_set,
+                    reference: Optional[str] = "retrain", runtimes: Optional[Mapping[str, float]] = None,
+                    batch_size: int = 256) -> Dict[str, Dict[str, float]]:
+    """Metrics for each named model, plus Avg. Gap against ``models[reference]`` when present."""
+    results = {}
+    for name, model in models.items():
+        results[name] = evaluate_unlearning(model, forget_set, retain_set, test_set, batch_size=batch_size)
+        results[name]["runtime_s"] = float((runtimes or {}).get(name, float("nan")))
+    if reference is not None and reference in results:
+        for m in results.values():
+            m["avg_gap"] = avg_gap(m, results[reference])
+    return results
 
 
 def aggregate_runs(runs: List[Mapping[str, float]]) -> Dict[str, Dict[str, float]]:
