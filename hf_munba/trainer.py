@@ -176,7 +176,11 @@ class MunbaTrainer(Trainer):
             raise ValueError(
                 "MunbaTrainer does not support DeepSpeed: its backward pass also steps the "
                 "optimizer, but MUNBa needs two backward passes (retain, forget) per step. "
-                "Use DDP or FSDP through `accelerate config` instead.")
+                "Use DDP through `accelerate config` instead.")
+        if self.is_fsdp_enabled and method_cls.bargains:
+            raise ValueError(
+                "MunbaTrainer does not support FSDP for method 'munba' yet: sharded gradients need "
+                "the Gram all-reduced across ranks, which is untested here. Use DDP.")
         self.munba_args = munba_args
         self.method: UnlearningMethod = method_cls(munba_args)
         self.forget_dataset = forget_dataset
@@ -316,7 +320,7 @@ class MunbaTrainer(Trainer):
             with self._player(0):
                 self.accelerator.backward(loss_r)
             total = total + loss_r.detach()
-            self._step_losses[0] += float(loss_r.detach())
+            self._step_losses[0] = self._step_losses[0] + loss_r.detach()
         if self.method.uses_forget:
             stream = self._forget_stream
             gen = torch.Generator().manual_seed(
@@ -330,7 +334,7 @@ class MunbaTrainer(Trainer):
             with self._player(1):
                 self.accelerator.backward(loss_f)
             total = total + loss_f.detach()
-            self._step_losses[1] += float(loss_f.detach())
+            self._step_losses[1] = self._step_losses[1] + loss_f.detach()
         if self.accelerator.sync_gradients:
             self._finish_gradients()
         return total
@@ -342,9 +346,9 @@ class MunbaTrainer(Trainer):
         scaler = getattr(self.accelerator, "scaler", None)
         logs = {}
         if self.method.uses_retain:
-            logs["loss_retain"] = self._step_losses[0]
+            logs["loss_retain"] = float(self._step_losses[0])
         if self.method.uses_forget:
-            logs["loss_forget"] = self._step_losses[1]
+            logs["loss_forget"] = float(self._step_losses[1])
         self._step_losses = [0.0, 0.0]
         if self.bargainer is not None:
             stats = self.bargainer.combine(grad_scale=scaler.get_scale() if scaler is not None else None)
