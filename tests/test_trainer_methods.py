@@ -82,9 +82,10 @@ def test_munba_step_is_the_bargained_direction_with_accumulation(tmp_path):
 def test_vit_bf16_autocast_cpu(tmp_path):
     forget, retain = tiny_classification_data()
     model = tiny_vit_classifier(num_labels=4)
-    tr = MunbaTrainer(model=model, args=targs(tmp_path, bf16=True), train_dataset=retain,
-                      forget_dataset=forget)
+    tr = MunbaTrainer(model=model, args=targs(tmp_path, bf16=True, eval_strategy="steps", eval_steps=2),
+                      train_dataset=retain, forget_dataset=forget, eval_dataset=retain)
     tr.train()
+    assert any(math.isfinite(h.get("eval_loss", float("nan"))) for h in tr.state.log_history)
     logs = tr.state.log_history[0]
     assert math.isfinite(logs["munba/cos"]) and logs["munba/weight_forget"] > 0
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in tr.model.parameters())

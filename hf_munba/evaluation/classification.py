@@ -121,6 +121,8 @@ def aggregate_runs(runs: List[Mapping[str, float]]) -> Dict[str, Dict[str, float
 
 def _fmt(cell) -> str:
     if isinstance(cell, Mapping):
+        if math.isnan(cell["mean"]):
+            return "–"
         if cell.get("n", 1) > 1:
             return f"{cell['mean']:.2f} ± {cell['std']:.2f}"
         return f"{cell['mean']:.2f}"
