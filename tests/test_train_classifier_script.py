@@ -138,3 +138,29 @@ def test_bad_inputs_fail_before_model_load(tmp_path, capsys, monkeypatch, case, 
     assert msg in err
     if case != "nonempty_out":
         assert not out.exists() or not any(out.iterdir())
+
+
+def test_imagefolder_with_image_processor_and_class_names(tmp_path):
+    """A local imagefolder, a saved ViT with its image processor, forgetting a class by name."""
+    import numpy as np
+    from PIL import Image
+    from transformers import ViTImageProcessor
+
+    from hf_munba.testing import tiny_vit_classifier
+
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog", "fox"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "imgs" / c / f"{i}.png")
+    model = tiny_vit_classifier(num_labels=3, num_channels=3, label_names=["cat", "dog", "fox"])
+    model.save_pretrained(tmp_path / "vit")
+    ViTImageProcessor(size={"height": 8, "width": 8}).save_pretrained(tmp_path / "vit")
+    out = tmp_path / "out"
+    mod = _load_script()
+    mod.main(["--model_name_or_path", str(tmp_path / "vit"), "--train_dir", str(tmp_path / "imgs"),
+              "--test_size", "0.34", "--forget_classes", "cat", "--output_dir", str(out),
+              "--max_steps", "2", *COMMON])
+    record = json.loads((out / "unlearning_metrics.json").read_text())
+    assert record["forget"]["classes"] == [0]
+    assert (out / "preprocessor_config.json").exists() and (out / "config.json").exists()
