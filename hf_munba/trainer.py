@@ -148,7 +148,9 @@ class MunbaTrainer(Trainer):
     ``train_dataset`` is the retain set D_r. With no unlearning options it runs the paper's
     method (``munba`` with the random-label forget loss). Logs ``loss_retain``,
     ``loss_forget`` and, for ``munba``, the bargaining ``munba/cos`` and ``munba/weight_*``.
-    The loss logged as ``loss`` is L_r + L_f (for ``ga``: -CE on D_f).
+    The loss logged as ``loss`` is L_r + L_f (for ``ga``: -CE on D_f). The number of steps
+    always follows the retain loader (epochs x |D_r| / batch), also for ``ga``, which ignores
+    the retain batches: give ``ga`` a ``max_steps``.
     """
 
     def __init__(self, model=None, args=None, *, forget_dataset=None,
@@ -186,7 +188,6 @@ class MunbaTrainer(Trainer):
         self.forget_dataset = forget_dataset
         self.bargainer: Optional[NashBargainer] = None
         self._forget_stream: Optional[ForgetStream] = None
-        self._resume_munba_state: Optional[Dict[str, Any]] = None
         self.num_nonfinite_steps = 0
         self._consecutive_skips = 0
         self._logs_acc: Dict[str, List[float]] = {}
