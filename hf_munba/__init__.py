@@ -29,3 +29,24 @@ from .sd_unlearning import SDUnlearner, SkippedStepGuard  # noqa: E402
 
 __all__ += ["generate_images", "PairedUnlearningDataset", "load_imagefolder", "SDUnlearner",
             "SkippedStepGuard"]
+
+# Classification unlearning (issue 3): the Trainer, its options, the method registry. Imported
+# lazily so that `import hf_munba` does not pull in transformers.Trainer for SD users.
+_LAZY_CLASSIFICATION = {
+    "MunbaArguments": ".trainer", "MunbaTrainer": ".trainer", "NonFiniteTrainingError": ".trainer",
+    "UnlearningMethod": ".unlearning_methods", "available_methods": ".unlearning_methods",
+    "register_method": ".unlearning_methods", "ForgetSpec": ".forget_sets",
+    "split_forget_retain": ".forget_sets", "CLIPZeroShotClassifier": ".clip_zero_shot",
+}
+__all__ += list(_LAZY_CLASSIFICATION)
+_previous_getattr = globals().get("__getattr__")
+
+
+def __getattr__(name):
+    if name in _LAZY_CLASSIFICATION:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY_CLASSIFICATION[name], __name__), name)
+    if _previous_getattr is not None:
+        return _previous_getattr(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
