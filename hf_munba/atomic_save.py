@@ -42,6 +42,9 @@ def ensure_output_dir(output_dir: str, overwrite: bool, allow_existing: bool = F
 def staged_output(output_dir: str) -> Iterator[str]:
     """Yield a staging folder; on success move its files into ``output_dir``, markers last."""
     os.makedirs(output_dir, exist_ok=True)
+    for name in os.listdir(output_dir):  # left half-written by a run killed while saving
+        if name.startswith(".staging-"):
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
     stage = tempfile.mkdtemp(prefix=".staging-", dir=output_dir)
     try:
         yield stage

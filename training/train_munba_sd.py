@@ -373,7 +373,8 @@ def main(argv=None):
         target_model=args.target_model, train_component=args.train_component,
         lora=args.use_lora, negative_guidance=args.negative_guidance,
         frozen_unet=frozen_copy if on_unet else None,
-        frozen_text_encoder=None if on_unet else frozen_copy, weight_dtype=weight_dtype)
+        frozen_text_encoder=None if on_unet else frozen_copy, weight_dtype=weight_dtype,
+        num_processes=accelerator.num_processes, process_index=accelerator.process_index)
     bargainer = (NashBargainer(params, num_players=2, fallback_player=0,
                                opposed_tol=args.opposed_tol) if args.method == "munba" else None)
     guard = SkippedStepGuard(args.max_consecutive_skips)
