@@ -237,6 +237,18 @@ class MunbaTrainer(Trainer):
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
                 raise ValueError(f"no checkpoint found in {self.args.output_dir} to resume from")
+        if isinstance(resume_from_checkpoint, str) and self.args.max_steps > 0:
+            from transformers.trainer_callback import TrainerState
+            from transformers.trainer_utils import TrainOutput
+
+            state_file = os.path.join(resume_from_checkpoint, "trainer_state.json")
+            state = TrainerState.load_from_json(state_file) if os.path.isfile(state_file) else None
+            if state is not None and state.global_step >= self.args.max_steps:
+                # The run had finished (e.g. it was killed while writing its final model). The
+                # Trainer would still run one more forward/backward/step from here; only restore.
+                self._load_from_checkpoint(resume_from_checkpoint)
+                self.state = state
+                return TrainOutput(state.global_step, 0.0, {})
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
                              ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
 

@@ -1,0 +1,102 @@
+"""train_munba_classifier.py under failure: a real SIGKILL mid-run and mid-final-save, resumed with
+``--resume_from_checkpoint latest`` (bitwise the uninterrupted run), and two real gloo ranks
+launched by ``accelerate launch`` (identical ranks, the single-process run's steps).
+
+tiny-resnet on scikit-learn digits (offline), SGD, 4 optimizer steps, a checkpoint every 2.
+"""
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from reliability_helpers import (CLASSIFIER_SCRIPT, LAUNCHER, ROOT, accelerate_launch_2_cpu,
+                                 kill_after_checkpoint, run_script, script_env)
+
+
+def cls_args(out, batch=32):
+    return ["--model_name_or_path", "tiny-resnet", "--dataset", "digits", "--forget_classes", "3",
+            "--method", "munba", "--output_dir", out, "--max_steps", 4, "--save_steps", 2,
+            "--per_device_train_batch_size", batch, "--learning_rate", 0.05, "--optim", "sgd",
+            "--report_to", "none", "--use_cpu", "--disable_tqdm", "true", "--seed", 0,
+            "--logging_steps", 1, "--eval_batch_size", 512, "--dataloader_drop_last", "true"]
+
+
+def weights(out):
+    return load_file(str(out / "model.safetensors"))
+
+
+def assert_bitwise(a, b):
+    assert a.keys() == b.keys() and a
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def checkpoint_complete(folder):
+    """trainer_state.json is the Trainer's last checkpoint file; complete once it parses."""
+    def ready():
+        try:
+            json.loads((folder / "trainer_state.json").read_text())
+            return True
+        except (OSError, ValueError):
+            return False
+    return ready
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rel_cls") / "reference"
+    run_script(CLASSIFIER_SCRIPT, cls_args(out))
+    return out
+
+
+def test_sigkill_mid_run_and_mid_final_save_then_resume_is_bitwise_identical(tmp_path, reference):
+    from transformers import AutoModelForImageClassification
+
+    out = tmp_path / "killed"
+    args = cls_args(out)
+    ckpts = out / "checkpoints"
+    # 1. killed with SIGKILL during step 3, right after checkpoint-2 was complete
+    kill_after_checkpoint(CLASSIFIER_SCRIPT, args, checkpoint_complete(ckpts / "checkpoint-2"))
+    assert not (ckpts / "checkpoint-4").exists() and not (out / "config.json").exists()
+    # 2. resumed: steps 3-4, checkpoint-4, then a crash half-way through the final weights file
+    resume = args + ["--resume_from_checkpoint", "latest"]
+    proc = subprocess.run([sys.executable, str(LAUNCHER), str(CLASSIFIER_SCRIPT), *map(str, resume)],
+                          capture_output=True, text=True, cwd=str(ROOT), timeout=300,
+                          env=script_env(RELIABILITY_CRASH_IN_FINAL_SAVE=1))
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert (ckpts / "checkpoint-4").is_dir() and list(out.glob(".staging-*/model.safetensors"))
+    with pytest.raises(Exception):  # nothing loadable was left behind
+        AutoModelForImageClassification.from_pretrained(out, use_safetensors=True)
+    # 3. resumed again from checkpoint-4: only the evaluation and the final save are left
+    run_script(CLASSIFIER_SCRIPT, resume)
+    assert_bitwise(weights(reference), weights(out))
+    assert not list(out.glob(".staging-*")), "stale half-written staging left"
+    metrics = json.loads((out / "unlearning_metrics.json").read_text())["metrics"]
+    ref_metrics = json.loads((reference / "unlearning_metrics.json").read_text())["metrics"]
+    for key in ("acc_forget", "acc_retain", "acc_test"):
+        assert metrics[key] == ref_metrics[key], key
+    AutoModelForImageClassification.from_pretrained(out, use_safetensors=True)
+
+
+def test_two_gloo_ranks_match_each_other_and_the_single_process_run(tmp_path):
+    """accelerate launch, 2 CPU ranks x batch 16 against 1 process x batch 32.
+
+    tiny-vit (LayerNorm: BatchNorm normalises each rank's batch on its own, a different forward
+    pass) and the negated-CE forget loss (random labels are drawn per rank).
+    """
+    model = ["--model_name_or_path", "tiny-vit", "--forget_loss", "neg_ce"]
+    single_out, out, dump = tmp_path / "single", tmp_path / "ddp", tmp_path / "ranks"
+    run_script(CLASSIFIER_SCRIPT, cls_args(single_out)[2:] + model)
+    accelerate_launch_2_cpu(CLASSIFIER_SCRIPT, cls_args(out, batch=16)[2:] + model, dump)
+    r0, r1 = (load_file(str(dump / f"rank{i}.safetensors")) for i in (0, 1))
+    assert_bitwise(r0, r1)
+    single, ddp = weights(single_out), weights(out)
+    for k in single:
+        torch.testing.assert_close(ddp[k], single[k], rtol=1e-4, atol=1e-5)
+    state = json.loads((out / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
