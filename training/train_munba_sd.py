@@ -483,12 +483,14 @@ def main(argv=None):
         folder = out / "validation" / f"step-{step:06d}"
         pipe = validation_pipeline()
         pipe.set_progress_bar_config(disable=True)
-        recs = generate_images(pipe, args.validation_prompts, folder,
-                               num_images_per_prompt=args.num_validation_images, seed=args.seed,
-                               batch_size=args.train_batch_size,
-                               num_inference_steps=args.validation_inference_steps,
-                               height=args.resolution, width=args.resolution, progress=False)
+        with accelerator.autocast():
+            recs = generate_images(pipe, args.validation_prompts, folder,
+                                   num_images_per_prompt=args.num_validation_images,
+                                   seed=args.seed, batch_size=args.train_batch_size,
+                                   num_inference_steps=args.validation_inference_steps,
+                                   height=args.resolution, width=args.resolution, progress=False)
         del pipe
+        log_validation_images(accelerator, folder, recs, step)
         return folder, recs
 
     # ---- train ---------------------------------------------------------------------------------
