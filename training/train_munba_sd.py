@@ -116,6 +116,8 @@ def parse_args(argv=None):
     a("--validation_inference_steps", type=int, default=25)
     a("--eval_batches", type=int, default=2,
       help="batches for the before/after forget and retain losses in the model card")
+    a("--model_card_metrics", default=None,
+      help="a JSON file of extra metrics (e.g. from the evaluation suite) for the model card")
     # hub
     a("--push_to_hub", action="store_true")
     a("--hub_model_id", default=None)
@@ -183,6 +185,14 @@ def check_args(args):
                 importlib.util.find_spec(tracker) is None:
             fail(f"--report_to {tracker}: the {tracker} package is not installed "
                  f"(pip install {tracker}, or --report_to none)")
+    if args.model_card_metrics is not None:
+        try:
+            extra = json.loads(Path(args.model_card_metrics).read_text())
+        except (OSError, ValueError) as e:
+            fail(f"--model_card_metrics {args.model_card_metrics}: cannot read a JSON object ({e})")
+        if not isinstance(extra, dict):
+            fail(f"--model_card_metrics {args.model_card_metrics} must hold a JSON object")
+        args.extra_metrics = extra
     if args.push_to_hub and not args.hub_model_id:
         fail("--push_to_hub needs --hub_model_id (e.g. your-name/sd-munba-nudity)")
     if args.class_names is not None:
@@ -425,7 +435,8 @@ def main(argv=None):
     accelerator.register_load_state_pre_hook(load_model_hook)
 
     if accelerator.is_main_process:
-        accelerator.init_trackers("munba-sd", config=public_hparams(vars(args)))
+        config = {k: ("none" if v is None else v) for k, v in public_hparams(vars(args)).items()}
+        accelerator.init_trackers("munba-sd", config=config)  # trackers reject None values
 
     # Forget / retain losses of the base model on fixed batches and noise (the RNG is untouched);
     # a resumed run takes them from its checkpoint.
@@ -620,9 +631,10 @@ def main(argv=None):
             if args.class_names:
                 forgotten = [f"class '{args.forget_class}' (remapped to "
                              f"'{args.anchor_prompt}')"]
+            card_metrics = {**metrics, **getattr(args, "extra_metrics", {})}
             card = sd_model_card(base_model=path, forgotten=forgotten,
                                  retained=sorted(set(retain_src.captions))[:10],
-                                 hparams=vars(args), metrics=metrics, image_grid=grid,
+                                 hparams=vars(args), metrics=card_metrics, image_grid=grid,
                                  lora=args.use_lora and not args.fuse_lora,
                                  repo_id=args.hub_model_id)
             card.save(str(tmp / "README.md"))
