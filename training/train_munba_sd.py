@@ -513,7 +513,7 @@ def main(argv=None):
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps",
                     disable=not accelerator.is_local_main_process)
     scaler = getattr(accelerator, "scaler", None)
-    acc = {"loss/retain": 0.0, "loss/forget": 0.0}
+    acc_t = torch.zeros(2, device=accelerator.device)
     try:
         for epoch in range(first_epoch, args.num_train_epochs):
             if global_step >= args.max_train_steps:
@@ -535,15 +535,14 @@ def main(argv=None):
                     else:
                         loss_r, loss_f = unlearner.losses(batch)
                         accelerator.backward(loss_r + args.forget_weight * loss_f)
-                    n = args.gradient_accumulation_steps
-                    acc["loss/retain"] += float(loss_r.detach()) / n
-                    acc["loss/forget"] += float(loss_f.detach()) / n
+                    # kept on the device: one host sync per optimizer step, not per backward
+                    acc_t = acc_t + torch.stack([loss_r.detach().float(), loss_f.detach().float()]
+                                                ) / args.gradient_accumulation_steps
                     if accelerator.sync_gradients:
                         # the mean over ranks: what is logged and what decides a skip is global
                         if accelerator.num_processes > 1:
-                            red = accelerator.reduce(torch.tensor(list(acc.values()),
-                                                                  device=accelerator.device), "mean")
-                            acc = dict(zip(acc, red.tolist()))
+                            acc_t = accelerator.reduce(acc_t, "mean")
+                        acc = dict(zip(("loss/retain", "loss/forget"), acc_t.tolist()))
                         logs = {}
                         if bargainer is not None:
                             stats = bargainer.combine(
@@ -569,7 +568,7 @@ def main(argv=None):
                 logs.update(acc)
                 logs.update({"lr": lr_scheduler.get_last_lr()[0], "step_skipped": float(skipped),
                              "skipped_steps": guard.total + int(skipped)})
-                acc = {"loss/retain": 0.0, "loss/forget": 0.0}
+                acc_t = torch.zeros(2, device=accelerator.device)
                 history.append({"step": global_step, **logs})
                 accelerator.log(logs, step=global_step)
                 progress.set_postfix(**{k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items()
