@@ -8,7 +8,6 @@ grid and the measured metrics. Secrets never reach it: keys that look like token
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Dict, Iterable, Mapping, Optional, Sequence
 
 __all__ = ["SECRET_KEYS", "public_hparams", "sd_model_card", "push_folder_to_hub"]

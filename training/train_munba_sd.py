@@ -30,6 +30,7 @@ from hf_munba.sd_data import (DataValidationError, PairedUnlearningDataset, Late
                               check_disjoint, class_prompts, load_hub_dataset, load_imagefolder,
                               remap_class)
 from hf_munba.sd_objectives import FORGET_OBJECTIVES, TARGET_MODELS
+from hf_munba.sd_export import check_output_dir
 from hf_munba.sd_params import TEXT_ENCODER_SUBSETS, UNET_SUBSETS
 
 logger = logging.getLogger("train_munba_sd")
@@ -214,11 +215,11 @@ def check_args(args):
             and not Path(args.resume_from_checkpoint).is_dir() \
             and not (Path(args.output_dir) / args.resume_from_checkpoint).is_dir():
         fail(f"checkpoint {args.resume_from_checkpoint} does not exist")
-    out = Path(args.output_dir)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (
-            args.overwrite_output_dir or args.resume_from_checkpoint))):
-        fail(f"output_dir {out} is not empty; pass --overwrite_output_dir to replace it or "
-             "--resume_from_checkpoint latest to continue its run")
+    try:
+        check_output_dir(args.output_dir, args.overwrite_output_dir,
+                         resuming=bool(args.resume_from_checkpoint))
+    except ValueError as e:
+        fail(str(e))
     sources = {}
     for role in ("forget", "retain"):
         folder, name = getattr(args, f"{role}_data_dir"), getattr(args, f"{role}_dataset_name")
