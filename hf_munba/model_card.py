@@ -39,7 +39,8 @@ def _table(rows: Mapping) -> str:
 def sd_model_card(*, base_model: str, forgotten: Sequence[str], retained: Sequence[str],
                   hparams: Mapping, metrics: Optional[Mapping] = None,
                   image_grid: Optional[str] = None, lora: bool = False,
-                  extra_tags: Iterable[str] = (), repo_id: Optional[str] = None):
+                  extra_tags: Iterable[str] = (), repo_id: Optional[str] = None,
+                  objective: Optional[str] = None):
     """A ``huggingface_hub.ModelCard`` for an unlearned Stable Diffusion model."""
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -63,6 +64,7 @@ def sd_model_card(*, base_model: str, forgotten: Sequence[str], retained: Sequen
         "",
         *[f"- `{p}`" for p in forgotten],
         "",
+        *([f"Objective: {objective}", ""] if objective else []),
         "## Retained",
         "",
         *[f"- `{p}`" for p in retained],

@@ -105,6 +105,7 @@ def test_noxattn_trains_only_the_subset_and_reloads(assets, noxattn_run):
     card = (out / "README.md").read_text()
     assert "machine-unlearning" in card and "munba" in card and "nudity" in card
     assert "validation_grid.png" in card and "after/forget_loss" in card
+    assert "remap the forget prompts onto `a photo of a person wearing clothes`" in card
     history = [json.loads(l) for l in (out / "history.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == [1, 2, 3, 4]
     for h in history:

@@ -636,7 +636,7 @@ def main(argv=None):
                                  retained=sorted(set(retain_src.captions))[:10],
                                  hparams=vars(args), metrics=card_metrics, image_grid=grid,
                                  lora=args.use_lora and not args.fuse_lora,
-                                 repo_id=args.hub_model_id)
+                                 repo_id=args.hub_model_id, objective=objective_text(args))
             card.save(str(tmp / "README.md"))
             (tmp / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
             commit_staged(tmp, out)
@@ -646,6 +646,18 @@ def main(argv=None):
                                       private=args.hub_private_repo)
             log.info(f"pushed to https://huggingface.co/{repo}")
     accelerator.end_training()
+
+
+def objective_text(args):
+    """One line for the model card: how the forget player was trained."""
+    what = {"remap": f"remap the forget prompts onto `{args.anchor_prompt}`",
+            "ga": "gradient ascent on the denoising loss of the forget set",
+            "esd": f"ESD negative guidance (eta = {args.negative_guidance})"}[args.forget_objective]
+    how = ("MUNBa (Nash bargaining of the retain and forget gradients)" if args.method == "munba"
+           else f"weighted sum L_r + {args.forget_weight} L_f")
+    trained = (f"LoRA rank {args.rank} on the {args.train_component} ({args.train_params})"
+               if args.use_lora else f"{args.train_component} parameters: {args.train_params}")
+    return f"{what}; {how}; {trained}; target model: {args.target_model}."
 
 
 def log_validation_images(accelerator, folder, records, step):
