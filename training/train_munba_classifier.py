@@ -27,7 +27,7 @@ from transformers import HfArgumentParser, TrainingArguments  # noqa: E402
 from hf_munba.atomic_save import ensure_output_dir, staged_output  # noqa: E402
 from hf_munba.classifier_io import load_image_classifier, validate_model_source, write_model_card  # noqa: E402
 from hf_munba.forget_sets import ForgetSpec, forget_spec_from_strings, split_forget_retain  # noqa: E402
-from hf_munba.trainer import MunbaArguments, MunbaTrainer  # noqa: E402
+from hf_munba.trainer import MunbaArguments, MunbaTrainer, last_complete_checkpoint  # noqa: E402
 
 CHECKPOINTS = "checkpoints"
 DEEPSPEED_MESSAGE = ("DeepSpeed is not supported: its backward pass also steps the optimizer, but MUNBa "
@@ -92,6 +92,9 @@ def main(argv=None):
             raise ValueError("--fp16 needs a CUDA GPU; on CPU use --bf16 or fp32")
         if resume is not None and resume != "latest" and not os.path.isdir(resume):
             raise ValueError(f"--resume_from_checkpoint {resume!r} is neither 'latest' nor a folder")
+        if resume == "latest" and last_complete_checkpoint(os.path.join(final_dir, CHECKPOINTS)) is None:
+            raise ValueError(f"--resume_from_checkpoint latest: no complete checkpoint in "
+                             f"{os.path.join(final_dir, CHECKPOINTS)}")
         if targs.process_index == 0:
             ensure_output_dir(final_dir, script.overwrite_output_dir, allow_existing=resume is not None)
             if script.overwrite_output_dir and resume is None:
