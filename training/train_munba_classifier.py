@@ -95,8 +95,10 @@ def main(argv=None):
         if resume == "latest" and last_complete_checkpoint(os.path.join(final_dir, CHECKPOINTS)) is None:
             raise ValueError(f"--resume_from_checkpoint latest: no complete checkpoint in "
                              f"{os.path.join(final_dir, CHECKPOINTS)}")
+        # every rank validates (so all stop together); only the main one touches the disk
+        ensure_output_dir(final_dir, script.overwrite_output_dir, allow_existing=resume is not None,
+                          check_only=targs.process_index != 0)
         if targs.process_index == 0:
-            ensure_output_dir(final_dir, script.overwrite_output_dir, allow_existing=resume is not None)
             if script.overwrite_output_dir and resume is None:
                 import shutil
 
