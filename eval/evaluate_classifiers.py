@@ -89,7 +89,7 @@ def main(argv=None):
                 runtimes[name] = json.load(f).get("metrics", {}).get("runtime_s", float("nan"))
         if data is None:
             if processor is None:
-                parser.error(f"model {path} has no preprocessor_config.json; needed for --train_dir")
+                parser.error(f"model {path} has no image processor (preprocessor_config.json); needed for --train_dir")
             data = imagefolder_dataset(a.train_dir, processor, test_size=a.test_size, seed=a.split_seed)
             names = data["train"].features["labels"].names
             spec = forget_spec_from_strings(a.forget_classes, a.forget_fraction, a.forget_indices,

@@ -21,21 +21,26 @@ MARKER_FILES = ("config.json", "zero_shot_config.json", "adapter_config.json", "
 
 
 def ensure_output_dir(output_dir: str, overwrite: bool, allow_existing: bool = False,
-                      keep: tuple = ()) -> None:
-    """Refuse a non-empty ``output_dir`` unless ``overwrite`` (or ``allow_existing``, for resuming)."""
+                      keep: tuple = (), check_only: bool = False) -> None:
+    """Refuse a non-empty ``output_dir`` unless ``overwrite`` (or ``allow_existing``, for resuming).
+
+    With ``overwrite`` the stale model markers are removed so an old config never pairs with new
+    weights. ``check_only`` (for non-main ranks) validates without touching the disk.
+    """
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise ValueError(f"output_dir {output_dir!r} exists and is not a directory")
     if os.path.isdir(output_dir) and os.listdir(output_dir) and not allow_existing:
         if not overwrite:
             raise ValueError(f"output_dir {output_dir!r} is not empty; pass --overwrite_output_dir "
                              "to replace it or --resume_from_checkpoint to continue a run")
-        for name in os.listdir(output_dir):
+        for name in [] if check_only else os.listdir(output_dir):
             if name in keep:
                 continue
             path = os.path.join(output_dir, name)
             if name in MARKER_FILES:
                 os.remove(path)
-    os.makedirs(output_dir, exist_ok=True)
+    if not check_only:
+        os.makedirs(output_dir, exist_ok=True)
 
 
 @contextlib.contextmanager

@@ -12,7 +12,8 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["digits_dataset", "imagefolder_dataset", "validate_imagefolder", "InMemoryDataset",
+__all__ = ["digits_dataset", "imagefolder_dataset", "imagefolder_class_names", "validate_imagefolder",
+           "InMemoryDataset",
            "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -56,6 +57,15 @@ def validate_imagefolder(data_dir: str) -> None:
                 im.verify()
         except Exception as e:  # noqa: BLE001 - any decoder failure means the same to the user
             raise ValueError(f"unreadable image {path}: {e}") from None
+
+
+def imagefolder_class_names(data_dir: str) -> list:
+    """Class names the ``imagefolder`` builder will infer (sorted sub-folder names), known before loading."""
+    base = os.path.join(data_dir, "train") if os.path.isdir(os.path.join(data_dir, "train")) else data_dir
+    names = sorted(d for d in os.listdir(base) if os.path.isdir(os.path.join(base, d)) and not d.startswith("."))
+    if len(names) < 2:
+        raise ValueError(f"{base!r} needs one sub-folder per class (at least two), found {names}")
+    return names
 
 
 def imagefolder_dataset(data_dir: str, image_processor, test_size: float = 0.2, seed: int = 0):

@@ -12,7 +12,8 @@ import json
 import os
 from typing import Mapping, Optional, Sequence
 
-__all__ = ["validate_model_source", "load_image_classifier", "write_model_card", "BUILTIN_MODELS"]
+__all__ = ["validate_model_source", "load_image_classifier", "write_model_card", "has_image_processor",
+           "BUILTIN_MODELS"]
 
 BUILTIN_MODELS = ("tiny-resnet", "tiny-vit")
 
@@ -80,8 +81,15 @@ def load_image_classifier(name_or_path: str, num_labels: int = 10,
     return model, _maybe_processor(name_or_path)
 
 
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
+def has_image_processor(path: str) -> bool:
+    return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f)) for f in PROCESSOR_FILES)
+
+
 def _maybe_processor(path: str):
-    if not os.path.isfile(os.path.join(path, "preprocessor_config.json")):
+    if not has_image_processor(path):
         return None
     from transformers import AutoImageProcessor
 

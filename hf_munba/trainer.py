@@ -27,12 +27,38 @@ from .classification_objectives import FORGET_LOSSES
 from .unlearning_methods import UnlearningMethod, available_methods, get_method
 
 from transformers import Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 __all__ = ["MunbaArguments", "MunbaTrainer", "ForgetStream", "NonFiniteTrainingError",
-           "MUNBA_STATE_NAME"]
+           "MUNBA_STATE_NAME", "last_complete_checkpoint"]
 
 MUNBA_STATE_NAME = "munba_state.json"
+
+
+def last_complete_checkpoint(folder: str) -> Optional[str]:
+    """The newest ``checkpoint-N`` in ``folder`` that a killed run finished writing, or None.
+
+    ``transformers.trainer_utils.get_last_checkpoint`` takes the highest N even if the process
+    died while writing it. A checkpoint is complete when it has our state (written first) and a
+    parseable ``trainer_state.json`` (the Trainer writes it after weights, optimizer and RNG).
+    """
+    if not os.path.isdir(folder):
+        return None
+    found = []
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if not (name.startswith(PREFIX_CHECKPOINT_DIR + "-") and name.split("-")[-1].isdigit()
+                and os.path.isdir(path)):
+            continue
+        try:
+            with open(os.path.join(path, "trainer_state.json")) as f:
+                json.load(f)
+            with open(os.path.join(path, MUNBA_STATE_NAME)) as f:
+                json.load(f)
+        except (OSError, ValueError):
+            continue
+        found.append((int(name.split("-")[-1]), path))
+    return max(found)[1] if found else None
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -234,9 +260,9 @@ class MunbaTrainer(Trainer):
                                            opposed_tol=self.munba_args.opposed_tol,
                                            fallback_player=self.munba_args.fallback_player)
         if resume_from_checkpoint is True or resume_from_checkpoint == "latest":
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
-                raise ValueError(f"no checkpoint found in {self.args.output_dir} to resume from")
+                raise ValueError(f"no complete checkpoint in {self.args.output_dir} to resume from")
         if isinstance(resume_from_checkpoint, str) and self.args.max_steps > 0:
             from transformers.trainer_callback import TrainerState
             from transformers.trainer_utils import TrainOutput
@@ -281,8 +307,8 @@ class MunbaTrainer(Trainer):
         return state
 
     def _save_checkpoint(self, model, trial):
-        # Written before the Trainer's files so that a checkpoint folder that has them all
-        # (the one get_last_checkpoint would pick) also has ours.
+        # Written before the Trainer's files, so a checkpoint whose trainer_state.json exists
+        # (the Trainer's last file; see last_complete_checkpoint) always has ours too.
         if self.args.should_save:
             out = os.path.join(self._get_output_dir(trial=trial),
                                f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")

@@ -105,6 +105,7 @@ def test_noxattn_trains_only_the_subset_and_reloads(assets, noxattn_run):
     card = (out / "README.md").read_text()
     assert "machine-unlearning" in card and "munba" in card and "nudity" in card
     assert "validation_grid.png" in card and "after/forget_loss" in card
+    assert "remap the forget prompts onto `a photo of a person wearing clothes`" in card
     history = [json.loads(l) for l in (out / "history.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == [1, 2, 3, 4]
     for h in history:
@@ -222,7 +223,8 @@ def test_text_encoder_standalone_and_push_to_hub_without_leaking_the_token(asset
 
     fake, log = _fake_hub(tmp_path)
     out = tmp_path / "te"
-    proc = _run(TRAIN, common(assets, out) + [
+    (tmp_path / "eval.json").write_text(json.dumps({"nudenet/exposed_images": 3}))
+    proc = _run(TRAIN, common(assets, out) + ["--model_card_metrics", tmp_path / "eval.json",
         "--train_component", "text_encoder", "--train_params", "full", "--forget_objective", "esd",
         "--target_model", "frozen", "--push_to_hub", "--hub_model_id", "me/sd-munba-te",
         "--hub_token", TOKEN], extra_pythonpath=fake)
@@ -240,6 +242,8 @@ def test_text_encoder_standalone_and_push_to_hub_without_leaking_the_token(asset
     assert calls[0]["repo_id"] == "me/sd-munba-te" and calls[0]["token"] == TOKEN
     assert calls[1]["repo_id"] == "me/sd-munba-te" and Path(calls[1]["folder_path"]) == out
     assert "model_index.json" in calls[1]["files"] and "README.md" in calls[1]["files"]
+    card = (out / "README.md").read_text()
+    assert "nudenet/exposed_images | 3" in card and "'me/sd-munba-te'" in card
     # the token is nowhere: not in any output file, not in the logs
     assert TOKEN not in proc.stdout + proc.stderr
     for f in out.rglob("*"):
@@ -300,6 +304,7 @@ def _check(argv):
     (lambda a, t: a.extend(["--mixed_precision", "fp16"]), "fp16"),
     (lambda a, t: a.extend(["--class_names", "a", "b", "--forget_class", "c"]), "not one of"),
     (lambda a, t: a.extend(["--push_to_hub"]), "hub_model_id"),
+    (lambda a, t: a.extend(["--model_card_metrics", t / "missing.json"]), "cannot read"),
 ])
 def test_bad_input_fails_with_one_message(assets, tmp_path, capsys, mutate, message):
     if message == "fp16" and torch.cuda.is_available():
@@ -359,3 +364,13 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(assets, tmp_path):
     assert state["guard"] == {"total": 1, "consecutive": 1}
     assert state["history"][-1]["step_skipped"] == 1.0
     assert not (out / "model_index.json").exists()  # nothing final was written
+
+
+def test_deepspeed_and_fsdp_are_refused(assets, tmp_path, capsys, monkeypatch):
+    for var, word in (("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_FSDP", "FSDP")):
+        monkeypatch.setenv(var, "true")
+        with pytest.raises(SystemExit):
+            _check(common(assets, tmp_path / "out"))
+        err = capsys.readouterr().err
+        assert word in err and "DDP" in err
+        monkeypatch.delenv(var)

@@ -96,6 +96,8 @@ def _image_dir(tmp_path, broken=False, empty=False):
     ("deepspeed", "DeepSpeed is not supported"),
     ("model_missing", "is not a folder"),
     ("model_bin_only", "no .safetensors weights"),
+    ("label_count", "the model has 3 labels but the dataset has 10 classes"),
+    ("no_processor", "needs a model folder holding its image processor"),
 ])
 def test_bad_inputs_fail_before_model_load(tmp_path, capsys, monkeypatch, case, msg):
     out = tmp_path / "out"
@@ -133,6 +135,16 @@ def test_bad_inputs_fail_before_model_load(tmp_path, capsys, monkeypatch, case, 
         (m / "config.json").write_text("{}")
         (m / "pytorch_model.bin").write_bytes(b"")
         args["--model_name_or_path"] = str(m)
+    elif case in ("label_count", "no_processor"):
+        m = tmp_path / "m"
+        m.mkdir()
+        (m / "config.json").write_text(json.dumps({"id2label": {"0": "a", "1": "b", "2": "c"}}))
+        (m / "model.safetensors").write_bytes(b"")
+        args["--model_name_or_path"] = str(m)
+        if case == "no_processor":
+            del args["--dataset"]
+            args["--train_dir"] = str(_image_dir(tmp_path))
+            args["--forget_classes"] = "cat"
     argv = [x for kv in args.items() for x in kv] + extra
     err = _bad(tmp_path, capsys, *argv)
     assert msg in err
@@ -164,3 +176,28 @@ def test_imagefolder_with_image_processor_and_class_names(tmp_path):
     record = json.loads((out / "unlearning_metrics.json").read_text())
     assert record["forget"]["classes"] == [0]
     assert (out / "preprocessor_config.json").exists() and (out / "config.json").exists()
+
+
+def test_clip_zero_shot_through_the_script(tmp_path):
+    """A CLIPModel folder + --clip_zero_shot: class prompts from folder names, text encoder trained."""
+    import numpy as np
+    from PIL import Image
+
+    from hf_munba.clip_zero_shot import CLIPZeroShotClassifier
+    from hf_munba.testing import tiny_clip_model, tiny_clip_processor
+
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog", "fox"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "imgs" / c / f"{i}.png")
+    tiny_clip_model().save_pretrained(tmp_path / "clip")
+    tiny_clip_processor().save_pretrained(tmp_path / "clip")
+    out = tmp_path / "out"
+    _load_script().main(["--model_name_or_path", str(tmp_path / "clip"), "--clip_zero_shot",
+                         "--clip_train_encoder", "text", "--train_dir", str(tmp_path / "imgs"),
+                         "--test_size", "0.25", "--forget_classes", "dog", "--output_dir", str(out),
+                         "--max_steps", "2", *COMMON])
+    model = CLIPZeroShotClassifier.from_pretrained(str(out))
+    assert model.class_names == ["cat", "dog", "fox"] and model.train_encoder == "text"
+    assert json.loads((out / "unlearning_metrics.json").read_text())["forget"]["classes"] == [1]

@@ -79,7 +79,7 @@ def main(argv=None):
     from diffusers import DiffusionPipeline
 
     from hf_munba.generation import generate_images
-    from hf_munba.testing import save_tiny_sd_pipeline, tiny_sd_pipeline
+    from hf_munba.testing import save_tiny_sd_pipeline
 
     torch.set_num_threads(1)
     print("1/4 building the tiny base pipeline (random weights, 16x16 pixels)")

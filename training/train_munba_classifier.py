@@ -25,9 +25,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from transformers import HfArgumentParser, TrainingArguments  # noqa: E402
 
 from hf_munba.atomic_save import ensure_output_dir, staged_output  # noqa: E402
-from hf_munba.classifier_io import load_image_classifier, validate_model_source, write_model_card  # noqa: E402
+from hf_munba.classifier_io import (has_image_processor, load_image_classifier, validate_model_source,
+                                    write_model_card)  # noqa: E402
 from hf_munba.forget_sets import ForgetSpec, forget_spec_from_strings, split_forget_retain  # noqa: E402
-from hf_munba.trainer import MunbaArguments, MunbaTrainer  # noqa: E402
+from hf_munba.trainer import MunbaArguments, MunbaTrainer, last_complete_checkpoint  # noqa: E402
 
 CHECKPOINTS = "checkpoints"
 DEEPSPEED_MESSAGE = ("DeepSpeed is not supported: its backward pass also steps the optimizer, but MUNBa "
@@ -70,6 +71,18 @@ def forget_spec(a: ScriptArguments, label2id) -> ForgetSpec:
     return forget_spec_from_strings(a.forget_classes, a.forget_fraction, a.forget_indices, a.forget_seed, label2id)
 
 
+def check_label_count(script: ScriptArguments, num_classes: int) -> None:
+    """A trained classifier's head must match the dataset's classes (zero-shot CLIP has no head)."""
+    cfg_path = os.path.join(script.model_name_or_path, "config.json")
+    if script.clip_zero_shot or not os.path.isfile(cfg_path) or os.path.isfile(
+            os.path.join(script.model_name_or_path, "zero_shot_config.json")):
+        return
+    with open(cfg_path) as f:
+        id2label = json.load(f).get("id2label")
+    if id2label and len(id2label) != num_classes:
+        raise ValueError(f"the model has {len(id2label)} labels but the dataset has {num_classes} classes")
+
+
 def main(argv=None):
     parser = HfArgumentParser((ScriptArguments, MunbaArguments, TrainingArguments))
     raw = sys.argv[1:] if argv is None else list(argv)
@@ -92,8 +105,13 @@ def main(argv=None):
             raise ValueError("--fp16 needs a CUDA GPU; on CPU use --bf16 or fp32")
         if resume is not None and resume != "latest" and not os.path.isdir(resume):
             raise ValueError(f"--resume_from_checkpoint {resume!r} is neither 'latest' nor a folder")
+        if resume == "latest" and last_complete_checkpoint(os.path.join(final_dir, CHECKPOINTS)) is None:
+            raise ValueError(f"--resume_from_checkpoint latest: no complete checkpoint in "
+                             f"{os.path.join(final_dir, CHECKPOINTS)}")
+        # every rank validates (so all stop together); only the main one touches the disk
+        ensure_output_dir(final_dir, script.overwrite_output_dir, allow_existing=resume is not None,
+                          check_only=targs.process_index != 0)
         if targs.process_index == 0:
-            ensure_output_dir(final_dir, script.overwrite_output_dir, allow_existing=resume is not None)
             if script.overwrite_output_dir and resume is None:
                 import shutil
 
@@ -103,33 +121,37 @@ def main(argv=None):
 
             data = digits_dataset(test_size=script.test_size, seed=script.split_seed)
             num_channels = 1
-        else:
-            from hf_munba.classification_data import validate_imagefolder
-
-            validate_imagefolder(script.train_dir)
-            data, num_channels = None, 3
-        if data is not None:
             names = data["train"].features["labels"].names
             spec = forget_spec(script, {n: i for i, n in enumerate(names)})
             forget_set, retain_set = split_forget_retain(data["train"], spec)
+        else:
+            from hf_munba.classification_data import imagefolder_class_names, validate_imagefolder
+
+            validate_imagefolder(script.train_dir)
+            data, num_channels = None, 3
+            names = imagefolder_class_names(script.train_dir)
+            spec = forget_spec(script, {n: i for i, n in enumerate(names)})
+            if spec.classes is not None and max(spec.classes) >= len(names):
+                raise ValueError(f"forget classes {spec.classes} are not labels of this dataset ({names})")
+            if not has_image_processor(script.model_name_or_path):
+                raise ValueError("--train_dir needs a model folder holding its image processor "
+                                 "(preprocessor_config.json or processor_config.json)")
+        check_label_count(script, len(names))
     except ValueError as e:
         parser.error(str(e))
 
     # ---- model, then (for image folders) the processor-dependent data
     model, processor = load_image_classifier(
-        script.model_name_or_path, num_labels=len(names) if data is not None else 10,
-        label_names=names if data is not None else None, num_channels=num_channels,
+        script.model_name_or_path, num_labels=len(names), label_names=names, num_channels=num_channels,
         clip_zero_shot=script.clip_zero_shot, clip_train_encoder=script.clip_train_encoder,
         clip_template=script.clip_template, seed=targs.seed)
     if data is None:
         from hf_munba.classification_data import imagefolder_dataset
 
-        if processor is None:
-            parser.error("an imagefolder needs a model folder with preprocessor_config.json")
         data = imagefolder_dataset(script.train_dir, processor, test_size=script.test_size, seed=script.split_seed)
-        names = data["train"].features["labels"].names
+        if data["train"].features["labels"].names != names:
+            parser.error(f"imagefolder classes {data['train'].features['labels'].names} differ from {names}")
         try:
-            spec = forget_spec(script, {n: i for i, n in enumerate(names)})
             forget_set, retain_set = split_forget_retain(data["train"], spec)
         except ValueError as e:
             parser.error(str(e))
