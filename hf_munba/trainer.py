@@ -280,6 +280,7 @@ class MunbaTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model=model)
+        self._reload_renamed_weights(resume_from_checkpoint, model)
         path = os.path.join(resume_from_checkpoint, MUNBA_STATE_NAME)
         if not os.path.isfile(path):
             raise ValueError(f"{resume_from_checkpoint} has no {MUNBA_STATE_NAME}: it was not "
@@ -295,6 +296,29 @@ class MunbaTrainer(Trainer):
         if self.bargainer is not None:
             for k in ("num_steps", "num_skipped", "num_fallbacks"):
                 setattr(self.bargainer, k, int(state.get("bargainer", {}).get(k, 0)))
+
+    def _reload_renamed_weights(self, checkpoint: str, model=None) -> None:
+        """The Trainer restores ``model.safetensors`` with a plain ``load_state_dict(strict=False)``,
+        but transformers 5 saves some models (ViT among them) under their legacy parameter names
+        and renames them only inside ``from_pretrained``: every renamed weight would silently keep
+        its current value. Such checkpoints are reloaded through ``from_pretrained``."""
+        from safetensors import safe_open
+        from transformers import PreTrainedModel
+
+        model = self.accelerator.unwrap_model(model if model is not None else self.model)
+        weights = os.path.join(checkpoint, "model.safetensors")
+        if not isinstance(model, PreTrainedModel) or not os.path.isfile(weights):
+            return
+        with safe_open(weights, framework="pt") as f:
+            saved = set(f.keys())
+        if saved <= set(model.state_dict()):
+            return
+        loaded = type(model).from_pretrained(checkpoint, use_safetensors=True,
+                                             dtype=next(model.parameters()).dtype)
+        missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{checkpoint} does not match the model: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
 
     def _munba_state(self) -> Dict[str, Any]:
         state = {"method": self.munba_args.method, "munba_args": self.munba_args.to_dict(),

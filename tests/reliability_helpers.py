@@ -83,3 +83,20 @@ def accelerate_launch_2_cpu(script, args, dump_dir, timeout=300):
     if proc.returncode != 0:
         raise AssertionError(f"2-process run failed ({proc.returncode}):\n{proc.stderr[-5000:]}")
     return proc
+
+
+def build_once(tmp_path_factory, name, build):
+    """``build(folder)`` once per test session, even when pytest-xdist runs the tests that need
+    it on several workers (they wait on a file lock and reuse the folder); returns the folder."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # shared by this session's workers only
+    folder, done = base / name, base / f"{name}.done"
+    with FileLock(str(base / f"{name}.lock")):
+        if not done.exists():
+            folder.mkdir(exist_ok=True)
+            build(folder)
+            done.write_text("ok")
+    return folder

@@ -15,17 +15,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from reliability_helpers import (LAUNCHER, ROOT, SD_SCRIPT, accelerate_launch_2_cpu,
+from reliability_helpers import (LAUNCHER, ROOT, SD_SCRIPT, accelerate_launch_2_cpu, build_once,
                                  kill_after_checkpoint, run_script, script_env)
 
 
-@pytest.fixture(scope="module")
-def sd_assets(tmp_path_factory):
-    """A saved tiny pipeline, D_f (4 nudity prompts) and D_r (4 other prompts)."""
+def _build_assets(root):
     from hf_munba.generation import generate_images
     from hf_munba.testing import save_tiny_sd_pipeline, tiny_sd_pipeline
 
-    root = tmp_path_factory.mktemp("rel_sd")
     save_tiny_sd_pipeline(root / "pipe")
     pipe = tiny_sd_pipeline()
     pipe.set_progress_bar_config(disable=True)
@@ -33,7 +30,15 @@ def sd_assets(tmp_path_factory):
     generate_images(pipe, ["nudity", "naked", "erotic", "sexual"], root / "forget", **kw)
     generate_images(pipe, ["a person wearing clothes", "a dog", "a car", "a tree"],
                     root / "retain", **kw)
-    return root
+    run_script(SD_SCRIPT, sd_args(root, root / "reference_full"))
+
+
+@pytest.fixture(scope="module")
+def sd_assets(tmp_path_factory):
+    """A saved tiny pipeline, D_f (4 nudity prompts), D_r (4 other prompts) and, in
+    ``reference_full``, the uninterrupted single-process run (batch 2) other full runs are
+    compared with; built once per session."""
+    return build_once(tmp_path_factory, "reliability_sd", _build_assets)
 
 
 def sd_args(root, out, batch=2, lora=False):
@@ -62,10 +67,7 @@ def assert_bitwise(a, b):
 
 @pytest.fixture(scope="module")
 def reference_full(sd_assets):
-    """The uninterrupted single-process run (batch 2) every other full run is compared with."""
-    out = sd_assets / "reference_full"
-    run_script(SD_SCRIPT, sd_args(sd_assets, out))
-    return out
+    return sd_assets / "reference_full"
 
 
 def test_sigkill_mid_run_and_mid_final_save_then_resume_is_bitwise_identical(sd_assets,
