@@ -8,7 +8,6 @@ grid and the measured metrics. Secrets never reach it: keys that look like token
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Dict, Iterable, Mapping, Optional, Sequence
 
 __all__ = ["SECRET_KEYS", "public_hparams", "sd_model_card", "push_folder_to_hub"]
@@ -40,28 +39,32 @@ def _table(rows: Mapping) -> str:
 def sd_model_card(*, base_model: str, forgotten: Sequence[str], retained: Sequence[str],
                   hparams: Mapping, metrics: Optional[Mapping] = None,
                   image_grid: Optional[str] = None, lora: bool = False,
-                  extra_tags: Iterable[str] = ()):
+                  extra_tags: Iterable[str] = (), repo_id: Optional[str] = None,
+                  objective: Optional[str] = None):
     """A ``huggingface_hub.ModelCard`` for an unlearned Stable Diffusion model."""
     from huggingface_hub import ModelCard, ModelCardData
 
     tags = list(dict.fromkeys([*DEFAULT_TAGS, *(["lora"] if lora else []), *extra_tags]))
-    data = ModelCardData(base_model=base_model, library_name="diffusers", tags=tags,
-                         license="creativeml-openrail-m", pipeline_tag="text-to-image")
+    # The Hub only accepts repo ids as base_model; a local path is named in the text instead.
+    on_hub = not os.path.exists(base_model) and base_model.count("/") == 1
+    data = ModelCardData(base_model=base_model if on_hub else None, library_name="diffusers",
+                         tags=tags, license="creativeml-openrail-m", pipeline_tag="text-to-image")
+    base_ref = f"[{base_model}](https://huggingface.co/{base_model})" if on_hub else f"`{base_model}`"
     usage = ("pipe = DiffusionPipeline.from_pretrained(BASE)\npipe.load_lora_weights(REPO)"
              if lora else "pipe = DiffusionPipeline.from_pretrained(REPO)")
-    usage = usage.replace("BASE", repr(base_model)).replace("REPO", "'<this repo>'")
+    usage = usage.replace("BASE", repr(base_model)).replace("REPO", repr(repo_id or "<this repo>"))
     body = [
         "# Unlearned with MUNBa",
         "",
-        f"This model is [{base_model}](https://huggingface.co/{base_model}) after machine "
-        "unlearning with MUNBa (Machine Unlearning via Nash Bargaining, Wu & Harandi 2024) "
-        "using [hf_munba](https://github.com/). Each step moves along the Nash bargaining "
-        "direction of the forgetting and the retaining gradient.",
+        f"This model is {base_ref} after machine unlearning with MUNBa (Machine Unlearning via "
+        "Nash Bargaining, Wu & Harandi 2024), trained with `hf_munba`. Each optimizer step moves "
+        "along the Nash bargaining direction of the forgetting and the retaining gradient.",
         "",
         "## Forgotten",
         "",
         *[f"- `{p}`" for p in forgotten],
         "",
+        *([f"Objective: {objective}", ""] if objective else []),
         "## Retained",
         "",
         *[f"- `{p}`" for p in retained],

@@ -240,7 +240,8 @@ class PairedUnlearningDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.retain)
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_pairing_epoch(self, epoch: int) -> None:
+        """Select epoch ``epoch``'s pairing (named so accelerate's own ``set_epoch`` calls miss it)."""
         self.epoch = epoch
 
     def _tokenize(self, text: str) -> torch.Tensor:

@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Sequence
 
 __all__ = ["LOADABLE_MARKERS", "check_output_dir", "staged_output", "commit_staged",
            "save_full_pipeline", "save_lora", "lora_state_and_metadata"]

@@ -99,11 +99,13 @@ class SDUnlearner:
         return sample * self.vae.config.scaling_factor
 
     def _embed(self, batch: Dict, role: str, encoder, grad: bool) -> torch.Tensor:
+        # Embeddings enter the UNet in the compute dtype: a frozen UNet held in bf16/fp16 is
+        # not under autocast, and a trained text encoder returns fp32.
         if f"{role}_embeddings" in batch:
             return batch[f"{role}_embeddings"].to(self.device, self.weight_dtype)
         ids = batch[f"{role}_input_ids"].to(self.device)
         with torch.set_grad_enabled(grad):
-            return encoder(ids, return_dict=False)[0]
+            return encoder(ids, return_dict=False)[0].to(self.weight_dtype)
 
     def prompt_embeddings(self, batch: Dict, role: str) -> torch.Tensor:
         """Embeddings of the trained path (with grad when the text encoder is trained)."""
@@ -134,7 +136,8 @@ class SDUnlearner:
     def _target_embed(self, batch: Dict, role: str, encoder) -> torch.Tensor:
         if f"{role}_embeddings" in batch and self.train_component == "unet":
             return batch[f"{role}_embeddings"].to(self.device, self.weight_dtype)
-        return encoder(batch[f"{role}_input_ids"].to(self.device), return_dict=False)[0]
+        ids = batch[f"{role}_input_ids"].to(self.device)
+        return encoder(ids, return_dict=False)[0].to(self.weight_dtype)
 
     # ---- the players --------------------------------------------------------------------------
     def retain_loss(self, batch: Dict) -> torch.Tensor:
