@@ -1,0 +1,189 @@
+"""Seeded, batched, resumable image generation into an imagefolder (images + ``metadata.jsonl``).
+
+Unlearning data (D_f, D_r) and evaluation images are both "N images per prompt from a pipeline".
+Doing it here once means three promises hold everywhere:
+
+* every image has its own ``torch.Generator`` seeded from its position in the job list, created on
+  the CPU, so an image depends on (prompt, seed, settings) only, not on the batch size, the batch
+  it fell into, or the device;
+* the folder is a ``datasets`` imagefolder: ``metadata.jsonl`` lines carry ``file_name``, ``text``,
+  ``seed``, ``guidance_scale``, ``num_inference_steps`` (+ ``height``, ``width``, ``prompt_index``),
+  which the training script and ``load_dataset("imagefolder", data_dir=...)`` read directly;
+* a killed run resumes: images already listed in the manifest are skipped, every image and the
+  manifest are written atomically (temp file + ``os.replace``), and resuming with different
+  settings is refused instead of silently mixing two datasets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import torch
+
+__all__ = ["GenerationRecord", "generation_plan", "generate_images", "read_manifest",
+           "MANIFEST_NAME"]
+
+MANIFEST_NAME = "metadata.jsonl"
+
+
+@dataclass(frozen=True)
+class GenerationRecord:
+    """One manifest line: enough to regenerate the image exactly."""
+
+    file_name: str
+    text: str
+    seed: int
+    guidance_scale: float
+    num_inference_steps: int
+    height: Optional[int]
+    width: Optional[int]
+    prompt_index: int
+    negative_prompt: Optional[str] = None
+
+
+def generation_plan(
+    prompts: Sequence[str],
+    num_images_per_prompt: int,
+    *,
+    seed: int = 0,
+    guidance_scale: float = 7.5,
+    num_inference_steps: int = 50,
+    height: Optional[int] = None,
+    width: Optional[int] = None,
+    negative_prompt: Optional[str] = None,
+) -> List[GenerationRecord]:
+    """The full list of images a job will produce, in order; image ``i`` uses seed ``seed + i``."""
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of strings, not a single string")
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("no prompts given")
+    if any(not isinstance(p, str) or not p.strip() for p in prompts):
+        raise ValueError("every prompt must be a non-empty string")
+    if num_images_per_prompt < 1:
+        raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+    if num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+    plan = []
+    for pi, prompt in enumerate(prompts):
+        for k in range(num_images_per_prompt):
+            i = len(plan)
+            plan.append(GenerationRecord(
+                file_name=f"{pi:04d}_{k:05d}.png", text=prompt, seed=seed + i,
+                guidance_scale=float(guidance_scale), num_inference_steps=int(num_inference_steps),
+                height=height, width=width, prompt_index=pi, negative_prompt=negative_prompt,
+            ))
+    return plan
+
+
+def read_manifest(folder: str | os.PathLike) -> List[Dict]:
+    """The records of ``folder/metadata.jsonl`` (empty list if there is none)."""
+    path = Path(folder) / MANIFEST_NAME
+    if not path.exists():
+        return []
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n} is not valid JSON: {e}") from None
+    return out
+
+
+def _write_manifest(folder: Path, records: Iterable[Dict]) -> None:
+    tmp = folder / (MANIFEST_NAME + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, folder / MANIFEST_NAME)
+
+
+def _save_image_atomic(image, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def generate_images(
+    pipe,
+    prompts: Sequence[str],
+    output_dir: str | os.PathLike,
+    *,
+    num_images_per_prompt: int = 1,
+    seed: int = 0,
+    batch_size: int = 4,
+    guidance_scale: float = 7.5,
+    num_inference_steps: int = 50,
+    height: Optional[int] = None,
+    width: Optional[int] = None,
+    negative_prompt: Optional[str] = None,
+    progress: bool = True,
+    **pipe_kwargs,
+) -> List[Dict]:
+    """Generate ``num_images_per_prompt`` images per prompt into ``output_dir``; return the manifest.
+
+    Resumable: images already in the manifest (and on disk) are not generated again. Raises
+    ``ValueError`` if the folder holds a manifest made with other prompts or settings.
+    ``pipe_kwargs`` go to the pipeline call (e.g. ``eta``).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    plan = generation_plan(prompts, num_images_per_prompt, seed=seed,
+                           guidance_scale=guidance_scale,
+                           num_inference_steps=num_inference_steps, height=height, width=width,
+                           negative_prompt=negative_prompt)
+    folder = Path(output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    wanted = {r.file_name: asdict(r) for r in plan}
+    done: Dict[str, Dict] = {}
+    for rec in read_manifest(folder):
+        name = rec.get("file_name")
+        if name not in wanted or any(rec.get(k) != v for k, v in wanted[name].items()):
+            raise ValueError(
+                f"{folder} already holds {name!r} generated with other prompts or settings; "
+                "use an empty output directory (or the same arguments to resume)"
+            )
+        if (folder / name).exists():
+            done[name] = rec
+    todo = [r for r in plan if r.file_name not in done]
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(plan), initial=len(plan) - len(todo), desc="generating", unit="img")
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start:start + batch_size]
+        generators = [torch.Generator("cpu").manual_seed(r.seed) for r in batch]
+        kwargs = dict(pipe_kwargs)
+        if negative_prompt is not None:
+            kwargs["negative_prompt"] = [negative_prompt] * len(batch)
+        images = pipe(
+            prompt=[r.text for r in batch],
+            generator=generators,
+            guidance_scale=guidance_scale,
+            num_inference_steps=num_inference_steps,
+            height=height,
+            width=width,
+            output_type="pil",
+            **kwargs,
+        ).images
+        for r, image in zip(batch, images):
+            _save_image_atomic(image, folder / r.file_name)
+            done[r.file_name] = asdict(r)
+        _write_manifest(folder, [done[r.file_name] for r in plan if r.file_name in done])
+        if bar is not None:
+            bar.update(len(batch))
+    if bar is not None:
+        bar.close()
+    if not todo:
+        _write_manifest(folder, [done[r.file_name] for r in plan])
+    return [done[r.file_name] for r in plan]

@@ -1,0 +1,98 @@
+"""Hub-ready outputs of an SD unlearning run, written so a crash never leaves a loadable half.
+
+Everything is first written into a temporary folder next to the output directory, then moved in
+entry by entry with the files that make a folder loadable moved last (``model_index.json`` for a
+pipeline, ``pytorch_lora_weights.safetensors`` for LoRA; each move is an atomic ``os.replace``).
+Before old outputs are replaced, the old markers are removed first, so at no moment does the
+folder hold a mix that ``from_pretrained`` / ``load_lora_weights`` would accept.
+All weights are safetensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+__all__ = ["LOADABLE_MARKERS", "check_output_dir", "staged_output", "commit_staged",
+           "save_full_pipeline", "save_lora", "lora_state_and_metadata"]
+
+LOADABLE_MARKERS = ("model_index.json", "pytorch_lora_weights.safetensors", "config.json")
+
+
+def check_output_dir(output_dir: str | os.PathLike, overwrite: bool, resuming: bool = False) -> None:
+    """Refuse a non-empty output directory unless overwriting or resuming into it."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"output_dir {path} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not (overwrite or resuming):
+        raise ValueError(f"output_dir {path} is not empty; pass --overwrite_output_dir to replace "
+                         "its contents or --resume_from_checkpoint to continue a run")
+
+
+@contextlib.contextmanager
+def staged_output(output_dir: str | os.PathLike) -> Iterator[Path]:
+    """A temporary folder beside ``output_dir`` (same file system, so moves are renames)."""
+    out = Path(output_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def commit_staged(staged: str | os.PathLike, output_dir: str | os.PathLike,
+                  last: Sequence[str] = LOADABLE_MARKERS) -> None:
+    """Move every entry of ``staged`` into ``output_dir``; loadability markers go last."""
+    staged, out = Path(staged), Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for marker in last:  # first make the old output unloadable
+        old = out / marker
+        if old.is_file():
+            old.unlink()
+    entries = sorted(staged.iterdir(), key=lambda p: (p.name in last, p.name))
+    for src in entries:
+        dst = out / src.name
+        if dst.is_dir() and not dst.is_symlink():
+            shutil.rmtree(dst)
+        elif dst.exists() or dst.is_symlink():
+            dst.unlink()
+        os.replace(src, dst)
+
+
+def save_full_pipeline(pipeline, directory: str | os.PathLike) -> None:
+    pipeline.save_pretrained(str(directory), safe_serialization=True)
+
+
+def lora_state_and_metadata(model):
+    """(diffusers-format LoRA state dict, adapter metadata) of ``model``'s "default" adapter.
+
+    The metadata (the ``LoraConfig`` as a dict) is stored in the safetensors header, which is
+    what lets ``load_lora_weights`` rebuild the adapter with the right ``lora_alpha`` when it
+    differs from the rank.
+    """
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+    return state, model.peft_config["default"].to_dict()
+
+
+def save_lora(directory: str | os.PathLike, *, unet=None, text_encoder=None) -> None:
+    """``pytorch_lora_weights.safetensors`` loadable by ``pipe.load_lora_weights(directory)``."""
+    from diffusers import StableDiffusionPipeline
+
+    kwargs = {}
+    if unet is not None:
+        kwargs["unet_lora_layers"], kwargs["unet_lora_adapter_metadata"] = \
+            lora_state_and_metadata(unet)
+    if text_encoder is not None:
+        kwargs["text_encoder_lora_layers"], kwargs["text_encoder_lora_adapter_metadata"] = \
+            lora_state_and_metadata(text_encoder)
+    if not kwargs:
+        raise ValueError("save_lora needs a unet or a text_encoder with a LoRA adapter")
+    StableDiffusionPipeline.save_lora_weights(str(directory), safe_serialization=True, **kwargs)

@@ -1,0 +1,108 @@
+"""Which weights of a Stable Diffusion pipeline an unlearning run may change.
+
+Subsets follow the ESD / MUNBa conventions on UNet parameter names:
+
+* ``full``      every UNet parameter;
+* ``noxattn``   everything except cross-attention (``attn2``), the time embedding and ``conv_out``
+                (the paper's nudity setting: the concept stays reachable through the prompt, the
+                image prior is edited);
+* ``xattn``     cross-attention only (the paper's class-wise setting: edit how prompts steer);
+* ``selfattn``  self-attention (``attn1``) only.
+
+For the text encoder, ``full`` trains every parameter and ``selfattn`` the ``self_attn`` blocks.
+LoRA adapters go on the attention projections inside the chosen subset, through peft's
+``LoraConfig`` and the models' own ``add_adapter`` (so diffusers can save and reload them).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+__all__ = ["UNET_SUBSETS", "TEXT_ENCODER_SUBSETS", "select_parameter_names",
+           "freeze_all_but", "add_lora_adapter", "lora_target_modules"]
+
+UNET_SUBSETS = ("full", "noxattn", "xattn", "selfattn")
+TEXT_ENCODER_SUBSETS = ("full", "selfattn")
+
+_UNET_RULES: Dict[str, Callable[[str], bool]] = {
+    "full": lambda n: True,
+    "noxattn": lambda n: not ("attn2" in n or n.startswith("time_embedding")
+                              or n.startswith("conv_out")),
+    "xattn": lambda n: "attn2" in n,
+    "selfattn": lambda n: "attn1" in n,
+}
+_TEXT_RULES: Dict[str, Callable[[str], bool]] = {
+    "full": lambda n: True,
+    "selfattn": lambda n: ".self_attn." in n,
+}
+_UNET_LORA_LEAVES = ("to_q", "to_k", "to_v", "to_out.0")
+_TEXT_LORA_LEAVES = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def _rules(component: str) -> Dict[str, Callable[[str], bool]]:
+    if component == "unet":
+        return _UNET_RULES
+    if component == "text_encoder":
+        return _TEXT_RULES
+    raise ValueError(f"unknown component {component!r}; expected 'unet' or 'text_encoder'")
+
+
+def select_parameter_names(model: torch.nn.Module, subset: str, component: str = "unet") -> List[str]:
+    """Names of ``model``'s parameters in ``subset`` (raises on an unknown or empty subset)."""
+    rules = _rules(component)
+    if subset not in rules:
+        raise ValueError(f"unknown parameter subset {subset!r} for the {component}; "
+                         f"choose one of {sorted(rules)}")
+    names = [n for n, _ in model.named_parameters() if rules[subset](n)]
+    if not names:
+        raise ValueError(f"parameter subset {subset!r} selects nothing in this {component}")
+    return names
+
+
+def freeze_all_but(model: torch.nn.Module, names: List[str]) -> List[torch.nn.Parameter]:
+    """Freeze ``model`` except ``names``; return the trainable parameters as a list (not a filter)."""
+    wanted = set(names)
+    model.requires_grad_(False)
+    params = []
+    for n, p in model.named_parameters():
+        if n in wanted:
+            p.requires_grad_(True)
+            params.append(p)
+    return params
+
+
+def lora_target_modules(model: torch.nn.Module, subset: str, component: str = "unet") -> List[str]:
+    """Full names of the attention projection layers inside ``subset`` (LoRA targets)."""
+    rule = _rules(component)[subset] if subset in _rules(component) else None
+    if rule is None:
+        raise ValueError(f"unknown parameter subset {subset!r} for the {component}")
+    leaves = _UNET_LORA_LEAVES if component == "unet" else _TEXT_LORA_LEAVES
+    targets = [n for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and any(n.endswith("." + l) for l in leaves)
+               and rule(n + ".weight")]
+    if not targets:
+        raise ValueError(f"no attention projections for LoRA in subset {subset!r} of the {component}")
+    return targets
+
+
+def add_lora_adapter(model: torch.nn.Module, *, rank: int, alpha: Optional[float] = None,
+                     subset: str = "full", component: str = "unet",
+                     dropout: float = 0.0) -> List[torch.nn.Parameter]:
+    """Freeze ``model``, add a peft LoRA adapter ("default") on the subset's attention projections.
+
+    ``alpha`` defaults to ``rank`` (scale 1). Returns the adapter's parameters as a list.
+    """
+    from peft import LoraConfig
+
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be a positive integer, got {rank}")
+    alpha = rank if alpha is None else alpha
+    alpha = int(alpha) if float(alpha).is_integer() else float(alpha)
+    config = LoraConfig(r=rank, lora_alpha=alpha,
+                        lora_dropout=dropout, init_lora_weights="gaussian",
+                        target_modules=lora_target_modules(model, subset, component))
+    model.requires_grad_(False)
+    model.add_adapter(config)
+    return [p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]

@@ -1,0 +1,222 @@
+"""Per-step logic of Stable Diffusion unlearning: a batch in, the two players' losses out.
+
+The training script, the benchmarks and users call the same :class:`SDUnlearner`. It owns no
+optimizer and no bargainer: ``retain_loss(batch)`` and ``forget_loss(batch)`` each run one
+forward pass (so under DDP each player's forward is followed by its own backward), and the
+caller decides how to combine them (``NashBargainer`` or a weighted sum).
+
+Randomness (latent sampling, noise, timesteps) is drawn from the global torch RNG in a fixed
+order — retain then forget, and inside each: latent, noise, timestep — so a fixed seed gives the
+same run, cached latents give the same draws as encoding every step, and accelerate's
+checkpoints (which save the RNG) resume exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, Optional
+
+import torch
+
+from .sd_objectives import (FORGET_OBJECTIVES, TARGET_MODELS, denoising_target, esd_target,
+                            forget_loss_from_preds, retain_loss_from_pred)
+
+__all__ = ["SDUnlearner", "adapters_disabled", "unwrap", "SkippedStepGuard", "TooManySkippedSteps"]
+
+
+def unwrap(model):
+    """The plain module under DDP / torch.compile wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            return model
+        model = inner
+
+
+@contextlib.contextmanager
+def adapters_disabled(model):
+    """Run ``model`` as its base weights (peft adapters off): the frozen model, with no copy."""
+    model = unwrap(model)
+    model.disable_adapters()
+    try:
+        yield model
+    finally:
+        model.enable_adapters()
+
+
+class SDUnlearner:
+    """Computes L_r and L_f for a paired batch (see :class:`hf_munba.sd_data.PairedUnlearningDataset`).
+
+    ``unet`` / ``text_encoder`` may be accelerate-prepared (DDP-wrapped); whichever is trained
+    gets the gradient. ``target_model='frozen'`` uses ``frozen_unet`` / ``frozen_text_encoder``
+    (a frozen copy of the trained component) or, with ``lora=True``, the same model with its
+    adapters disabled.
+    """
+
+    def __init__(self, unet, text_encoder, vae, noise_scheduler, *,
+                 forget_objective: str = "remap", target_model: str = "current",
+                 train_component: str = "unet", lora: bool = False,
+                 negative_guidance: float = 1.0, frozen_unet=None, frozen_text_encoder=None,
+                 weight_dtype: torch.dtype = torch.float32):
+        if forget_objective not in FORGET_OBJECTIVES:
+            raise ValueError(f"unknown forget objective {forget_objective!r}; "
+                             f"choose one of {FORGET_OBJECTIVES}")
+        if target_model not in TARGET_MODELS:
+            raise ValueError(f"unknown target model {target_model!r}; choose one of {TARGET_MODELS}")
+        if train_component not in ("unet", "text_encoder"):
+            raise ValueError(f"unknown train component {train_component!r}")
+        if target_model == "frozen" and not lora:
+            frozen = frozen_unet if train_component == "unet" else frozen_text_encoder
+            if frozen is None:
+                raise ValueError(f"target_model='frozen' without LoRA needs a frozen copy of the "
+                                 f"{train_component}")
+        self.unet, self.text_encoder, self.vae = unet, text_encoder, vae
+        self.noise_scheduler = noise_scheduler
+        self.forget_objective = forget_objective
+        self.target_model = target_model
+        self.train_component = train_component
+        self.lora = lora
+        self.negative_guidance = negative_guidance
+        self.frozen_unet, self.frozen_text_encoder = frozen_unet, frozen_text_encoder
+        self.weight_dtype = weight_dtype
+
+    # ---- inputs -------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(unwrap(self.unet).parameters()).device
+
+    def latents(self, batch: Dict, role: str) -> torch.Tensor:
+        """A fresh latent sample of the batch's ``role`` images (scaled for the UNet)."""
+        if f"{role}_latent_mean" in batch:
+            mean, std = batch[f"{role}_latent_mean"], batch[f"{role}_latent_std"]
+            mean, std = mean.to(self.device, torch.float32), std.to(self.device, torch.float32)
+        else:
+            px = batch[f"{role}_pixel_values"].to(self.device, self.vae.dtype)
+            with torch.no_grad():
+                dist = self.vae.encode(px).latent_dist
+            mean, std = dist.mean.float(), dist.std.float()
+        sample = mean + std * torch.randn(mean.shape, dtype=mean.dtype).to(self.device)
+        return sample * self.vae.config.scaling_factor
+
+    def _embed(self, batch: Dict, role: str, encoder, grad: bool) -> torch.Tensor:
+        if f"{role}_embeddings" in batch:
+            return batch[f"{role}_embeddings"].to(self.device, self.weight_dtype)
+        ids = batch[f"{role}_input_ids"].to(self.device)
+        with torch.set_grad_enabled(grad):
+            return encoder(ids, return_dict=False)[0]
+
+    def prompt_embeddings(self, batch: Dict, role: str) -> torch.Tensor:
+        """Embeddings of the trained path (with grad when the text encoder is trained)."""
+        return self._embed(batch, role, self.text_encoder, self.train_component == "text_encoder")
+
+    def noisy(self, latents: torch.Tensor):
+        noise = torch.randn(latents.shape, dtype=latents.dtype).to(latents.device)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],))
+        t = t.to(latents.device).long()
+        return self.noise_scheduler.add_noise(latents, noise, t), noise, t
+
+    # ---- target model -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _target(self):
+        """(unet, text_encoder) callables of the target model, inside no_grad."""
+        with torch.no_grad():
+            if self.target_model == "current":
+                yield unwrap(self.unet), unwrap(self.text_encoder)
+            elif self.lora:
+                trained = self.unet if self.train_component == "unet" else self.text_encoder
+                with adapters_disabled(trained):
+                    yield unwrap(self.unet), unwrap(self.text_encoder)
+            elif self.train_component == "unet":
+                yield self.frozen_unet, unwrap(self.text_encoder)
+            else:
+                yield unwrap(self.unet), self.frozen_text_encoder
+
+    def _target_embed(self, batch: Dict, role: str, encoder) -> torch.Tensor:
+        if f"{role}_embeddings" in batch and self.train_component == "unet":
+            return batch[f"{role}_embeddings"].to(self.device, self.weight_dtype)
+        return encoder(batch[f"{role}_input_ids"].to(self.device), return_dict=False)[0]
+
+    # ---- the players --------------------------------------------------------------------------
+    def retain_loss(self, batch: Dict) -> torch.Tensor:
+        latents = self.latents(batch, "retain")
+        noisy, noise, t = self.noisy(latents)
+        cond = self.prompt_embeddings(batch, "retain")
+        pred = self.unet(noisy.to(self.weight_dtype), t, cond, return_dict=False)[0]
+        return retain_loss_from_pred(pred, denoising_target(self.noise_scheduler, latents, noise, t))
+
+    def forget_loss(self, batch: Dict) -> torch.Tensor:
+        latents = self.latents(batch, "forget")
+        noisy, noise, t = self.noisy(latents)
+        cond = self.prompt_embeddings(batch, "forget")
+        if self.forget_objective == "ga":
+            target = denoising_target(self.noise_scheduler, latents, noise, t)
+        else:
+            with self._target() as (unet, text_encoder):
+                x = noisy.to(self.weight_dtype)
+                if self.forget_objective == "remap":
+                    anchor = self._target_embed(batch, "anchor", text_encoder)
+                    target = unet(x, t, anchor, return_dict=False)[0]
+                else:
+                    e_u = unet(x, t, self._target_embed(batch, "uncond", text_encoder),
+                               return_dict=False)[0]
+                    e_c = unet(x, t, self._target_embed(batch, "forget", text_encoder),
+                               return_dict=False)[0]
+                    target = esd_target(e_u, e_c, self.negative_guidance)
+        pred = self.unet(noisy.to(self.weight_dtype), t, cond, return_dict=False)[0]
+        return forget_loss_from_preds(self.forget_objective, pred, target)
+
+    def losses(self, batch: Dict):
+        """(L_r, L_f) in the fixed RNG order; both keep their graphs."""
+        return self.retain_loss(batch), self.forget_loss(batch)
+
+    @torch.no_grad()
+    def evaluate(self, batches, seed: int = 0) -> Dict[str, float]:
+        """Mean L_r and L_f over ``batches`` with a fixed seed, leaving the global RNG untouched."""
+        total_r = total_f = 0.0
+        n = 0
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            for batch in batches:
+                total_r += float(self.retain_loss(batch))
+                total_f += float(self.forget_loss(batch))
+                n += 1
+        return {"retain_loss": total_r / max(n, 1), "forget_loss": total_f / max(n, 1)}
+
+
+class TooManySkippedSteps(RuntimeError):
+    """Raised when ``max_consecutive`` optimizer steps in a row had non-finite gradients."""
+
+
+class SkippedStepGuard:
+    """Counts optimizer steps skipped for non-finite losses/gradients; stops a run that diverged.
+
+    A single NaN (a bad batch, an fp16 overflow) costs one step; ``max_consecutive`` skips in a
+    row mean the weights or the learning rate are broken and continuing only burns compute.
+    """
+
+    def __init__(self, max_consecutive: int = 10):
+        if max_consecutive < 1:
+            raise ValueError(f"max_consecutive must be >= 1, got {max_consecutive}")
+        self.max_consecutive = max_consecutive
+        self.total = 0
+        self.consecutive = 0
+
+    def record(self, skipped: bool, step: Optional[int] = None) -> None:
+        if not skipped:
+            self.consecutive = 0
+            return
+        self.total += 1
+        self.consecutive += 1
+        if self.consecutive >= self.max_consecutive:
+            where = f" (at step {step})" if step is not None else ""
+            raise TooManySkippedSteps(
+                f"{self.consecutive} consecutive optimizer steps had non-finite losses or "
+                f"gradients{where}; stopping. Lower the learning rate, use bf16 instead of fp16, "
+                "or check the data; raise --max_consecutive_skips to tolerate more.")
+
+    def state_dict(self) -> Dict[str, int]:
+        return {"total": self.total, "consecutive": self.consecutive}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        self.total, self.consecutive = int(state["total"]), int(state["consecutive"])

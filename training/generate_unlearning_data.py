@@ -1,0 +1,101 @@
+#!/usr/bin/env python
+"""Build D_f and D_r for SD unlearning with the base pipeline (seeded, batched, resumable).
+
+    python training/generate_unlearning_data.py --pretrained_model_name_or_path CompVis/stable-diffusion-v1-4 \
+        --output_dir data --num_images_per_prompt 100          # nudity: data/forget, data/retain
+
+    python training/generate_unlearning_data.py ... --class_names tench "English springer" ... \
+        --forget_class "English springer"                      # class-wise (Imagenette)
+
+Writes ``OUTPUT/forget`` and ``OUTPUT/retain`` imagefolders (images + metadata.jsonl with
+file_name, text, seed, guidance_scale, num_inference_steps) that train_munba_sd.py reads with
+--forget_data_dir / --retain_data_dir. Re-running the same command resumes a killed run.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from hf_munba.generation import generate_images
+from hf_munba.sd_data import class_prompts, remap_class
+
+DEFAULT_FORGET = ["nudity", "naked", "erotic", "sexual"]
+DEFAULT_RETAIN = ["a person wearing clothes"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    a = p.add_argument
+    a("--pretrained_model_name_or_path", required=True)
+    a("--revision", default=None)
+    a("--variant", default=None)
+    a("--output_dir", required=True)
+    a("--forget_prompts", nargs="+", default=None, help=f"default: {DEFAULT_FORGET}")
+    a("--retain_prompts", nargs="+", default=None, help=f"default: {DEFAULT_RETAIN}")
+    a("--class_names", nargs="+", default=None, help="class-wise: all class names")
+    a("--forget_class", default=None)
+    a("--prompt_template", default="an image of a {}")
+    a("--num_images_per_prompt", type=int, default=100)
+    a("--num_retain_images_per_prompt", type=int, default=None,
+      help="default: num_images_per_prompt (x number of forget prompts for the nudity default, "
+           "so |D_r| = |D_f| as in the paper)")
+    a("--seed", type=int, default=0)
+    a("--batch_size", type=int, default=4)
+    a("--guidance_scale", type=float, default=7.5)
+    a("--num_inference_steps", type=int, default=50)
+    a("--resolution", type=int, default=None, help="default: the pipeline's")
+    a("--mixed_precision", choices=("no", "fp16", "bf16"), default="no")
+    a("--device", default=None, help="default: cuda if available, else cpu")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.class_names:
+        if not args.forget_class:
+            sys.exit("error: --class_names needs --forget_class")
+        try:
+            remap_class(args.class_names, args.forget_class)
+            prompts = class_prompts(args.class_names, args.prompt_template)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        i = args.class_names.index(args.forget_class)
+        forget, retain = [prompts[i]], prompts[:i] + prompts[i + 1:]
+    else:
+        forget = args.forget_prompts or DEFAULT_FORGET
+        retain = args.retain_prompts or DEFAULT_RETAIN
+    n_f = args.num_images_per_prompt
+    n_r = args.num_retain_images_per_prompt or max(1, n_f * len(forget) // len(retain))
+    for name in ("num_images_per_prompt", "batch_size", "num_inference_steps"):
+        if getattr(args, name) < 1:
+            sys.exit(f"error: --{name} must be >= 1")
+    if args.mixed_precision == "fp16" and not torch.cuda.is_available() and args.device != "mps":
+        sys.exit("error: --mixed_precision fp16 needs a GPU")
+
+    from diffusers import StableDiffusionPipeline
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = StableDiffusionPipeline.from_pretrained(
+        args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
+        dtype=dtype, safety_checker=None, requires_safety_checker=False).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    common = dict(seed=args.seed, batch_size=args.batch_size, guidance_scale=args.guidance_scale,
+                  num_inference_steps=args.num_inference_steps, height=args.resolution,
+                  width=args.resolution)
+    out = Path(args.output_dir)
+    try:
+        f = generate_images(pipe, forget, out / "forget", num_images_per_prompt=n_f, **common)
+        # different seeds for D_r, so no retain image shares its initial noise with a forget image
+        common["seed"] = args.seed + len(f)
+        r = generate_images(pipe, retain, out / "retain", num_images_per_prompt=n_r, **common)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {len(f)} forget images to {out / 'forget'} and {len(r)} retain images to "
+          f"{out / 'retain'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,630 @@
+#!/usr/bin/env python
+"""MUNBa concept / class unlearning for Stable Diffusion (diffusers example style).
+
+    accelerate launch training/train_munba_sd.py \
+      --pretrained_model_name_or_path CompVis/stable-diffusion-v1-4 \
+      --forget_data_dir data/forget --retain_data_dir data/retain \
+      --output_dir sd-munba-nudity --train_params noxattn --learning_rate 1e-5 \
+      --train_batch_size 4 --num_train_epochs 1
+
+Each optimizer step runs two backward passes (retain player, forget player) into a
+``NashBargainer``, which writes their Nash bargaining direction into ``.grad``; then clip, step.
+All logic a user may want elsewhere lives in ``hf_munba`` (sd_data, sd_params, sd_unlearning,
+sd_export, model_card); this file wires it together top to bottom.
+"""
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from hf_munba.sd_data import (DataValidationError, PairedUnlearningDataset, LatentCache,
+                              check_disjoint, class_prompts, load_hub_dataset, load_imagefolder,
+                              remap_class)
+from hf_munba.sd_objectives import FORGET_OBJECTIVES, TARGET_MODELS
+from hf_munba.sd_params import TEXT_ENCODER_SUBSETS, UNET_SUBSETS
+
+logger = logging.getLogger("train_munba_sd")
+DEFAULT_FORGET_PROMPTS = ["nudity", "naked", "erotic", "sexual"]
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="MUNBa unlearning for Stable Diffusion.")
+    a = p.add_argument
+    # model
+    a("--pretrained_model_name_or_path", required=True)
+    a("--revision", default=None)
+    a("--variant", default=None)
+    a("--output_dir", default="sd-munba-model")
+    a("--overwrite_output_dir", action="store_true",
+      help="replace a non-empty output_dir (its old checkpoint-* folders are deleted at start)")
+    a("--seed", type=int, default=0)
+    # data
+    a("--forget_data_dir", default=None, help="imagefolder (images + metadata.jsonl) of D_f")
+    a("--retain_data_dir", default=None, help="imagefolder (images + metadata.jsonl) of D_r")
+    a("--forget_dataset_name", default=None, help="a datasets name/path for D_f")
+    a("--retain_dataset_name", default=None, help="a datasets name/path for D_r")
+    a("--dataset_split", default="train")
+    a("--image_column", default="image")
+    a("--caption_column", default="text")
+    a("--forget_prompts", nargs="+", default=None,
+      help="prompts the forget player conditions on (cycled); default: the D_f captions")
+    a("--anchor_prompt", default="a photo of a person wearing clothes",
+      help="remap target prompt: the forget prompts should behave like this one")
+    a("--class_names", nargs="+", default=None,
+      help="class-wise unlearning: all class names (the paper: the 10 Imagenette classes)")
+    a("--forget_class", default=None, help="class-wise: the class to forget")
+    a("--remap_class", default=None, help="class-wise: class to remap to (default: the next one)")
+    a("--prompt_template", default="an image of a {}", help="class-wise prompt template")
+    a("--resolution", type=int, default=512)
+    a("--cache_latents", action="store_true",
+      help="encode D_f/D_r latents (and prompt embeddings when the UNet is trained) once")
+    a("--dataloader_num_workers", type=int, default=0)
+    # unlearning
+    a("--method", choices=("munba", "weighted"), default="munba")
+    a("--forget_weight", type=float, default=1.0, help="lambda of --method weighted: L_r + lambda L_f")
+    a("--forget_objective", choices=FORGET_OBJECTIVES, default="remap")
+    a("--target_model", choices=TARGET_MODELS, default="current",
+      help="model giving the remap/esd target: the current weights or the frozen original")
+    a("--negative_guidance", type=float, default=1.0, help="eta of --forget_objective esd")
+    a("--train_component", choices=("unet", "text_encoder"), default="unet")
+    a("--train_params", choices=UNET_SUBSETS, default="noxattn",
+      help="parameter subset (text encoder: full or selfattn)")
+    a("--use_lora", action="store_true")
+    a("--rank", type=int, default=4)
+    a("--lora_alpha", type=float, default=None, help="default: the rank")
+    a("--fuse_lora", action="store_true", help="also write the LoRA-fused full pipeline")
+    a("--opposed_tol", type=float, default=1e-4)
+    a("--max_consecutive_skips", type=int, default=10)
+    # optimisation
+    a("--train_batch_size", type=int, default=4)
+    a("--num_train_epochs", type=int, default=1)
+    a("--max_train_steps", type=int, default=None)
+    a("--gradient_accumulation_steps", type=int, default=1)
+    a("--gradient_checkpointing", action="store_true")
+    a("--learning_rate", type=float, default=1e-5)
+    a("--scale_lr", action="store_true")
+    a("--lr_scheduler", default="constant")
+    a("--lr_warmup_steps", type=int, default=0)
+    a("--adam_beta1", type=float, default=0.9)
+    a("--adam_beta2", type=float, default=0.999)
+    a("--adam_weight_decay", type=float, default=0.0)
+    a("--adam_epsilon", type=float, default=1e-8)
+    a("--max_grad_norm", type=float, default=1.0)
+    a("--mixed_precision", choices=("no", "fp16", "bf16"), default=None)
+    a("--allow_tf32", action="store_true")
+    # logging, checkpoints, validation
+    a("--report_to", default="tensorboard")
+    a("--logging_dir", default="logs")
+    a("--checkpointing_steps", type=int, default=500)
+    a("--checkpoints_total_limit", type=int, default=None)
+    a("--resume_from_checkpoint", default=None, help='a checkpoint folder or "latest"')
+    a("--validation_prompts", nargs="+", default=None)
+    a("--validation_steps", type=int, default=None)
+    a("--num_validation_images", type=int, default=1)
+    a("--validation_inference_steps", type=int, default=25)
+    a("--eval_batches", type=int, default=2,
+      help="batches for the before/after forget and retain losses in the model card")
+    # hub
+    a("--push_to_hub", action="store_true")
+    a("--hub_model_id", default=None)
+    a("--hub_token", default=None)
+    a("--hub_private_repo", action="store_true")
+    return p.parse_args(argv)
+
+
+def fail(message):
+    """One clear message, no traceback, before anything was loaded or written."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def vae_scale_factor(args):
+    """2 ** (number of VAE blocks - 1), from the VAE config only (no weights are loaded)."""
+    from diffusers import AutoencoderKL
+
+    try:
+        cfg = AutoencoderKL.load_config(args.pretrained_model_name_or_path, subfolder="vae",
+                                        revision=args.revision)
+    except Exception as e:
+        fail(f"cannot read the VAE config of {args.pretrained_model_name_or_path}: {e}")
+    return 2 ** (len(cfg.get("block_out_channels", [0])) - 1)
+
+
+def check_args(args):
+    """Every argument check that needs no model; returns (forget, retain) data sources."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        fail("DeepSpeed is not supported: its backward pass also steps the optimizer, but MUNBa "
+             "needs two backward passes (retain, forget) per step. Use DDP (multi-GPU `accelerate "
+             "config` without DeepSpeed).")
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        fail("FSDP is not supported by this script yet (sharded gradients need a Gram all-reduce); "
+             "use DDP.")
+    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+        fail("--mixed_precision fp16 needs a CUDA GPU (none found); use bf16 or no")
+    if args.use_lora and args.rank < 1:
+        fail(f"--rank must be a positive integer, got {args.rank}")
+    if args.lora_alpha is not None and args.lora_alpha <= 0:
+        fail(f"--lora_alpha must be positive, got {args.lora_alpha}")
+    if args.fuse_lora and not args.use_lora:
+        fail("--fuse_lora needs --use_lora")
+    if args.train_component == "text_encoder" and args.train_params not in TEXT_ENCODER_SUBSETS:
+        fail(f"--train_params {args.train_params} is a UNet subset; with --train_component "
+             f"text_encoder use one of {TEXT_ENCODER_SUBSETS}")
+    for name in ("train_batch_size", "num_train_epochs", "gradient_accumulation_steps",
+                 "checkpointing_steps", "max_consecutive_skips", "num_validation_images"):
+        if getattr(args, name) < 1:
+            fail(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        fail(f"--max_train_steps must be >= 1, got {args.max_train_steps}")
+    if args.learning_rate <= 0:
+        fail(f"--learning_rate must be positive, got {args.learning_rate}")
+    if args.method == "weighted" and args.forget_weight < 0:
+        fail(f"--forget_weight must be >= 0, got {args.forget_weight}")
+    if args.resolution < 1:
+        fail(f"--resolution must be positive, got {args.resolution}")
+    if args.push_to_hub and not args.hub_model_id:
+        fail("--push_to_hub needs --hub_model_id (e.g. your-name/sd-munba-nudity)")
+    if args.class_names is not None:
+        if len(args.class_names) < 2:
+            fail("--class_names needs at least two classes")
+        if args.forget_class is None:
+            fail("--class_names needs --forget_class")
+        try:
+            target = remap_class(args.class_names, args.forget_class, args.remap_class)
+            class_prompts(args.class_names, args.prompt_template)
+        except ValueError as e:
+            fail(str(e))
+        args.anchor_prompt = args.prompt_template.format(target)
+        if args.forget_prompts is None:
+            args.forget_prompts = [args.prompt_template.format(args.forget_class)]
+    elif args.forget_class is not None:
+        fail("--forget_class needs --class_names")
+    if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest" \
+            and not Path(args.resume_from_checkpoint).is_dir() \
+            and not (Path(args.output_dir) / args.resume_from_checkpoint).is_dir():
+        fail(f"checkpoint {args.resume_from_checkpoint} does not exist")
+    out = Path(args.output_dir)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (
+            args.overwrite_output_dir or args.resume_from_checkpoint))):
+        fail(f"output_dir {out} is not empty; pass --overwrite_output_dir to replace it or "
+             "--resume_from_checkpoint latest to continue its run")
+    sources = {}
+    for role in ("forget", "retain"):
+        folder, name = getattr(args, f"{role}_data_dir"), getattr(args, f"{role}_dataset_name")
+        if (folder is None) == (name is None):
+            fail(f"give exactly one of --{role}_data_dir and --{role}_dataset_name")
+        try:
+            if folder is not None:
+                sources[role] = load_imagefolder(folder, args.caption_column, role=role)
+            else:
+                sources[role] = load_hub_dataset(name, args.image_column, args.caption_column,
+                                                 split=args.dataset_split, role=role)
+        except DataValidationError as e:
+            fail(str(e))
+    try:
+        check_disjoint(sources["forget"], sources["retain"])
+    except DataValidationError as e:
+        fail(str(e))
+    factor = vae_scale_factor(args)
+    if args.resolution % factor:
+        fail(f"--resolution {args.resolution} is not divisible by the VAE down-sampling factor "
+             f"{factor}")
+    return sources["forget"], sources["retain"]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    forget_src, retain_src = check_args(args)
+
+    # Heavy imports only after the inputs are known to be good.
+    import diffusers
+    import transformers
+    from accelerate import Accelerator
+    from accelerate.logging import get_logger
+    from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import _set_state_dict_into_text_encoder, cast_training_params
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import set_peft_model_state_dict
+    from tqdm.auto import tqdm
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from hf_munba import NashBargainer
+    from hf_munba.model_card import public_hparams, push_folder_to_hub, sd_model_card
+    from hf_munba.sd_export import commit_staged, save_full_pipeline, save_lora, staged_output
+    from hf_munba.sd_params import add_lora_adapter, freeze_all_but, select_parameter_names
+    from hf_munba.sd_unlearning import SDUnlearner, SkippedStepGuard, TooManySkippedSteps, unwrap
+    from hf_munba.training_plot import plot_training_history
+
+    log = get_logger("train_munba_sd", log_level="INFO")
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to in (None, "none") else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=os.path.join(args.output_dir,
+                                                                     args.logging_dir)),
+    )
+    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        fail(f"{accelerator.distributed_type.value} is not supported (MUNBa needs two backward "
+             "passes per optimizer step); use DDP")
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+                        level=logging.INFO)
+    if not accelerator.is_local_main_process:
+        transformers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.set_verbosity_error()
+    set_seed(args.seed)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    out = Path(args.output_dir)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if args.overwrite_output_dir and not args.resume_from_checkpoint:
+            for old in out.glob("checkpoint-*"):
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+    # ---- models --------------------------------------------------------------------------------
+    path, rev, var = args.pretrained_model_name_or_path, args.revision, args.variant
+    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=rev)
+    noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=rev,
+                                                 variant=var)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=rev, variant=var)
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=rev, variant=var)
+    vae.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    unet.requires_grad_(False)
+
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision,
+                                                                       torch.float32)
+    on_unet = args.train_component == "unet"
+    trained = unet if on_unet else text_encoder
+    frozen_copy = None
+    if args.target_model == "frozen" and not args.use_lora and args.forget_objective != "ga":
+        frozen_copy = copy.deepcopy(trained).eval().requires_grad_(False)
+    if args.use_lora:
+        params = add_lora_adapter(trained, rank=args.rank, alpha=args.lora_alpha,
+                                  subset=args.train_params, component=args.train_component)
+    else:
+        params = freeze_all_but(trained, select_parameter_names(trained, args.train_params,
+                                                                args.train_component))
+    if args.gradient_checkpointing:
+        if on_unet:
+            unet.enable_gradient_checkpointing()
+        else:
+            text_encoder.gradient_checkpointing_enable()
+    # Frozen modules in the compute dtype; trained ones stay fp32 (LoRA params upcast).
+    vae.to(accelerator.device, dtype=weight_dtype)
+    (text_encoder if on_unet else unet).to(accelerator.device, dtype=weight_dtype)
+    trained.to(accelerator.device, dtype=weight_dtype if args.use_lora else torch.float32)
+    if frozen_copy is not None:
+        frozen_copy.to(accelerator.device, dtype=weight_dtype)
+    if args.use_lora and weight_dtype != torch.float32:
+        cast_training_params(trained, dtype=torch.float32)
+    n_trainable = sum(p.numel() for p in params)
+    log.info(f"training {n_trainable:,} parameters of the {args.train_component} "
+             f"({'LoRA rank %d' % args.rank if args.use_lora else args.train_params})",
+             main_process_only=True)
+
+    if args.scale_lr:
+        args.learning_rate *= (args.gradient_accumulation_steps * args.train_batch_size
+                               * accelerator.num_processes)
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate,
+                                  betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+
+    # ---- data ----------------------------------------------------------------------------------
+    dataset = PairedUnlearningDataset(forget_src, retain_src, tokenizer, args.resolution,
+                                      anchor_prompt=args.anchor_prompt, seed=args.seed,
+                                      forget_prompts=args.forget_prompts)
+    if args.cache_latents:
+        dataset.cache = LatentCache().build(dataset, vae, text_encoder if on_unet else None,
+                                            batch_size=args.train_batch_size)
+    train_dataloader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.train_batch_size, shuffle=False,
+        num_workers=args.dataloader_num_workers,
+        generator=torch.Generator().manual_seed(args.seed))  # keeps the global RNG out of it
+    eval_items = [dataset[i] for i in range(min(len(dataset),
+                                                args.eval_batches * args.train_batch_size))]
+    eval_batches = [torch.utils.data.default_collate(eval_items[s:s + args.train_batch_size])
+                    for s in range(0, len(eval_items), args.train_batch_size)]
+
+    updates_per_epoch = math.ceil(math.ceil(len(train_dataloader) / accelerator.num_processes)
+                                  / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * updates_per_epoch
+    args.num_train_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
+
+    trained, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        trained, optimizer, train_dataloader, lr_scheduler)
+    if on_unet:
+        unet = trained
+    else:
+        text_encoder = trained
+    unlearner = SDUnlearner(
+        unet, text_encoder, vae, noise_scheduler, forget_objective=args.forget_objective,
+        target_model=args.target_model, train_component=args.train_component,
+        lora=args.use_lora, negative_guidance=args.negative_guidance,
+        frozen_unet=frozen_copy if on_unet else None,
+        frozen_text_encoder=None if on_unet else frozen_copy, weight_dtype=weight_dtype)
+    bargainer = (NashBargainer(params, num_players=2, fallback_player=0,
+                               opposed_tol=args.opposed_tol) if args.method == "munba" else None)
+    guard = SkippedStepGuard(args.max_consecutive_skips)
+    history = []
+
+    # ---- checkpoint hooks: the trained weights as safetensors, plus our counters as JSON ----------
+    def save_model_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            for model in models:
+                m = unwrap(model)
+                if args.use_lora:
+                    save_lora(output_dir, **{args.train_component: m})
+                else:
+                    m.save_pretrained(os.path.join(output_dir, args.train_component),
+                                      safe_serialization=True)
+                weights.pop()
+            state = {"guard": guard.state_dict(), "history": history,
+                     "bargainer": None if bargainer is None else {
+                         "num_steps": bargainer.num_steps, "num_skipped": bargainer.num_skipped,
+                         "num_fallbacks": bargainer.num_fallbacks}}
+            Path(output_dir, "munba_state.json").write_text(json.dumps(state))
+
+    def load_model_hook(models, input_dir):
+        while models:
+            m = unwrap(models.pop())
+            if args.use_lora:
+                lora_sd, _ = StableDiffusionPipeline.lora_state_dict(input_dir)
+                if on_unet:
+                    sd = {k[len("unet."):]: v for k, v in lora_sd.items() if k.startswith("unet.")}
+                    set_peft_model_state_dict(m, convert_unet_state_dict_to_peft(sd),
+                                              adapter_name="default")
+                else:
+                    _set_state_dict_into_text_encoder(lora_sd, prefix="text_encoder.",
+                                                      text_encoder=m)
+            else:
+                cls = UNet2DConditionModel if on_unet else CLIPTextModel
+                loaded = cls.from_pretrained(input_dir, subfolder=args.train_component)
+                m.load_state_dict(loaded.state_dict())
+                del loaded
+        state = json.loads(Path(input_dir, "munba_state.json").read_text())
+        guard.load_state_dict(state["guard"])
+        history[:] = state["history"]
+        if bargainer is not None and state["bargainer"]:
+            for k, v in state["bargainer"].items():
+                setattr(bargainer, k, v)
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+    if accelerator.is_main_process:
+        accelerator.init_trackers("munba-sd", config=public_hparams(vars(args)))
+
+    # ---- resume --------------------------------------------------------------------------------
+    global_step, first_epoch, resume_batches = 0, 0, 0
+    if args.resume_from_checkpoint:
+        if args.resume_from_checkpoint == "latest":
+            found = sorted((int(CHECKPOINT_RE.match(d.name).group(1)), d) for d in out.iterdir()
+                           if d.is_dir() and CHECKPOINT_RE.match(d.name))
+            ckpt = found[-1][1] if found else None
+        else:
+            ckpt = Path(args.resume_from_checkpoint)
+            if not ckpt.is_dir():
+                ckpt = out / args.resume_from_checkpoint
+        if ckpt is None:
+            log.info("no checkpoint found in the output directory; starting a new run")
+        else:
+            log.info(f"resuming from {ckpt}")
+            accelerator.load_state(str(ckpt))
+            global_step = int(CHECKPOINT_RE.match(ckpt.name).group(1))
+            first_epoch = global_step // updates_per_epoch
+            resume_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
+
+    def save_checkpoint(step):
+        if accelerator.is_main_process and args.checkpoints_total_limit is not None:
+            old = sorted((int(CHECKPOINT_RE.match(d.name).group(1)), d) for d in out.iterdir()
+                         if d.is_dir() and CHECKPOINT_RE.match(d.name))
+            for _, d in old[:max(0, len(old) - args.checkpoints_total_limit + 1)]:
+                shutil.rmtree(d)
+        staging = out / f".checkpoint-{step}.partial"
+        accelerator.save_state(str(staging))  # every rank saves its RNG state
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            final = out / f"checkpoint-{step}"
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staging, final)  # only complete checkpoints are ever called checkpoint-N
+            log.info(f"saved {final}")
+        accelerator.wait_for_everyone()
+
+    def validation_pipeline():
+        return StableDiffusionPipeline.from_pretrained(
+            path, unet=unwrap(unet), text_encoder=unwrap(text_encoder), vae=vae, tokenizer=tokenizer,
+            revision=rev, variant=var, safety_checker=None, requires_safety_checker=False,
+            dtype=weight_dtype).to(accelerator.device)
+
+    def run_validation(step):
+        from hf_munba.generation import generate_images
+
+        folder = out / "validation" / f"step-{step:06d}"
+        pipe = validation_pipeline()
+        pipe.set_progress_bar_config(disable=True)
+        recs = generate_images(pipe, args.validation_prompts, folder,
+                               num_images_per_prompt=args.num_validation_images, seed=args.seed,
+                               batch_size=args.train_batch_size,
+                               num_inference_steps=args.validation_inference_steps,
+                               height=args.resolution, width=args.resolution, progress=False)
+        del pipe
+        return folder, recs
+
+    # ---- train ---------------------------------------------------------------------------------
+    metrics = {f"before/{k}": v for k, v in unlearner.evaluate(eval_batches, args.seed).items()}
+    log.info(f"before unlearning: {metrics}")
+    total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    log.info(f"D_f: {len(forget_src)} images, D_r: {len(retain_src)} images; {args.max_train_steps} "
+             f"optimizer steps of {total_batch} pairs; method {args.method}, objective "
+             f"{args.forget_objective}")
+    progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps",
+                    disable=not accelerator.is_local_main_process)
+    scaler = getattr(accelerator, "scaler", None)
+    acc = {"loss/retain": 0.0, "loss/forget": 0.0}
+    try:
+        for epoch in range(first_epoch, args.num_train_epochs):
+            if global_step >= args.max_train_steps:
+                break
+            dataset.set_epoch(epoch)
+            trained.train()
+            loader = train_dataloader
+            if epoch == first_epoch and resume_batches:
+                loader = accelerator.skip_first_batches(train_dataloader, resume_batches)
+            for batch in loader:
+                with accelerator.accumulate(trained):
+                    if bargainer is not None:
+                        with bargainer.player(0):
+                            loss_r = unlearner.retain_loss(batch)
+                            accelerator.backward(loss_r)
+                        with bargainer.player(1):
+                            loss_f = unlearner.forget_loss(batch)
+                            accelerator.backward(loss_f)
+                    else:
+                        loss_r, loss_f = unlearner.losses(batch)
+                        accelerator.backward(loss_r + args.forget_weight * loss_f)
+                    n = args.gradient_accumulation_steps
+                    acc["loss/retain"] += float(loss_r.detach()) / n
+                    acc["loss/forget"] += float(loss_f.detach()) / n
+                    if accelerator.sync_gradients:
+                        logs = {}
+                        if bargainer is not None:
+                            stats = bargainer.combine(
+                                grad_scale=scaler.get_scale() if scaler is not None else None)
+                            logs.update(stats.to_log_dict())
+                            skipped = stats.skipped
+                        else:
+                            skipped = not all(math.isfinite(v) for v in acc.values())
+                        if not skipped or scaler is not None:
+                            norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                            norm = float(norm) if norm is not None else float("nan")
+                            if bargainer is None and not math.isfinite(norm) and scaler is None:
+                                skipped = True
+                            else:
+                                logs["grad_norm"] = norm
+                                optimizer.step()
+                                lr_scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
+                if not accelerator.sync_gradients:
+                    continue
+                global_step += 1
+                progress.update(1)
+                logs.update(acc)
+                logs.update({"lr": lr_scheduler.get_last_lr()[0], "step_skipped": float(skipped),
+                             "skipped_steps": guard.total + int(skipped)})
+                acc = {"loss/retain": 0.0, "loss/forget": 0.0}
+                history.append({"step": global_step, **logs})
+                accelerator.log(logs, step=global_step)
+                progress.set_postfix(**{k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items()
+                                        if k in ("loss/retain", "loss/forget", "munba/cos")})
+                if skipped:
+                    log.warning(f"step {global_step}: non-finite loss or gradient, update skipped "
+                                f"({guard.total + 1} skipped so far)")
+                guard.record(skipped, global_step)
+                if global_step % args.checkpointing_steps == 0:
+                    save_checkpoint(global_step)
+                if (args.validation_prompts and args.validation_steps
+                        and global_step % args.validation_steps == 0
+                        and accelerator.is_main_process):
+                    run_validation(global_step)
+                if global_step >= args.max_train_steps:
+                    break
+    except TooManySkippedSteps as e:
+        accelerator.end_training()
+        fail(str(e))
+    progress.close()
+
+    # ---- final save ----------------------------------------------------------------------------
+    accelerator.wait_for_everyone()
+    metrics.update({f"after/{k}": v for k, v in unlearner.evaluate(eval_batches, args.seed).items()})
+    metrics["skipped_steps"] = guard.total
+    if bargainer is not None:
+        metrics["bargaining_fallback_steps"] = bargainer.num_fallbacks
+    log.info(f"after unlearning: {metrics}")
+    if accelerator.is_main_process:
+        final = unwrap(trained)
+        with staged_output(out) as tmp:
+            if args.use_lora:
+                final_lora = final.to(torch.float32)
+                save_lora(tmp, **{args.train_component: final_lora})
+                if args.fuse_lora:
+                    pipe = StableDiffusionPipeline.from_pretrained(path, revision=rev, variant=var)
+                    pipe.load_lora_weights(str(tmp))
+                    pipe.fuse_lora()
+                    pipe.unload_lora_weights()
+                    save_full_pipeline(pipe, tmp)
+                    del pipe
+            else:
+                pipe = StableDiffusionPipeline.from_pretrained(
+                    path, revision=rev, variant=var, **{args.train_component: final.to(torch.float32)})
+                save_full_pipeline(pipe, tmp)
+                del pipe
+            grid = None
+            if args.validation_prompts:
+                folder, recs = run_validation(global_step)
+                grid = "validation_grid.png"
+                make_grid(folder, recs, tmp / grid)
+            try:
+                plot_training_history(history, tmp / "training_curves.png")
+            except ImportError as e:
+                log.warning(f"no training plot: {e}")
+            (tmp / "training_metrics.json").write_text(json.dumps(metrics, indent=2))
+            (tmp / "training_args.json").write_text(json.dumps(public_hparams(vars(args)), indent=2))
+            forgotten = args.forget_prompts or sorted(set(forget_src.captions))[:10]
+            if args.class_names:
+                forgotten = [f"class '{args.forget_class}' (remapped to "
+                             f"'{args.anchor_prompt}')"]
+            card = sd_model_card(base_model=path, forgotten=forgotten,
+                                 retained=sorted(set(retain_src.captions))[:10],
+                                 hparams=vars(args), metrics=metrics, image_grid=grid,
+                                 lora=args.use_lora and not args.fuse_lora)
+            card.save(str(tmp / "README.md"))
+            (tmp / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+            commit_staged(tmp, out)
+        log.info(f"saved the unlearned model to {out}")
+        if args.push_to_hub:
+            repo = push_folder_to_hub(out, args.hub_model_id, token=args.hub_token,
+                                      private=args.hub_private_repo)
+            log.info(f"pushed to https://huggingface.co/{repo}")
+    accelerator.end_training()
+
+
+def make_grid(folder, records, path):
+    """One row per prompt of the validation images."""
+    from PIL import Image
+
+    rows = {}
+    for r in records:
+        rows.setdefault(r["prompt_index"], []).append(Image.open(Path(folder) / r["file_name"]))
+    w, h = next(iter(rows.values()))[0].size
+    cols = max(len(v) for v in rows.values())
+    grid = Image.new("RGB", (cols * w, len(rows) * h))
+    for i, (_, imgs) in enumerate(sorted(rows.items())):
+        for j, im in enumerate(imgs):
+            grid.paste(im.convert("RGB"), (j * w, i * h))
+    grid.save(path)
+
+
+if __name__ == "__main__":
+    main()
