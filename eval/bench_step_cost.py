@@ -11,8 +11,9 @@ and the median step time and peak memory are reported as ratios.
     python eval/bench_step_cost.py --device cpu --json bench_cpu.json
     python eval/bench_step_cost.py --device cuda --json bench_gpu.json  # SD v1.4-sized UNet
 
-Every step includes clipping at 1.0 and an Adam step, as in training. The SD losses are the
-ones the training script uses (``hf_munba.sd_objectives``); the classifier losses those of
+Every step includes clipping at 1.0 and an Adam step, as in training. The SD losses come from
+the training script's own per-step code (``hf_munba.sd_unlearning.SDUnlearner``, latents and
+prompt embeddings cached as with ``--cache_latents``); the classifier losses those of
 ``MunbaTrainer`` (cross-entropy, random-label cross-entropy). Peak memory: on CUDA,
 ``torch.cuda.max_memory_allocated`` around each step; on CPU (``--memory``) the peak resident set
 of a fresh process per method.
@@ -84,9 +85,11 @@ def _sd14_unet():
 
 
 def _sd_workload(config: str, device: torch.device, autocast) -> Workload:
+    """The training script's own per-step code (``SDUnlearner``) on cached latents/embeddings."""
     from diffusers import DDPMScheduler
 
-    from hf_munba import sd_objectives, sd_params, testing
+    from hf_munba import sd_params, testing
+    from hf_munba.sd_unlearning import SDUnlearner
 
     torch.manual_seed(0)
     if config.startswith("sd14"):
@@ -97,31 +100,35 @@ def _sd_workload(config: str, device: torch.device, autocast) -> Workload:
     else:
         unet, batch, size, ctx_dim = testing.tiny_unet(), 4, 8, 32
     unet.to(device)
-    if config.endswith("lora4"):
-        unet.requires_grad_(False)
-        sd_params.add_lora_adapter(unet, rank=4, lora_alpha=4, subset="noxattn")
-        params = [p for p in unet.parameters() if p.requires_grad]
+    lora = config.endswith("lora4")
+    if lora:
+        params = sd_params.add_lora_adapter(unet, rank=4, alpha=4, subset="noxattn")
     else:
         params = sd_params.freeze_all_but(unet, sd_params.select_parameter_names(unet, "noxattn"))
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
                               beta_start=0.00085, beta_end=0.012)
     gen = torch.Generator().manual_seed(1)
-    emb = {k: torch.randn(batch, 77, ctx_dim, generator=gen).to(device)
-           for k in ("retain", "forget", "anchor")}
-    latents = {k: torch.randn(batch, 4, size, size, generator=gen).to(device)
-               for k in ("retain", "forget")}
+    shape = (batch, 4, size, size)
+    data = {f"{r}_latent_mean": torch.randn(shape, generator=gen).to(device) for r in ("retain", "forget")}
+    data.update({f"{r}_latent_std": 0.1 * torch.ones(shape, device=device) for r in ("retain", "forget")})
+    data.update({f"{r}_embeddings": torch.randn(batch, 77, ctx_dim, generator=gen).to(device)
+                 for r in ("retain", "forget", "anchor")})
+
+    class _Vae:  # only the scaling factor is read when latents are cached
+        dtype = torch.float32
+        config = type("C", (), {"scaling_factor": 0.18215})()
+
+    unlearner = SDUnlearner(unet, None, _Vae(), scheduler, forget_objective="remap",
+                            target_model="current", lora=lora)
     work = Workload(device, params, torch.optim.AdamW(params, lr=1e-5), None, None, autocast)
 
     def retain(i):
         with work.amp():
-            return sd_objectives.epsilon_loss(unet, scheduler, latents["retain"], emb["retain"],
-                                              generator=torch.Generator().manual_seed(2 * i))
+            return unlearner.retain_loss(data)
 
     def forget(i):
         with work.amp():
-            return sd_objectives.remap_loss(unet, scheduler, latents["forget"], emb["forget"],
-                                            emb["anchor"],
-                                            generator=torch.Generator().manual_seed(2 * i + 1))
+            return unlearner.forget_loss(data)
 
     work.retain_loss, work.forget_loss = retain, forget
     return work
