@@ -6,13 +6,16 @@ and one backward through both graphs, so it is the floor. The public reference c
 two ``autograd.grad`` calls with ``retain_graph=True``, concatenates every gradient into flat
 copies, runs a third backward on the weighted loss and flushes the CUDA cache each step. All
 three run here side by side, interleaved step by step on one model, optimizer and batch stream,
-and the median step time and peak memory are reported as ratios.
+and the median step time and peak memory are reported as ratios. For the SD configurations a
+fourth variant times the MUNBa step without ``--cache_latents`` (VAE and text encoder inside the
+step) to give the speed-up of caching.
 
     python eval/bench_step_cost.py --device cpu --json bench_cpu.json
     python eval/bench_step_cost.py --device cuda --json bench_gpu.json  # SD v1.4-sized UNet
 
-Every step includes clipping at 1.0 and an Adam step, as in training. The SD losses are the
-ones the training script uses (``hf_munba.sd_objectives``); the classifier losses those of
+Every step includes clipping at 1.0 and an Adam step, as in training. The SD losses come from
+the training script's own per-step code (``hf_munba.sd_unlearning.SDUnlearner``, latents and
+prompt embeddings cached as with ``--cache_latents``); the classifier losses those of
 ``MunbaTrainer`` (cross-entropy, random-label cross-entropy). Peak memory: on CUDA,
 ``torch.cuda.max_memory_allocated`` around each step; on CPU (``--memory``) the peak resident set
 of a fresh process per method.
@@ -58,6 +61,7 @@ class Workload:
     retain_loss: Callable[[int], torch.Tensor]
     forget_loss: Callable[[int], torch.Tensor]
     autocast: torch.dtype | None
+    encoded_inputs: bool = False  # SD only: encode pixels and prompts every step (no cache)
 
     def __post_init__(self):
         self.bargainer = NashBargainer(self.params)
@@ -83,45 +87,75 @@ def _sd14_unet():
         cross_attention_dim=768, attention_head_dim=8)
 
 
+def _sd14_vae_and_text_encoder():
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4,
+                        block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                        latent_channels=4, sample_size=512)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                                        num_hidden_layers=12, num_attention_heads=12,
+                                        max_position_embeddings=77, hidden_act="quick_gelu",
+                                        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+    return vae, text, 49408
+
+
 def _sd_workload(config: str, device: torch.device, autocast) -> Workload:
+    """The training script's own per-step code (``SDUnlearner``), with cached latents and prompt
+    embeddings (``--cache_latents``) or, with ``work.encoded_inputs``, encoding them every step."""
     from diffusers import DDPMScheduler
 
-    from hf_munba import sd_objectives, sd_params, testing
+    from hf_munba import sd_params, testing
+    from hf_munba.sd_unlearning import SDUnlearner
 
     torch.manual_seed(0)
     if config.startswith("sd14"):
         unet, batch, size, ctx_dim = _sd14_unet(), 4, 64, 768
-    elif config == "sd-small":
-        unet = testing.tiny_unet(block_out_channels=(64, 128), sample_size=16)
-        batch, size, ctx_dim = 4, 16, 32
+        vae, text_encoder, vocab = _sd14_vae_and_text_encoder()
     else:
-        unet, batch, size, ctx_dim = testing.tiny_unet(), 4, 8, 32
+        if config == "sd-small":
+            unet = testing.tiny_unet(block_out_channels=(64, 128), sample_size=16)
+            batch, size, ctx_dim = 4, 16, 32
+        else:
+            unet, batch, size, ctx_dim = testing.tiny_unet(), 4, 8, 32
+        tokenizer = testing.tiny_clip_tokenizer()
+        vae, text_encoder, vocab = testing.tiny_vae(), testing.tiny_clip_text_model(tokenizer), len(tokenizer)
     unet.to(device)
-    if config.endswith("lora4"):
-        unet.requires_grad_(False)
-        sd_params.add_lora_adapter(unet, rank=4, lora_alpha=4, subset="noxattn")
-        params = [p for p in unet.parameters() if p.requires_grad]
+    vae.to(device).requires_grad_(False)
+    text_encoder.to(device).requires_grad_(False)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    lora = config.endswith("lora4")
+    if lora:
+        params = sd_params.add_lora_adapter(unet, rank=4, alpha=4, subset="noxattn")
     else:
         params = sd_params.freeze_all_but(unet, sd_params.select_parameter_names(unet, "noxattn"))
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
                               beta_start=0.00085, beta_end=0.012)
     gen = torch.Generator().manual_seed(1)
-    emb = {k: torch.randn(batch, 77, ctx_dim, generator=gen).to(device)
-           for k in ("retain", "forget", "anchor")}
-    latents = {k: torch.randn(batch, 4, size, size, generator=gen).to(device)
-               for k in ("retain", "forget")}
+    shape = (batch, 4, size, size)
+    cached = {f"{r}_latent_mean": torch.randn(shape, generator=gen).to(device) for r in ("retain", "forget")}
+    cached.update({f"{r}_latent_std": 0.1 * torch.ones(shape, device=device) for r in ("retain", "forget")})
+    cached.update({f"{r}_embeddings": torch.randn(batch, 77, ctx_dim, generator=gen).to(device)
+                   for r in ("retain", "forget", "anchor")})
+    pixels = (batch, 3, size * factor, size * factor)
+    encoded = {f"{r}_pixel_values": torch.rand(pixels, generator=gen).to(device) * 2 - 1
+               for r in ("retain", "forget")}
+    encoded.update({f"{r}_input_ids": torch.randint(0, vocab - 2, (batch, 77), generator=gen).to(device)
+                    for r in ("retain", "forget", "anchor")})
+
+    unlearner = SDUnlearner(unet, text_encoder, vae, scheduler, forget_objective="remap",
+                            target_model="current", lora=lora)
     work = Workload(device, params, torch.optim.AdamW(params, lr=1e-5), None, None, autocast)
 
     def retain(i):
         with work.amp():
-            return sd_objectives.epsilon_loss(unet, scheduler, latents["retain"], emb["retain"],
-                                              generator=torch.Generator().manual_seed(2 * i))
+            return unlearner.retain_loss(encoded if work.encoded_inputs else cached)
 
     def forget(i):
         with work.amp():
-            return sd_objectives.remap_loss(unet, scheduler, latents["forget"], emb["forget"],
-                                            emb["anchor"],
-                                            generator=torch.Generator().manual_seed(2 * i + 1))
+            return unlearner.forget_loss(encoded if work.encoded_inputs else cached)
 
     work.retain_loss, work.forget_loss = retain, forget
     return work
@@ -211,7 +245,17 @@ def step_reference(work: Workload, i: int):
         torch.cuda.empty_cache()
 
 
-STEPS = {"weighted": step_weighted, "munba": step_munba, "reference": step_reference}
+def step_munba_encoding(work: Workload, i: int):
+    """MUNBa without ``--cache_latents``: VAE and text encoder run inside every step."""
+    work.encoded_inputs = True
+    try:
+        step_munba(work, i)
+    finally:
+        work.encoded_inputs = False
+
+
+STEPS = {"weighted": step_weighted, "munba": step_munba, "reference": step_reference,
+         "munba_encoding": step_munba_encoding}
 
 
 # ----------------------------------------------------------------------------- measurement
@@ -221,12 +265,13 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_steps(work: Workload, steps: int, warmup: int):
+def time_steps(work: Workload, steps: int, warmup: int, methods=METHODS):
     """Median seconds and peak bytes per method, interleaved (rotating order) against drift."""
-    times = {m: [] for m in METHODS}
-    peaks = {m: 0 for m in METHODS}
+    times = {m: [] for m in methods}
+    peaks = {m: 0 for m in methods}
+    k = len(methods)
     for i in range(warmup + steps):
-        order = METHODS[i % 3:] + METHODS[: i % 3]
+        order = methods[i % k:] + methods[: i % k]
         for m in order:
             _sync(work.device)
             if work.device.type == "cuda":
@@ -290,7 +335,9 @@ def main(argv=None):
     for config in configs:
         for precision in precisions:
             work = build(config, args.device, precision)
-            t, peak = time_steps(work, args.steps, args.warmup)
+            sd = config != "classifier-digits"
+            t, peak = time_steps(work, args.steps, args.warmup,
+                                 METHODS + ("munba_encoding",) if sd else METHODS)
             n_params = work.num_trainable
             del work
             if args.device == "cuda":
@@ -304,6 +351,7 @@ def main(argv=None):
                 "reference_vs_munba_time": t["reference"] / t["munba"],
                 "munba_vs_weighted_memory": _ratio(peak["munba"], peak["weighted"]),
                 "reference_vs_weighted_memory": _ratio(peak["reference"], peak["weighted"]),
+                "cache_latents_speedup": (t["munba_encoding"] / t["munba"]) if sd else None,
             })
 
     meta = {
@@ -319,13 +367,14 @@ def main(argv=None):
     fmt = lambda x: f"{x:.3f}x" if x else "n/a"  # noqa: E731
     print("| config | precision | trainable | weighted ms | munba ms | reference ms | "
           "munba/weighted time | reference/munba time | munba/weighted peak mem | "
-          "reference/weighted peak mem |")
-    print("|---" * 10 + "|")
+          "reference/weighted peak mem | --cache_latents speed-up |")
+    print("|---" * 11 + "|")
     for r in rows:
         print(f"| {r['config']} | {r['precision']} | {r['trainable_params'] / 1e6:.2f}M | "
               f"{r['ms']['weighted']:.1f} | {r['ms']['munba']:.1f} | {r['ms']['reference']:.1f} | "
               f"{r['munba_vs_weighted_time']:.3f}x | {r['reference_vs_munba_time']:.2f}x | "
-              f"{fmt(r['munba_vs_weighted_memory'])} | {fmt(r['reference_vs_weighted_memory'])} |")
+              f"{fmt(r['munba_vs_weighted_memory'])} | {fmt(r['reference_vs_weighted_memory'])} | "
+              f"{fmt(r['cache_latents_speedup'])} |")
     print(f"\n{meta['date']}, {meta['device']}, torch {meta['torch']}, diffusers "
           f"{meta['diffusers']}; median of {args.steps} interleaved steps after {args.warmup} warm-up")
     if args.json:

@@ -8,7 +8,6 @@ benchmark runs offline) and any local ``imagefolder`` (``root/<class>/<image>``,
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import numpy as np
 

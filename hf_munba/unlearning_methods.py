@@ -13,7 +13,7 @@ every method runs on exactly the same pipeline. Adding a method touches only thi
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Dict, List, Optional, Type
+from typing import TYPE_CHECKING, ClassVar, Dict, List, Type
 
 import torch
 
