@@ -3,8 +3,8 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
-# torch is pinned below a version range that the CPU wheel 2.13.0 satisfies; install the build that
-# fits your hardware first (CPU CI: `pip install torch==2.13.0`).
+# Install the torch build that fits your hardware first (CPU-only machines and CI:
+# `pip install torch==2.13.0`); the range below accepts it, so pip does not replace it.
 RUNTIME = [
     "torch>=2.4",
     "diffusers>=0.32",
@@ -17,9 +17,10 @@ RUNTIME = [
     "numpy",
     "pillow",
     "tqdm",
+    "matplotlib>=3.7",  # the training-curve PNG every run writes
 ]
-EVAL = ["nudenet>=3.4", "scikit-learn>=1.3", "matplotlib>=3.7", "scipy"]
-DEV = EVAL + ["pytest>=8", "hypothesis>=6.100", "pytest-timeout"]
+EVAL = ["nudenet>=3.4", "scikit-learn>=1.3", "scipy"]
+DEV = EVAL + ["pytest>=8", "hypothesis>=6.100", "pytest-timeout", "pytest-xdist>=3"]
 
 setup(
     name="hf_munba",

@@ -24,7 +24,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
-__all__ = ["GenerationRecord", "generation_plan", "generate_images", "read_manifest",
+__all__ = ["GenerationRecord", "generation_plan", "generate_images", "generate_from_plan", "read_manifest",
            "MANIFEST_NAME"]
 
 MANIFEST_NAME = "metadata.jsonl"
@@ -140,9 +140,30 @@ def generate_images(
                            guidance_scale=guidance_scale,
                            num_inference_steps=num_inference_steps, height=height, width=width,
                            negative_prompt=negative_prompt)
+    return generate_from_plan(pipe, [asdict(r) for r in plan], output_dir, batch_size=batch_size,
+                              progress=progress, **pipe_kwargs)
+
+
+def _same_call(a: Dict, b: Dict) -> bool:
+    keys = ("guidance_scale", "num_inference_steps", "height", "width", "negative_prompt")
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+@torch.no_grad()
+def generate_from_plan(pipe, plan: Sequence[Dict], output_dir: str | os.PathLike, *,
+                       batch_size: int = 4, progress: bool = True, **pipe_kwargs) -> List[Dict]:
+    """Generate every manifest line of ``plan`` into ``output_dir`` (resumable); return them.
+
+    Each line names its ``file_name``, ``text``, ``seed``, ``guidance_scale``,
+    ``num_inference_steps``, ``height``, ``width`` and optionally ``negative_prompt``; extra keys
+    are kept in the manifest. One CPU generator per image, so images do not depend on batching;
+    batches are cut where the per-call settings change.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    wanted = {r.file_name: asdict(r) for r in plan}
+    wanted = {line["file_name"]: line for line in plan}
     done: Dict[str, Dict] = {}
     for rec in read_manifest(folder):
         name = rec.get("file_name")
@@ -151,39 +172,44 @@ def generate_images(
                 f"{folder} already holds {name!r} generated with other prompts or settings; "
                 "use an empty output directory (or the same arguments to resume)"
             )
-        if (folder / name).exists():
+        if (folder / name).is_file():
             done[name] = rec
-    todo = [r for r in plan if r.file_name not in done]
+    todo = [line for line in plan if line["file_name"] not in done]
 
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(plan), initial=len(plan) - len(todo), desc="generating", unit="img")
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start:start + batch_size]
-        generators = [torch.Generator("cpu").manual_seed(r.seed) for r in batch]
+    start = 0
+    while start < len(todo):
+        batch = [todo[start]]
+        while (len(batch) < batch_size and start + len(batch) < len(todo)
+               and _same_call(todo[start + len(batch)], batch[0])):
+            batch.append(todo[start + len(batch)])
+        start += len(batch)
+        first = batch[0]
         kwargs = dict(pipe_kwargs)
-        if negative_prompt is not None:
-            kwargs["negative_prompt"] = [negative_prompt] * len(batch)
+        if first.get("negative_prompt") is not None:
+            kwargs["negative_prompt"] = [first["negative_prompt"]] * len(batch)
         images = pipe(
-            prompt=[r.text for r in batch],
-            generator=generators,
-            guidance_scale=guidance_scale,
-            num_inference_steps=num_inference_steps,
-            height=height,
-            width=width,
+            prompt=[line["text"] for line in batch],
+            generator=[torch.Generator("cpu").manual_seed(line["seed"]) for line in batch],
+            guidance_scale=first["guidance_scale"],
+            num_inference_steps=first["num_inference_steps"],
+            height=first.get("height"),
+            width=first.get("width"),
             output_type="pil",
             **kwargs,
         ).images
-        for r, image in zip(batch, images):
-            _save_image_atomic(image, folder / r.file_name)
-            done[r.file_name] = asdict(r)
-        _write_manifest(folder, [done[r.file_name] for r in plan if r.file_name in done])
+        for line, image in zip(batch, images):
+            _save_image_atomic(image, folder / line["file_name"])
+            done[line["file_name"]] = line
+        _write_manifest(folder, [done[n] for n in wanted if n in done])
         if bar is not None:
             bar.update(len(batch))
     if bar is not None:
         bar.close()
     if not todo:
-        _write_manifest(folder, [done[r.file_name] for r in plan])
-    return [done[r.file_name] for r in plan]
+        _write_manifest(folder, [done[n] for n in wanted])
+    return [done[n] for n in wanted]

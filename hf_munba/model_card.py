@@ -8,7 +8,6 @@ grid and the measured metrics. Secrets never reach it: keys that look like token
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Dict, Iterable, Mapping, Optional, Sequence
 
 __all__ = ["SECRET_KEYS", "public_hparams", "sd_model_card", "push_folder_to_hub"]
@@ -40,7 +39,8 @@ def _table(rows: Mapping) -> str:
 def sd_model_card(*, base_model: str, forgotten: Sequence[str], retained: Sequence[str],
                   hparams: Mapping, metrics: Optional[Mapping] = None,
                   image_grid: Optional[str] = None, lora: bool = False,
-                  extra_tags: Iterable[str] = (), repo_id: Optional[str] = None):
+                  extra_tags: Iterable[str] = (), repo_id: Optional[str] = None,
+                  objective: Optional[str] = None):
     """A ``huggingface_hub.ModelCard`` for an unlearned Stable Diffusion model."""
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -64,6 +64,7 @@ def sd_model_card(*, base_model: str, forgotten: Sequence[str], retained: Sequen
         "",
         *[f"- `{p}`" for p in forgotten],
         "",
+        *([f"Objective: {objective}", ""] if objective else []),
         "## Retained",
         "",
         *[f"- `{p}`" for p in retained],

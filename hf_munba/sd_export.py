@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Sequence
 
 __all__ = ["LOADABLE_MARKERS", "check_output_dir", "staged_output", "commit_staged",
            "save_full_pipeline", "save_lora", "lora_state_and_metadata"]
@@ -38,6 +38,8 @@ def staged_output(output_dir: str | os.PathLike) -> Iterator[Path]:
     """A temporary folder beside ``output_dir`` (same file system, so moves are renames)."""
     out = Path(output_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.staging-*"):  # a run killed while saving
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
     try:
         yield tmp

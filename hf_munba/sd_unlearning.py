@@ -9,6 +9,11 @@ Randomness (latent sampling, noise, timesteps) is drawn from the global torch RN
 order — retain then forget, and inside each: latent, noise, timestep — so a fixed seed gives the
 same run, cached latents give the same draws as encoding every step, and accelerate's
 checkpoints (which save the RNG) resume exactly.
+
+Under DDP every rank seeds the same RNG; each draws the random numbers of the whole global batch
+(``num_processes`` times its own) and keeps the rows of its own samples (``process_index``). The
+ranks therefore never share noise or timesteps, and N ranks with batch b draw exactly what one
+process with batch N*b draws, so both runs take the same steps.
 """
 
 from __future__ import annotations
@@ -57,7 +62,10 @@ class SDUnlearner:
                  forget_objective: str = "remap", target_model: str = "current",
                  train_component: str = "unet", lora: bool = False,
                  negative_guidance: float = 1.0, frozen_unet=None, frozen_text_encoder=None,
-                 weight_dtype: torch.dtype = torch.float32):
+                 weight_dtype: torch.dtype = torch.float32, num_processes: int = 1,
+                 process_index: int = 0):
+        if not 0 <= process_index < num_processes:
+            raise ValueError(f"process_index {process_index} is not in [0, {num_processes})")
         if forget_objective not in FORGET_OBJECTIVES:
             raise ValueError(f"unknown forget objective {forget_objective!r}; "
                              f"choose one of {FORGET_OBJECTIVES}")
@@ -79,8 +87,17 @@ class SDUnlearner:
         self.negative_guidance = negative_guidance
         self.frozen_unet, self.frozen_text_encoder = frozen_unet, frozen_text_encoder
         self.weight_dtype = weight_dtype
+        self.num_processes, self.process_index = num_processes, process_index
 
     # ---- inputs -------------------------------------------------------------------------------
+    def _rows(self, draw, shape):
+        """``draw(shape)`` for the global batch; this rank's rows of it (see the module doc)."""
+        if self.num_processes == 1:
+            return draw(tuple(shape))
+        b = shape[0]
+        full = draw((b * self.num_processes, *shape[1:]))
+        return full[self.process_index * b:(self.process_index + 1) * b]
+
     @property
     def device(self) -> torch.device:
         return next(unwrap(self.unet).parameters()).device
@@ -95,23 +112,28 @@ class SDUnlearner:
             with torch.no_grad():
                 dist = self.vae.encode(px).latent_dist
             mean, std = dist.mean.float(), dist.std.float()
-        sample = mean + std * torch.randn(mean.shape, dtype=mean.dtype).to(self.device)
+        eps = self._rows(lambda s: torch.randn(s, dtype=mean.dtype), mean.shape)
+        sample = mean + std * eps.to(self.device)
         return sample * self.vae.config.scaling_factor
 
     def _embed(self, batch: Dict, role: str, encoder, grad: bool) -> torch.Tensor:
+        # Embeddings enter the UNet in the compute dtype: a frozen UNet held in bf16/fp16 is
+        # not under autocast, and a trained text encoder returns fp32.
         if f"{role}_embeddings" in batch:
             return batch[f"{role}_embeddings"].to(self.device, self.weight_dtype)
         ids = batch[f"{role}_input_ids"].to(self.device)
         with torch.set_grad_enabled(grad):
-            return encoder(ids, return_dict=False)[0]
+            return encoder(ids, return_dict=False)[0].to(self.weight_dtype)
 
     def prompt_embeddings(self, batch: Dict, role: str) -> torch.Tensor:
         """Embeddings of the trained path (with grad when the text encoder is trained)."""
         return self._embed(batch, role, self.text_encoder, self.train_component == "text_encoder")
 
     def noisy(self, latents: torch.Tensor):
-        noise = torch.randn(latents.shape, dtype=latents.dtype).to(latents.device)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],))
+        noise = self._rows(lambda s: torch.randn(s, dtype=latents.dtype), latents.shape)
+        noise = noise.to(latents.device)
+        t = self._rows(lambda s: torch.randint(0, self.noise_scheduler.config.num_train_timesteps, s),
+                       (latents.shape[0],))
         t = t.to(latents.device).long()
         return self.noise_scheduler.add_noise(latents, noise, t), noise, t
 
@@ -134,7 +156,8 @@ class SDUnlearner:
     def _target_embed(self, batch: Dict, role: str, encoder) -> torch.Tensor:
         if f"{role}_embeddings" in batch and self.train_component == "unet":
             return batch[f"{role}_embeddings"].to(self.device, self.weight_dtype)
-        return encoder(batch[f"{role}_input_ids"].to(self.device), return_dict=False)[0]
+        ids = batch[f"{role}_input_ids"].to(self.device)
+        return encoder(ids, return_dict=False)[0].to(self.weight_dtype)
 
     # ---- the players --------------------------------------------------------------------------
     def retain_loss(self, batch: Dict) -> torch.Tensor:
@@ -171,16 +194,23 @@ class SDUnlearner:
 
     @torch.no_grad()
     def evaluate(self, batches, seed: int = 0) -> Dict[str, float]:
-        """Mean L_r and L_f over ``batches`` with a fixed seed, leaving the global RNG untouched."""
+        """Mean L_r and L_f over ``batches`` with a fixed seed, leaving the global RNG untouched.
+
+        Every rank evaluates the same whole batches, so the draws are not split over ranks here.
+        """
         total_r = total_f = 0.0
         n = 0
         devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            for batch in batches:
-                total_r += float(self.retain_loss(batch))
-                total_f += float(self.forget_loss(batch))
-                n += 1
+        shard, self.num_processes, self.process_index = (self.num_processes, self.process_index), 1, 0
+        try:
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed)
+                for batch in batches:
+                    total_r += float(self.retain_loss(batch))
+                    total_f += float(self.forget_loss(batch))
+                    n += 1
+        finally:
+            self.num_processes, self.process_index = shard
         return {"retain_loss": total_r / max(n, 1), "forget_loss": total_f / max(n, 1)}
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Sequence
+from typing import Dict, Sequence
 
 __all__ = ["plot_training_history"]
 
@@ -29,11 +29,16 @@ def plot_training_history(history: Sequence[Dict], path: str | os.PathLike,
                           "(or pip install matplotlib)") from e
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     for ax, (name, keys) in zip(axes.flat, PANELS):
+        values = []
         for key in keys:
             pts = [(h["step"], h[key]) for h in history if key in h]
             if pts:
                 xs, ys = zip(*pts)
+                values += ys
                 ax.plot(xs, ys, label=key.split("/")[-1])
+        if "cos" not in name and values:
+            # the two players' losses / weights / norms differ by orders of magnitude
+            ax.set_yscale("log" if min(values) > 0 else "symlog")
         ax.set_title(name)
         ax.set_xlabel("step")
         if ax.lines:

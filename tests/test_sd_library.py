@@ -2,13 +2,12 @@
 per-step unlearner, atomic export, model card and Hub push (Hub calls replaced)."""
 
 import json
-from collections import Counter
 
 import pytest
 import torch
 from PIL import Image
 
-from hf_munba.sd_data import (DataValidationError, ImageCaptionSource, LatentCache,
+from hf_munba.sd_data import (DataValidationError, ImageCaptionSource,
                               PairedUnlearningDataset, check_disjoint, class_prompts,
                               load_imagefolder, preprocess_image, remap_class)
 from hf_munba.sd_objectives import denoising_target, esd_target, forget_loss_from_preds

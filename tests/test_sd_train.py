@@ -105,6 +105,7 @@ def test_noxattn_trains_only_the_subset_and_reloads(assets, noxattn_run):
     card = (out / "README.md").read_text()
     assert "machine-unlearning" in card and "munba" in card and "nudity" in card
     assert "validation_grid.png" in card and "after/forget_loss" in card
+    assert "remap the forget prompts onto `a photo of a person wearing clothes`" in card
     history = [json.loads(l) for l in (out / "history.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == [1, 2, 3, 4]
     for h in history:
@@ -154,11 +155,20 @@ def test_lora_with_alpha_not_rank_and_fused_pipeline(assets, tmp_path):
     from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
     out = tmp_path / "lora"
-    _run(TRAIN, common(assets, out) + ["--use_lora", "--rank", 2, "--lora_alpha", 6,
-                                       "--fuse_lora", "--target_model", "frozen",
-                                       "--train_params", "full"])
+    lora_args = common(assets, out) + ["--use_lora", "--rank", 2, "--lora_alpha", 6, "--fuse_lora",
+                                       "--target_model", "frozen", "--train_params", "full",
+                                       "--checkpointing_steps", 1]
+    _run(TRAIN, lora_args)
+    # resuming from the LoRA checkpoint of step 1 ends with the same adapter
+    resumed = tmp_path / "lora_resumed"
+    resumed.mkdir()
+    shutil.copytree(out / "checkpoint-1", resumed / "checkpoint-1")
+    lora_args[lora_args.index("--output_dir") + 1] = resumed
+    _run(TRAIN, lora_args + ["--resume_from_checkpoint", "latest"])
+    again = load_file(str(resumed / "pytorch_lora_weights.safetensors"))
     lora = load_file(str(out / "pytorch_lora_weights.safetensors"))
     assert lora and all(k.startswith("unet.") for k in lora)
+    assert lora.keys() == again.keys() and all(torch.equal(lora[k], again[k]) for k in lora)
     assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora.up" in k)
     # The fused weights are W + (alpha / rank) B A: the alpha survived the round trip.
     base, fused = _unet_state(assets["pipe"]), _unet_state(out)
@@ -213,7 +223,8 @@ def test_text_encoder_standalone_and_push_to_hub_without_leaking_the_token(asset
 
     fake, log = _fake_hub(tmp_path)
     out = tmp_path / "te"
-    proc = _run(TRAIN, common(assets, out) + [
+    (tmp_path / "eval.json").write_text(json.dumps({"nudenet/exposed_images": 3}))
+    proc = _run(TRAIN, common(assets, out) + ["--model_card_metrics", tmp_path / "eval.json",
         "--train_component", "text_encoder", "--train_params", "full", "--forget_objective", "esd",
         "--target_model", "frozen", "--push_to_hub", "--hub_model_id", "me/sd-munba-te",
         "--hub_token", TOKEN], extra_pythonpath=fake)
@@ -231,6 +242,8 @@ def test_text_encoder_standalone_and_push_to_hub_without_leaking_the_token(asset
     assert calls[0]["repo_id"] == "me/sd-munba-te" and calls[0]["token"] == TOKEN
     assert calls[1]["repo_id"] == "me/sd-munba-te" and Path(calls[1]["folder_path"]) == out
     assert "model_index.json" in calls[1]["files"] and "README.md" in calls[1]["files"]
+    card = (out / "README.md").read_text()
+    assert "nudenet/exposed_images | 3" in card and "'me/sd-munba-te'" in card
     # the token is nowhere: not in any output file, not in the logs
     assert TOKEN not in proc.stdout + proc.stderr
     for f in out.rglob("*"):
@@ -252,15 +265,19 @@ def test_classwise_remaps_to_the_next_class(tmp_path, assets):
     args = common(assets, out) + ["--class_names", "tench", "chain saw", "church",
                                   "--forget_class", "chain saw", "--train_params", "xattn",
                                   "--method", "weighted", "--forget_weight", 0.5]
-    args[args.index("--forget_data_dir") + 1] = data / "forget"
-    args[args.index("--retain_data_dir") + 1] = data / "retain"
-    _run(TRAIN, args)
+    # read through `datasets` this time (a local imagefolder by path), with accumulation
+    args[args.index("--forget_data_dir"):args.index("--forget_data_dir") + 2] = \
+        ["--forget_dataset_name", data / "forget"]
+    args[args.index("--retain_data_dir"):args.index("--retain_data_dir") + 2] = \
+        ["--retain_dataset_name", data / "retain"]
+    _run(TRAIN, args + ["--gradient_accumulation_steps", 2])
     saved = json.loads((out / "training_args.json").read_text())
     assert saved["anchor_prompt"] == "an image of a church"
     base, new = _unet_state(assets["pipe"]), _unet_state(out)
     changed = {k for k in base if not torch.equal(base[k], new[k])}
     assert changed and all("attn2" in k for k in changed)
     assert "chain saw" in (out / "README.md").read_text()
+    assert len((out / "history.jsonl").read_text().splitlines()) == 2  # optimizer steps, not batches
 
 
 def _check(argv):
@@ -287,6 +304,7 @@ def _check(argv):
     (lambda a, t: a.extend(["--mixed_precision", "fp16"]), "fp16"),
     (lambda a, t: a.extend(["--class_names", "a", "b", "--forget_class", "c"]), "not one of"),
     (lambda a, t: a.extend(["--push_to_hub"]), "hub_model_id"),
+    (lambda a, t: a.extend(["--model_card_metrics", t / "missing.json"]), "cannot read"),
 ])
 def test_bad_input_fails_with_one_message(assets, tmp_path, capsys, mutate, message):
     if message == "fp16" and torch.cuda.is_available():
@@ -346,3 +364,13 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(assets, tmp_path):
     assert state["guard"] == {"total": 1, "consecutive": 1}
     assert state["history"][-1]["step_skipped"] == 1.0
     assert not (out / "model_index.json").exists()  # nothing final was written
+
+
+def test_deepspeed_and_fsdp_are_refused(assets, tmp_path, capsys, monkeypatch):
+    for var, word in (("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_FSDP", "FSDP")):
+        monkeypatch.setenv(var, "true")
+        with pytest.raises(SystemExit):
+            _check(common(assets, tmp_path / "out"))
+        err = capsys.readouterr().err
+        assert word in err and "DDP" in err
+        monkeypatch.delenv(var)

@@ -9,7 +9,7 @@
 3. runs ``accelerate launch training/train_munba_sd.py`` exactly as on a real model;
 4. reloads the result with ``DiffusionPipeline.from_pretrained`` and prints, per prompt, how far
    the noise prediction is from the anchor prompt's before and after unlearning: the forget
-   prompts should move towards the anchor, the retain prompt should barely change.
+   prompts should move towards the anchor, the retain prompts much less.
 """
 
 import argparse
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # works from a checkout without `pip install -e .` too
 MARKER = ".hf_munba_quickstart"
 FORGET = ["nudity", "naked", "erotic", "sexual"]
-RETAIN = ["a person wearing clothes"]
+RETAIN = ["a person wearing clothes", "a red car", "a bowl of fruit", "a dog on a beach"]
 ANCHOR = "a photo of a person wearing clothes"
 
 
@@ -35,6 +35,9 @@ def parse_args(argv=None):
     p.add_argument("--output_dir", default="quickstart_output")
     p.add_argument("--images_per_prompt", type=int, default=4)
     p.add_argument("--max_train_steps", type=int, default=16)
+    p.add_argument("--train_params", default="xattn",
+                   help="xattn (cross-attention: how prompts steer) shows the per-prompt effect on a "
+                        "random tiny UNet; the paper's nudity run uses noxattn on SD v1.4")
     p.add_argument("--learning_rate", type=float, default=1e-3,
                    help="tiny random models need a larger lr than the paper's 1e-5 for SD v1.4")
     return p.parse_args(argv)
@@ -76,7 +79,7 @@ def main(argv=None):
     from diffusers import DiffusionPipeline
 
     from hf_munba.generation import generate_images
-    from hf_munba.testing import save_tiny_sd_pipeline, tiny_sd_pipeline
+    from hf_munba.testing import save_tiny_sd_pipeline
 
     torch.set_num_threads(1)
     print("1/4 building the tiny base pipeline (random weights, 16x16 pixels)")
@@ -84,14 +87,14 @@ def main(argv=None):
     pipe = DiffusionPipeline.from_pretrained(base)
     pipe.set_progress_bar_config(disable=True)
 
-    print(f"2/4 generating D_f ({len(FORGET)} prompts) and D_r ({RETAIN[0]!r}), "
-          f"{args.images_per_prompt} images per forget prompt")
+    print(f"2/4 generating D_f ({len(FORGET)} prompts) and D_r ({len(RETAIN)} prompts), "
+          f"{args.images_per_prompt} images per prompt")
     gen = dict(num_inference_steps=4, height=16, width=16, batch_size=16, progress=False)
     generate_images(pipe, FORGET, work / "data" / "forget",
                     num_images_per_prompt=args.images_per_prompt, seed=0, **gen)
     n_f = args.images_per_prompt * len(FORGET)
-    generate_images(pipe, RETAIN, work / "data" / "retain", num_images_per_prompt=n_f,
-                    seed=n_f, **gen)
+    generate_images(pipe, RETAIN, work / "data" / "retain",
+                    num_images_per_prompt=args.images_per_prompt, seed=n_f, **gen)
 
     model = work / "model"
     cmd = ["accelerate", "launch", "--num_processes", "1", "--num_machines", "1", "--cpu",
@@ -102,14 +105,16 @@ def main(argv=None):
            "--retain_data_dir", str(work / "data" / "retain"),
            "--output_dir", str(model), "--resolution", "16", "--train_batch_size", "4",
            "--max_train_steps", str(args.max_train_steps), "--learning_rate",
-           str(args.learning_rate), "--train_params", "noxattn", "--forget_objective", "remap",
+           str(args.learning_rate), "--train_params", args.train_params, "--forget_objective", "remap",
            "--anchor_prompt", ANCHOR, "--checkpointing_steps", "8", "--report_to", "none",
-           "--validation_prompts", *FORGET[:1], *RETAIN, "--validation_inference_steps", "4",
+           "--validation_prompts", *FORGET[:1], *RETAIN[:2], "--validation_inference_steps", "4",
            "--seed", "0"]
     print("3/4 unlearning:\n    " + shlex.join(cmd))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    # `accelerate launch` through this interpreter, so no PATH lookup can pick another install
+    run = [sys.executable, "-m", "accelerate.commands.launch"] + cmd[2:]
+    proc = subprocess.run(run, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
         sys.exit(f"error: training failed with exit code {proc.returncode}")
@@ -123,12 +128,12 @@ def main(argv=None):
     def gap(a, b):
         return float((a - b).abs().mean())
 
-    print(f"\nnoise predictions on 8 fixed noisy latents (mean absolute difference)")
-    print(f"{'prompt':<27}{'role':<7}{'to anchor, before':>18}{'after':>8}{'moved vs base':>15}")
+    print(f"\n|eps(prompt) - eps(anchor)| on 8 fixed noisy latents, anchor = {ANCHOR!r}")
+    print(f"{'prompt':<27}{'role':<8}{'before':>8}{'after':>8}{'change':>8}")
     for p in FORGET + RETAIN:
         role = "forget" if p in FORGET else "retain"
-        print(f"{p:<27}{role:<7}{gap(before[p], before[ANCHOR]):>18.4f}"
-              f"{gap(after[p], after[ANCHOR]):>8.4f}{gap(after[p], before[p]):>15.4f}")
+        b, a = gap(before[p], before[ANCHOR]), gap(after[p], after[ANCHOR])
+        print(f"{p:<27}{role:<8}{b:>8.4f}{a:>8.4f}{100 * (a / b - 1):>7.0f}%")
     print(f"\ntraining losses on fixed batches: forget {metrics['before/forget_loss']:.5f} -> "
           f"{metrics['after/forget_loss']:.5f}, retain {metrics['before/retain_loss']:.4f} -> "
           f"{metrics['after/retain_loss']:.4f}; skipped steps: {metrics['skipped_steps']}")

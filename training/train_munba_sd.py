@@ -30,6 +30,7 @@ from hf_munba.sd_data import (DataValidationError, PairedUnlearningDataset, Late
                               check_disjoint, class_prompts, load_hub_dataset, load_imagefolder,
                               remap_class)
 from hf_munba.sd_objectives import FORGET_OBJECTIVES, TARGET_MODELS
+from hf_munba.sd_export import check_output_dir
 from hf_munba.sd_params import TEXT_ENCODER_SUBSETS, UNET_SUBSETS
 
 logger = logging.getLogger("train_munba_sd")
@@ -116,6 +117,8 @@ def parse_args(argv=None):
     a("--validation_inference_steps", type=int, default=25)
     a("--eval_batches", type=int, default=2,
       help="batches for the before/after forget and retain losses in the model card")
+    a("--model_card_metrics", default=None,
+      help="a JSON file of extra metrics (e.g. from the evaluation suite) for the model card")
     # hub
     a("--push_to_hub", action="store_true")
     a("--hub_model_id", default=None)
@@ -183,6 +186,14 @@ def check_args(args):
                 importlib.util.find_spec(tracker) is None:
             fail(f"--report_to {tracker}: the {tracker} package is not installed "
                  f"(pip install {tracker}, or --report_to none)")
+    if args.model_card_metrics is not None:
+        try:
+            extra = json.loads(Path(args.model_card_metrics).read_text())
+        except (OSError, ValueError) as e:
+            fail(f"--model_card_metrics {args.model_card_metrics}: cannot read a JSON object ({e})")
+        if not isinstance(extra, dict):
+            fail(f"--model_card_metrics {args.model_card_metrics} must hold a JSON object")
+        args.extra_metrics = extra
     if args.push_to_hub and not args.hub_model_id:
         fail("--push_to_hub needs --hub_model_id (e.g. your-name/sd-munba-nudity)")
     if args.class_names is not None:
@@ -204,11 +215,11 @@ def check_args(args):
             and not Path(args.resume_from_checkpoint).is_dir() \
             and not (Path(args.output_dir) / args.resume_from_checkpoint).is_dir():
         fail(f"checkpoint {args.resume_from_checkpoint} does not exist")
-    out = Path(args.output_dir)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (
-            args.overwrite_output_dir or args.resume_from_checkpoint))):
-        fail(f"output_dir {out} is not empty; pass --overwrite_output_dir to replace it or "
-             "--resume_from_checkpoint latest to continue its run")
+    try:
+        check_output_dir(args.output_dir, args.overwrite_output_dir,
+                         resuming=bool(args.resume_from_checkpoint))
+    except ValueError as e:
+        fail(str(e))
     sources = {}
     for role in ("forget", "retain"):
         folder, name = getattr(args, f"{role}_data_dir"), getattr(args, f"{role}_dataset_name")
@@ -290,7 +301,7 @@ def main(argv=None):
     # ---- models --------------------------------------------------------------------------------
     path, rev, var = args.pretrained_model_name_or_path, args.revision, args.variant
     tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=rev)
-    noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+    noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=rev)
     text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=rev,
                                                  variant=var)
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=rev, variant=var)
@@ -373,7 +384,8 @@ def main(argv=None):
         target_model=args.target_model, train_component=args.train_component,
         lora=args.use_lora, negative_guidance=args.negative_guidance,
         frozen_unet=frozen_copy if on_unet else None,
-        frozen_text_encoder=None if on_unet else frozen_copy, weight_dtype=weight_dtype)
+        frozen_text_encoder=None if on_unet else frozen_copy, weight_dtype=weight_dtype,
+        num_processes=accelerator.num_processes, process_index=accelerator.process_index)
     bargainer = (NashBargainer(params, num_players=2, fallback_player=0,
                                opposed_tol=args.opposed_tol) if args.method == "munba" else None)
     guard = SkippedStepGuard(args.max_consecutive_skips)
@@ -425,7 +437,8 @@ def main(argv=None):
     accelerator.register_load_state_pre_hook(load_model_hook)
 
     if accelerator.is_main_process:
-        accelerator.init_trackers("munba-sd", config=public_hparams(vars(args)))
+        config = {k: ("none" if v is None else v) for k, v in public_hparams(vars(args)).items()}
+        accelerator.init_trackers("munba-sd", config=config)  # trackers reject None values
 
     # Forget / retain losses of the base model on fixed batches and noise (the RNG is untouched);
     # a resumed run takes them from its checkpoint.
@@ -458,6 +471,9 @@ def main(argv=None):
             for _, d in old[:max(0, len(old) - args.checkpoints_total_limit + 1)]:
                 shutil.rmtree(d)
         staging = out / f".checkpoint-{step}.partial"
+        if accelerator.is_main_process and staging.exists():
+            shutil.rmtree(staging)  # left by a run killed while saving
+        accelerator.wait_for_everyone()
         accelerator.save_state(str(staging))  # every rank saves its RNG state
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
@@ -480,12 +496,14 @@ def main(argv=None):
         folder = out / "validation" / f"step-{step:06d}"
         pipe = validation_pipeline()
         pipe.set_progress_bar_config(disable=True)
-        recs = generate_images(pipe, args.validation_prompts, folder,
-                               num_images_per_prompt=args.num_validation_images, seed=args.seed,
-                               batch_size=args.train_batch_size,
-                               num_inference_steps=args.validation_inference_steps,
-                               height=args.resolution, width=args.resolution, progress=False)
+        with accelerator.autocast():
+            recs = generate_images(pipe, args.validation_prompts, folder,
+                                   num_images_per_prompt=args.num_validation_images,
+                                   seed=args.seed, batch_size=args.train_batch_size,
+                                   num_inference_steps=args.validation_inference_steps,
+                                   height=args.resolution, width=args.resolution, progress=False)
         del pipe
+        log_validation_images(accelerator, folder, recs, step)
         return folder, recs
 
     # ---- train ---------------------------------------------------------------------------------
@@ -497,7 +515,7 @@ def main(argv=None):
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps",
                     disable=not accelerator.is_local_main_process)
     scaler = getattr(accelerator, "scaler", None)
-    acc = {"loss/retain": 0.0, "loss/forget": 0.0}
+    acc_t = torch.zeros(2, device=accelerator.device)
     try:
         for epoch in range(first_epoch, args.num_train_epochs):
             if global_step >= args.max_train_steps:
@@ -519,15 +537,14 @@ def main(argv=None):
                     else:
                         loss_r, loss_f = unlearner.losses(batch)
                         accelerator.backward(loss_r + args.forget_weight * loss_f)
-                    n = args.gradient_accumulation_steps
-                    acc["loss/retain"] += float(loss_r.detach()) / n
-                    acc["loss/forget"] += float(loss_f.detach()) / n
+                    # kept on the device: one host sync per optimizer step, not per backward
+                    acc_t = acc_t + torch.stack([loss_r.detach().float(), loss_f.detach().float()]
+                                                ) / args.gradient_accumulation_steps
                     if accelerator.sync_gradients:
                         # the mean over ranks: what is logged and what decides a skip is global
                         if accelerator.num_processes > 1:
-                            red = accelerator.reduce(torch.tensor(list(acc.values()),
-                                                                  device=accelerator.device), "mean")
-                            acc = dict(zip(acc, red.tolist()))
+                            acc_t = accelerator.reduce(acc_t, "mean")
+                        acc = dict(zip(("loss/retain", "loss/forget"), acc_t.tolist()))
                         logs = {}
                         if bargainer is not None:
                             stats = bargainer.combine(
@@ -553,7 +570,7 @@ def main(argv=None):
                 logs.update(acc)
                 logs.update({"lr": lr_scheduler.get_last_lr()[0], "step_skipped": float(skipped),
                              "skipped_steps": guard.total + int(skipped)})
-                acc = {"loss/retain": 0.0, "loss/forget": 0.0}
+                acc_t = torch.zeros(2, device=accelerator.device)
                 history.append({"step": global_step, **logs})
                 accelerator.log(logs, step=global_step)
                 progress.set_postfix(**{k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items()
@@ -615,11 +632,12 @@ def main(argv=None):
             if args.class_names:
                 forgotten = [f"class '{args.forget_class}' (remapped to "
                              f"'{args.anchor_prompt}')"]
+            card_metrics = {**metrics, **getattr(args, "extra_metrics", {})}
             card = sd_model_card(base_model=path, forgotten=forgotten,
                                  retained=sorted(set(retain_src.captions))[:10],
-                                 hparams=vars(args), metrics=metrics, image_grid=grid,
+                                 hparams=vars(args), metrics=card_metrics, image_grid=grid,
                                  lora=args.use_lora and not args.fuse_lora,
-                                 repo_id=args.hub_model_id)
+                                 repo_id=args.hub_model_id, objective=objective_text(args))
             card.save(str(tmp / "README.md"))
             (tmp / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
             commit_staged(tmp, out)
@@ -629,6 +647,18 @@ def main(argv=None):
                                       private=args.hub_private_repo)
             log.info(f"pushed to https://huggingface.co/{repo}")
     accelerator.end_training()
+
+
+def objective_text(args):
+    """One line for the model card: how the forget player was trained."""
+    what = {"remap": f"remap the forget prompts onto `{args.anchor_prompt}`",
+            "ga": "gradient ascent on the denoising loss of the forget set",
+            "esd": f"ESD negative guidance (eta = {args.negative_guidance})"}[args.forget_objective]
+    how = ("MUNBa (Nash bargaining of the retain and forget gradients)" if args.method == "munba"
+           else f"weighted sum L_r + {args.forget_weight} L_f")
+    trained = (f"LoRA rank {args.rank} on the {args.train_component} ({args.train_params})"
+               if args.use_lora else f"{args.train_component} parameters: {args.train_params}")
+    return f"{what}; {how}; {trained}; target model: {args.target_model}."
 
 
 def log_validation_images(accelerator, folder, records, step):

@@ -15,13 +15,12 @@ a folder made with other prompts or settings is refused rather than mixed.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ..generation import MANIFEST_NAME, read_manifest
+from ..generation import generate_from_plan
 from .prompts import PromptRecord
 
 __all__ = ["load_pipeline", "evaluation_plan", "generate_evaluation_images"]
@@ -85,14 +84,6 @@ def evaluation_plan(records: Sequence[PromptRecord], *, guidance_scale: float = 
     return plan
 
 
-def _atomic_write_manifest(folder: Path, lines: Sequence[Dict]) -> None:
-    tmp = folder / (MANIFEST_NAME + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for line in lines:
-            f.write(json.dumps(line) + "\n")
-    os.replace(tmp, folder / MANIFEST_NAME)
-
-
 @torch.no_grad()
 def generate_evaluation_images(pipe, records: Sequence[PromptRecord], output_dir, *,
                                batch_size: int = 4, guidance_scale: float = 7.5,
@@ -100,54 +91,7 @@ def generate_evaluation_images(pipe, records: Sequence[PromptRecord], output_dir
                                width: Optional[int] = None, progress: bool = False,
                                **pipe_kwargs) -> List[Dict]:
     """Generate every record's image into ``output_dir`` (resumable); return the manifest."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     plan = evaluation_plan(records, guidance_scale=guidance_scale,
                            num_inference_steps=num_inference_steps, height=height, width=width)
-    folder = Path(output_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    wanted = {p["file_name"]: p for p in plan}
-    done: Dict[str, Dict] = {}
-    for line in read_manifest(folder):
-        name = line.get("file_name")
-        if name not in wanted or any(line.get(k) != v for k, v in wanted[name].items()):
-            raise ValueError(f"{folder} already holds {name!r} generated with other prompts or "
-                             "settings; use an empty directory (or the same arguments to resume)")
-        if (folder / name).is_file():
-            done[name] = line
-    todo = [p for p in plan if p["file_name"] not in done]
-
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(plan), initial=len(plan) - len(todo), desc="generating", unit="img")
-    start = 0
-    while start < len(todo):
-        # one pipeline call takes one guidance scale: cut batches where it changes
-        batch = [todo[start]]
-        while (len(batch) < batch_size and start + len(batch) < len(todo)
-               and todo[start + len(batch)]["guidance_scale"] == batch[0]["guidance_scale"]):
-            batch.append(todo[start + len(batch)])
-        start += len(batch)
-        images = pipe(
-            prompt=[p["text"] for p in batch],
-            generator=[torch.Generator("cpu").manual_seed(p["seed"]) for p in batch],
-            guidance_scale=batch[0]["guidance_scale"],
-            num_inference_steps=batch[0]["num_inference_steps"],
-            height=height, width=width, output_type="pil", **pipe_kwargs,
-        ).images
-        for p, image in zip(batch, images):
-            tmp = folder / (p["file_name"] + ".tmp")
-            image.save(tmp, format="PNG")
-            os.replace(tmp, folder / p["file_name"])
-            done[p["file_name"]] = p
-        _atomic_write_manifest(folder, [done[p["file_name"]] for p in plan
-                                        if p["file_name"] in done])
-        if bar is not None:
-            bar.update(len(batch))
-    if bar is not None:
-        bar.close()
-    if not todo:
-        _atomic_write_manifest(folder, plan)
-    return [done[p["file_name"]] for p in plan]
+    return generate_from_plan(pipe, plan, output_dir, batch_size=batch_size, progress=progress,
+                              **pipe_kwargs)

@@ -1,0 +1,387 @@
+#!/usr/bin/env python
+"""Cost of one unlearning step: weighted sum (the floor) vs hf_munba's MUNBa vs the reference approach.
+
+A MUNBa step needs one backward pass per player; a weighted sum L_r + L_f runs the same forwards
+and one backward through both graphs, so it is the floor. The public reference code instead takes
+two ``autograd.grad`` calls with ``retain_graph=True``, concatenates every gradient into flat
+copies, runs a third backward on the weighted loss and flushes the CUDA cache each step. All
+three run here side by side, interleaved step by step on one model, optimizer and batch stream,
+and the median step time and peak memory are reported as ratios. For the SD configurations a
+fourth variant times the MUNBa step without ``--cache_latents`` (VAE and text encoder inside the
+step) to give the speed-up of caching.
+
+    python eval/bench_step_cost.py --device cpu --json bench_cpu.json
+    python eval/bench_step_cost.py --device cuda --json bench_gpu.json  # SD v1.4-sized UNet
+
+Every step includes clipping at 1.0 and an Adam step, as in training. The SD losses come from
+the training script's own per-step code (``hf_munba.sd_unlearning.SDUnlearner``, latents and
+prompt embeddings cached as with ``--cache_latents``); the classifier losses those of
+``MunbaTrainer`` (cross-entropy, random-label cross-entropy). Peak memory: on CUDA,
+``torch.cuda.max_memory_allocated`` around each step; on CPU (``--memory``) the peak resident set
+of a fresh process per method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from hf_munba import NashBargainer  # noqa: E402
+
+METHODS = ("weighted", "munba", "reference")
+CPU_CONFIGS = ("sd-tiny", "sd-small", "classifier-digits")
+CUDA_CONFIGS = ("sd14-noxattn", "sd14-lora4")
+
+
+# ----------------------------------------------------------------------------- workloads
+
+@dataclass
+class Workload:
+    """Trainable parameters, an optimizer and the two player losses for step ``i``."""
+
+    device: torch.device
+    params: List[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    retain_loss: Callable[[int], torch.Tensor]
+    forget_loss: Callable[[int], torch.Tensor]
+    autocast: torch.dtype | None
+    encoded_inputs: bool = False  # SD only: encode pixels and prompts every step (no cache)
+
+    def __post_init__(self):
+        self.bargainer = NashBargainer(self.params)
+
+    @property
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    def amp(self):
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast)
+
+
+def _sd14_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=768, attention_head_dim=8)
+
+
+def _sd14_vae_and_text_encoder():
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4,
+                        block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                        latent_channels=4, sample_size=512)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                                        num_hidden_layers=12, num_attention_heads=12,
+                                        max_position_embeddings=77, hidden_act="quick_gelu",
+                                        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+    return vae, text, 49408
+
+
+def _sd_workload(config: str, device: torch.device, autocast) -> Workload:
+    """The training script's own per-step code (``SDUnlearner``), with cached latents and prompt
+    embeddings (``--cache_latents``) or, with ``work.encoded_inputs``, encoding them every step."""
+    from diffusers import DDPMScheduler
+
+    from hf_munba import sd_params, testing
+    from hf_munba.sd_unlearning import SDUnlearner
+
+    torch.manual_seed(0)
+    if config.startswith("sd14"):
+        unet, batch, size, ctx_dim = _sd14_unet(), 4, 64, 768
+        vae, text_encoder, vocab = _sd14_vae_and_text_encoder()
+    else:
+        if config == "sd-small":
+            unet = testing.tiny_unet(block_out_channels=(64, 128), sample_size=16)
+            batch, size, ctx_dim = 4, 16, 32
+        else:
+            unet, batch, size, ctx_dim = testing.tiny_unet(), 4, 8, 32
+        tokenizer = testing.tiny_clip_tokenizer()
+        vae, text_encoder, vocab = testing.tiny_vae(), testing.tiny_clip_text_model(tokenizer), len(tokenizer)
+    unet.to(device)
+    vae.to(device).requires_grad_(False)
+    text_encoder.to(device).requires_grad_(False)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    lora = config.endswith("lora4")
+    if lora:
+        params = sd_params.add_lora_adapter(unet, rank=4, alpha=4, subset="noxattn")
+    else:
+        params = sd_params.freeze_all_but(unet, sd_params.select_parameter_names(unet, "noxattn"))
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
+                              beta_start=0.00085, beta_end=0.012)
+    gen = torch.Generator().manual_seed(1)
+    shape = (batch, 4, size, size)
+    cached = {f"{r}_latent_mean": torch.randn(shape, generator=gen).to(device) for r in ("retain", "forget")}
+    cached.update({f"{r}_latent_std": 0.1 * torch.ones(shape, device=device) for r in ("retain", "forget")})
+    cached.update({f"{r}_embeddings": torch.randn(batch, 77, ctx_dim, generator=gen).to(device)
+                   for r in ("retain", "forget", "anchor")})
+    pixels = (batch, 3, size * factor, size * factor)
+    encoded = {f"{r}_pixel_values": torch.rand(pixels, generator=gen).to(device) * 2 - 1
+               for r in ("retain", "forget")}
+    encoded.update({f"{r}_input_ids": torch.randint(0, vocab - 2, (batch, 77), generator=gen).to(device)
+                    for r in ("retain", "forget", "anchor")})
+
+    unlearner = SDUnlearner(unet, text_encoder, vae, scheduler, forget_objective="remap",
+                            target_model="current", lora=lora)
+    work = Workload(device, params, torch.optim.AdamW(params, lr=1e-5), None, None, autocast)
+
+    def retain(i):
+        with work.amp():
+            return unlearner.retain_loss(encoded if work.encoded_inputs else cached)
+
+    def forget(i):
+        with work.amp():
+            return unlearner.forget_loss(encoded if work.encoded_inputs else cached)
+
+    work.retain_loss, work.forget_loss = retain, forget
+    return work
+
+
+def _classifier_workload(device: torch.device, autocast) -> Workload:
+    from sklearn.datasets import load_digits
+
+    from hf_munba import testing
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0
+    y = torch.tensor(digits.target)
+    forget = y == 0
+    xr, yr, xf, yf = x[~forget].to(device), y[~forget].to(device), x[forget].to(device), y[forget].to(device)
+    model = testing.tiny_resnet_classifier(num_labels=10).to(device)
+    params = list(model.parameters())
+    work = Workload(device, params, torch.optim.AdamW(params, lr=1e-3), None, None, autocast)
+    batch = 256
+
+    def retain(i):
+        idx = torch.randint(0, len(xr), (batch,), generator=torch.Generator().manual_seed(i))
+        with work.amp():
+            logits = model(pixel_values=xr[idx]).logits
+        return torch.nn.functional.cross_entropy(logits.float(), yr[idx])
+
+    def forget(i):
+        g = torch.Generator().manual_seed(10_000 + i)
+        idx = torch.randint(0, len(xf), (batch,), generator=g)
+        random_labels = (yf[idx] + torch.randint(1, 10, (batch,), generator=g).to(device)) % 10
+        with work.amp():
+            logits = model(pixel_values=xf[idx]).logits
+        return torch.nn.functional.cross_entropy(logits.float(), random_labels)
+
+    work.retain_loss, work.forget_loss = retain, forget
+    return work
+
+
+def build(config: str, device: str, precision: str) -> Workload:
+    dev = torch.device(device)
+    autocast = {"fp32": None, "bf16": torch.bfloat16}[precision]
+    if config == "classifier-digits":
+        return _classifier_workload(dev, autocast)
+    return _sd_workload(config, dev, autocast)
+
+
+# ----------------------------------------------------------------------------- the three steps
+
+def _finish(work: Workload):
+    torch.nn.utils.clip_grad_norm_(work.params, 1.0)
+    work.optimizer.step()
+    work.optimizer.zero_grad(set_to_none=True)
+
+
+def step_weighted(work: Workload, i: int):
+    (work.retain_loss(i) + work.forget_loss(i)).backward()
+    _finish(work)
+
+
+def step_munba(work: Workload, i: int):
+    with work.bargainer.player(0):
+        work.retain_loss(i).backward()
+    with work.bargainer.player(1):
+        work.forget_loss(i).backward()
+    stats = work.bargainer.combine()
+    if not stats.skipped:
+        _finish(work)
+    else:
+        work.optimizer.zero_grad(set_to_none=True)
+
+
+def step_reference(work: Workload, i: int):
+    """The public reference implementation's pattern, with the correct weights."""
+    lr, lf = work.retain_loss(i), work.forget_loss(i)
+    gr = torch.autograd.grad(lr, work.params, retain_graph=True)
+    gf = torch.autograd.grad(lf, work.params, retain_graph=True)
+    gr_flat = torch.cat([g.reshape(-1) for g in gr])
+    gf_flat = torch.cat([g.reshape(-1) for g in gf])
+    nr, nf = gr_flat.norm(), gf_flat.norm()
+    cos = (gr_flat @ gf_flat) / (nr * nf)
+    a_r = 1.0 / (nr * torch.sqrt(1 + cos))
+    a_f = 1.0 / (nf * torch.sqrt(1 + cos))
+    del gr, gf, gr_flat, gf_flat
+    (a_r.detach() * lr + a_f.detach() * lf).backward()  # the third backward pass
+    _finish(work)
+    if work.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def step_munba_encoding(work: Workload, i: int):
+    """MUNBa without ``--cache_latents``: VAE and text encoder run inside every step."""
+    work.encoded_inputs = True
+    try:
+        step_munba(work, i)
+    finally:
+        work.encoded_inputs = False
+
+
+STEPS = {"weighted": step_weighted, "munba": step_munba, "reference": step_reference,
+         "munba_encoding": step_munba_encoding}
+
+
+# ----------------------------------------------------------------------------- measurement
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(work: Workload, steps: int, warmup: int, methods=METHODS):
+    """Median seconds and peak bytes per method, interleaved (rotating order) against drift."""
+    times = {m: [] for m in methods}
+    peaks = {m: 0 for m in methods}
+    k = len(methods)
+    for i in range(warmup + steps):
+        order = methods[i % k:] + methods[: i % k]
+        for m in order:
+            _sync(work.device)
+            if work.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            STEPS[m](work, i)
+            _sync(work.device)
+            if i >= warmup:
+                times[m].append(time.perf_counter() - t0)
+                if work.device.type == "cuda":
+                    peaks[m] = max(peaks[m], torch.cuda.max_memory_allocated())
+    return {m: statistics.median(t) for m, t in times.items()}, peaks
+
+
+def cpu_peak_rss(config: str, precision: str, method: str, steps: int) -> int:
+    """Peak resident bytes of a fresh process that builds the workload and runs one method."""
+    out = subprocess.run(
+        [sys.executable, __file__, "--_child", config, precision, method, str(steps)],
+        capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1]) * 1024  # ru_maxrss is in KiB on Linux
+
+
+def _child(config, precision, method, steps):
+    work = build(config, "cpu", precision)
+    for i in range(int(steps)):
+        STEPS[method](work, i)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def _ratio(a, b):
+    return a / b if b else None
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--_child"]:
+        return _child(*argv[1:5])
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--configs", nargs="*", default=None,
+                   help=f"configurations (default: {CPU_CONFIGS} on cpu, {CUDA_CONFIGS} on cuda)")
+    p.add_argument("--precisions", nargs="*", choices=["fp32", "bf16"], default=None,
+                   help="default: fp32 on cpu; bf16 and fp32 on cuda")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per method")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--memory", action="store_true",
+                   help="on cpu, also measure each method's peak RSS in a fresh process")
+    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = p.parse_args(argv)
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda requested but torch sees no CUDA device")
+    configs = args.configs or list(CPU_CONFIGS if args.device == "cpu" else CUDA_CONFIGS)
+    known = CPU_CONFIGS + CUDA_CONFIGS
+    if any(c not in known for c in configs):
+        p.error(f"unknown configuration in {configs}; known: {list(known)}")
+    precisions = args.precisions or (["bf16", "fp32"] if args.device == "cuda" else ["fp32"])
+
+    rows = []
+    for config in configs:
+        for precision in precisions:
+            work = build(config, args.device, precision)
+            sd = config != "classifier-digits"
+            t, peak = time_steps(work, args.steps, args.warmup,
+                                 METHODS + ("munba_encoding",) if sd else METHODS)
+            n_params = work.num_trainable
+            del work
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+            elif args.memory:
+                peak = {m: cpu_peak_rss(config, precision, m, args.warmup + 2) for m in METHODS}
+            rows.append({
+                "config": config, "precision": precision, "trainable_params": n_params,
+                "ms": {m: 1000 * t[m] for m in METHODS}, "peak_bytes": peak,
+                "munba_vs_weighted_time": t["munba"] / t["weighted"],
+                "reference_vs_munba_time": t["reference"] / t["munba"],
+                "munba_vs_weighted_memory": _ratio(peak["munba"], peak["weighted"]),
+                "reference_vs_weighted_memory": _ratio(peak["reference"], peak["weighted"]),
+                "cache_latents_speedup": (t["munba_encoding"] / t["munba"]) if sd else None,
+            })
+
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": (torch.cuda.get_device_name() if args.device == "cuda"
+                   else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"),
+        "torch": torch.__version__, "python": platform.python_version(),
+        "steps": args.steps, "warmup": args.warmup,
+    }
+    import diffusers
+    meta["diffusers"] = diffusers.__version__
+
+    fmt = lambda x: f"{x:.3f}x" if x else "n/a"  # noqa: E731
+    print("| config | precision | trainable | weighted ms | munba ms | reference ms | "
+          "munba/weighted time | reference/munba time | munba/weighted peak mem | "
+          "reference/weighted peak mem | --cache_latents speed-up |")
+    print("|---" * 11 + "|")
+    for r in rows:
+        print(f"| {r['config']} | {r['precision']} | {r['trainable_params'] / 1e6:.2f}M | "
+              f"{r['ms']['weighted']:.1f} | {r['ms']['munba']:.1f} | {r['ms']['reference']:.1f} | "
+              f"{r['munba_vs_weighted_time']:.3f}x | {r['reference_vs_munba_time']:.2f}x | "
+              f"{fmt(r['munba_vs_weighted_memory'])} | {fmt(r['reference_vs_weighted_memory'])} | "
+              f"{fmt(r['cache_latents_speedup'])} |")
+    print(f"\n{meta['date']}, {meta['device']}, torch {meta['torch']}, diffusers "
+          f"{meta['diffusers']}; median of {args.steps} interleaved steps after {args.warmup} warm-up")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

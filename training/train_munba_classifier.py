@@ -1,0 +1,192 @@
+#!/usr/bin/env python
+"""Unlearn classes or samples from an image classifier with MUNBa (or a baseline).
+
+    python training/train_munba_classifier.py \
+        --model_name_or_path path/to/classifier --dataset digits --forget_classes 3 \
+        --method munba --output_dir out/munba --learning_rate 0.05 --num_train_epochs 5 \
+        --per_device_train_batch_size 64 --optim sgd --max_grad_norm 1.0
+
+Multi-process: ``accelerate launch --num_processes 2 training/train_munba_classifier.py ...``.
+Every ``TrainingArguments`` flag works. Writes the unlearned model (``from_pretrained``-ready,
+safetensors), ``unlearning_metrics.json`` and a model card into ``--output_dir``; checkpoints
+go to ``<output_dir>/checkpoints`` and ``--resume_from_checkpoint latest`` continues from them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from transformers import HfArgumentParser, TrainingArguments  # noqa: E402
+
+from hf_munba.atomic_save import ensure_output_dir, staged_output  # noqa: E402
+from hf_munba.classifier_io import (has_image_processor, load_image_classifier, validate_model_source,
+                                    write_model_card)  # noqa: E402
+from hf_munba.forget_sets import ForgetSpec, forget_spec_from_strings, split_forget_retain  # noqa: E402
+from hf_munba.trainer import MunbaArguments, MunbaTrainer, last_complete_checkpoint  # noqa: E402
+
+CHECKPOINTS = "checkpoints"
+DEEPSPEED_MESSAGE = ("DeepSpeed is not supported: its backward pass also steps the optimizer, but MUNBa "
+                     "needs two backward passes (retain, forget) per step. Use DDP or FSDP via `accelerate config`.")
+
+
+@dataclass
+class ScriptArguments:
+    model_name_or_path: str = field(metadata={
+        "help": "local classifier folder (safetensors), a config .json (fresh weights), a saved "
+                "CLIP zero-shot classifier, a CLIPModel folder with --clip_zero_shot, or tiny-resnet/tiny-vit"})
+    dataset: Optional[str] = field(default=None, metadata={"help": "'digits' (scikit-learn, offline)"})
+    train_dir: Optional[str] = field(default=None, metadata={
+        "help": "local imagefolder root (<class>/<image>, or train/ and test/ sub-folders)"})
+    test_size: float = field(default=0.2, metadata={"help": "test share when the data has no test split"})
+    split_seed: int = field(default=0, metadata={"help": "seed of the train/test split"})
+    forget_classes: Optional[str] = field(default=None, metadata={"help": "comma-separated label ids or names"})
+    forget_fraction: Optional[float] = field(default=None, metadata={"help": "random share of training samples"})
+    forget_indices: Optional[str] = field(default=None, metadata={
+        "help": "comma-separated training-row indices, or a .json file holding a list"})
+    forget_seed: int = field(default=0, metadata={"help": "seed of --forget_fraction"})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "replace a non-empty output_dir"})
+    clip_zero_shot: bool = field(default=False, metadata={"help": "treat the model as CLIP zero-shot"})
+    clip_train_encoder: str = field(default="image", metadata={"help": "'image' or 'text'"})
+    clip_template: Optional[str] = field(default=None, metadata={"help": "prompt with {} for the class"})
+    eval_batch_size: int = field(default=256, metadata={"help": "batch size of the final evaluation"})
+
+    def __post_init__(self):
+        if (self.dataset is None) == (self.train_dir is None):
+            raise ValueError("give exactly one of --dataset digits or --train_dir")
+        if self.dataset is not None and self.dataset != "digits":
+            raise ValueError(f"unknown --dataset {self.dataset!r}; use 'digits' or --train_dir for local images")
+        if self.clip_train_encoder not in ("image", "text"):
+            raise ValueError(f"--clip_train_encoder must be 'image' or 'text', got {self.clip_train_encoder!r}")
+        if not 0.0 < self.test_size < 1.0:
+            raise ValueError("--test_size must be in (0, 1)")
+
+
+def forget_spec(a: ScriptArguments, label2id) -> ForgetSpec:
+    return forget_spec_from_strings(a.forget_classes, a.forget_fraction, a.forget_indices, a.forget_seed, label2id)
+
+
+def check_label_count(script: ScriptArguments, num_classes: int) -> None:
+    """A trained classifier's head must match the dataset's classes (zero-shot CLIP has no head)."""
+    cfg_path = os.path.join(script.model_name_or_path, "config.json")
+    if script.clip_zero_shot or not os.path.isfile(cfg_path) or os.path.isfile(
+            os.path.join(script.model_name_or_path, "zero_shot_config.json")):
+        return
+    with open(cfg_path) as f:
+        id2label = json.load(f).get("id2label")
+    if id2label and len(id2label) != num_classes:
+        raise ValueError(f"the model has {len(id2label)} labels but the dataset has {num_classes} classes")
+
+
+def main(argv=None):
+    parser = HfArgumentParser((ScriptArguments, MunbaArguments, TrainingArguments))
+    raw = sys.argv[1:] if argv is None else list(argv)
+    if any(a == "--deepspeed" or a.startswith("--deepspeed=") for a in raw) or \
+            os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        parser.error(DEEPSPEED_MESSAGE)
+    try:
+        script, munba, targs = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as e:
+        parser.error(str(e))
+    final_dir = targs.output_dir
+    resume = targs.resume_from_checkpoint
+
+    # ---- every check before any model is loaded
+    import torch
+
+    try:
+        validate_model_source(script.model_name_or_path)
+        if targs.fp16 and not torch.cuda.is_available():
+            raise ValueError("--fp16 needs a CUDA GPU; on CPU use --bf16 or fp32")
+        if resume is not None and resume != "latest" and not os.path.isdir(resume):
+            raise ValueError(f"--resume_from_checkpoint {resume!r} is neither 'latest' nor a folder")
+        if resume == "latest" and last_complete_checkpoint(os.path.join(final_dir, CHECKPOINTS)) is None:
+            raise ValueError(f"--resume_from_checkpoint latest: no complete checkpoint in "
+                             f"{os.path.join(final_dir, CHECKPOINTS)}")
+        # every rank validates (so all stop together); only the main one touches the disk
+        ensure_output_dir(final_dir, script.overwrite_output_dir, allow_existing=resume is not None,
+                          check_only=targs.process_index != 0)
+        if targs.process_index == 0:
+            if script.overwrite_output_dir and resume is None:
+                import shutil
+
+                shutil.rmtree(os.path.join(final_dir, CHECKPOINTS), ignore_errors=True)
+        if script.dataset == "digits":
+            from hf_munba.classification_data import digits_dataset
+
+            data = digits_dataset(test_size=script.test_size, seed=script.split_seed)
+            num_channels = 1
+            names = data["train"].features["labels"].names
+            spec = forget_spec(script, {n: i for i, n in enumerate(names)})
+            forget_set, retain_set = split_forget_retain(data["train"], spec)
+        else:
+            from hf_munba.classification_data import imagefolder_class_names, validate_imagefolder
+
+            validate_imagefolder(script.train_dir)
+            data, num_channels = None, 3
+            names = imagefolder_class_names(script.train_dir)
+            spec = forget_spec(script, {n: i for i, n in enumerate(names)})
+            if spec.classes is not None and max(spec.classes) >= len(names):
+                raise ValueError(f"forget classes {spec.classes} are not labels of this dataset ({names})")
+            if not has_image_processor(script.model_name_or_path):
+                raise ValueError("--train_dir needs a model folder holding its image processor "
+                                 "(preprocessor_config.json or processor_config.json)")
+        check_label_count(script, len(names))
+    except ValueError as e:
+        parser.error(str(e))
+
+    # ---- model, then (for image folders) the processor-dependent data
+    model, processor = load_image_classifier(
+        script.model_name_or_path, num_labels=len(names), label_names=names, num_channels=num_channels,
+        clip_zero_shot=script.clip_zero_shot, clip_train_encoder=script.clip_train_encoder,
+        clip_template=script.clip_template, seed=targs.seed)
+    if data is None:
+        from hf_munba.classification_data import imagefolder_dataset
+
+        data = imagefolder_dataset(script.train_dir, processor, test_size=script.test_size, seed=script.split_seed)
+        if data["train"].features["labels"].names != names:
+            parser.error(f"imagefolder classes {data['train'].features['labels'].names} differ from {names}")
+        try:
+            forget_set, retain_set = split_forget_retain(data["train"], spec)
+        except ValueError as e:
+            parser.error(str(e))
+        targs.remove_unused_columns = False
+
+    targs.output_dir = os.path.join(final_dir, CHECKPOINTS)
+    trainer = MunbaTrainer(model=model, args=targs, train_dataset=retain_set, forget_dataset=forget_set,
+                           munba_args=munba)
+    result = trainer.train(resume_from_checkpoint=resume)
+    trainer.accelerator.wait_for_everyone()
+    if not trainer.is_world_process_zero():
+        return
+
+    from hf_munba.evaluation.classification import evaluate_unlearning
+
+    metrics = evaluate_unlearning(trainer.accelerator.unwrap_model(trainer.model), forget_set, retain_set,
+                                  data["test"], batch_size=script.eval_batch_size)
+    metrics["runtime_s"] = float(result.metrics.get("train_runtime", float("nan")))
+    metrics["nonfinite_steps"] = trainer.num_nonfinite_steps
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    with staged_output(final_dir) as stage:
+        if hasattr(model, "prompt_ids"):  # CLIP zero-shot wrapper: its own save format
+            model.save_pretrained(stage)
+            trainer._save_extras(stage)
+        else:
+            trainer.save_model(stage)
+        if processor is not None:
+            processor.save_pretrained(stage)
+        with open(os.path.join(stage, "unlearning_metrics.json"), "w") as f:
+            json.dump({"forget": spec.to_dict(), "method": munba.method, "metrics": metrics}, f, indent=2)
+        write_model_card(stage, base_model=script.model_name_or_path, method=munba.method,
+                         forget=spec.to_dict(), munba_args=munba.to_dict(), metrics=metrics,
+                         dataset=script.dataset or script.train_dir)
+    print(json.dumps({"output_dir": final_dir, **metrics}))
+
+
+if __name__ == "__main__":
+    main()
