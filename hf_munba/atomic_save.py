@@ -13,11 +13,15 @@ import contextlib
 import os
 import shutil
 import tempfile
-from typing import Iterator
+from pathlib import Path
+from typing import Iterator, Sequence
 
-__all__ = ["ensure_output_dir", "staged_output"]
+__all__ = ["MARKER_FILES", "ensure_output_dir", "staged_output", "commit_staged",
+           "atomic_directory"]
 
-MARKER_FILES = ("config.json", "zero_shot_config.json", "adapter_config.json", "model_index.json")
+# Files whose presence makes a folder loadable (from_pretrained / load_lora_weights).
+MARKER_FILES = ("model_index.json", "pytorch_lora_weights.safetensors", "config.json",
+                "zero_shot_config.json", "adapter_config.json")
 
 
 def ensure_output_dir(output_dir: str, overwrite: bool, allow_existing: bool = False,
@@ -53,15 +57,47 @@ def staged_output(output_dir: str) -> Iterator[str]:
     stage = tempfile.mkdtemp(prefix=".staging-", dir=output_dir)
     try:
         yield stage
-        for name in MARKER_FILES:  # stale markers go first, so old config + new weights never mix
-            path = os.path.join(output_dir, name)
-            if os.path.isfile(path):
-                os.remove(path)
-        names = sorted(os.listdir(stage), key=lambda n: n in MARKER_FILES)
-        for name in names:
-            dst = os.path.join(output_dir, name)
-            if os.path.isdir(dst) and not os.path.islink(dst):
-                shutil.rmtree(dst)
-            os.replace(os.path.join(stage, name), dst)
+        commit_staged(stage, output_dir)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def commit_staged(staged: str | os.PathLike, output_dir: str | os.PathLike,
+                  last: Sequence[str] = MARKER_FILES) -> None:
+    """Move every entry of ``staged`` into ``output_dir``; loadability markers go last.
+
+    The old markers are removed first, so at no moment does the folder hold an old config
+    beside new (or half-moved) weights.
+    """
+    staged, out = Path(staged), Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for marker in last:
+        old = out / marker
+        if old.is_file():
+            old.unlink()
+    for src in sorted(staged.iterdir(), key=lambda p: (p.name in last, p.name)):
+        dst = out / src.name
+        if dst.is_dir() and not dst.is_symlink():
+            shutil.rmtree(dst)
+        elif dst.exists() or dst.is_symlink():
+            dst.unlink()
+        os.replace(src, dst)
+
+
+@contextlib.contextmanager
+def atomic_directory(output_dir: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling of ``output_dir`` that replaces it (absent or empty) on success.
+
+    For outputs built whole (caches, datasets): one rename, so readers see all or nothing.
+    """
+    out = Path(output_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()  # only an empty placeholder may be replaced
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -24,8 +24,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +31,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from .atomic_save import atomic_directory
 
 __all__ = [
     "DIGIT_WORDS",
@@ -487,20 +487,13 @@ def build_digits_models(output_dir: str | os.PathLike, recipe: DigitsRecipe = Di
                     "eval": t_eval - t_clf, "total": t_eval - t_start},
         "torch_threads": torch.get_num_threads(),
     }
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp", dir=output_dir.parent))
-    try:
+    with atomic_directory(output_dir) as tmp:
         pipe.save_pretrained(tmp / "pipeline", safe_serialization=True)
         clf.save_pretrained(tmp / "classifier", safe_serialization=True)
         _image_processor(recipe).save_pretrained(tmp / "classifier")
         (tmp / "build_info.json").write_text(json.dumps(
             {"recipe": recipe.to_dict(), "recipe_hash": recipe_hash(recipe),
              "build_version": BUILD_VERSION, "metrics": metrics}, indent=2))
-        if output_dir.exists():
-            output_dir.rmdir()
-        os.replace(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return DigitsArtifacts.from_dir(output_dir)
 
 

@@ -18,12 +18,11 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
 
+from .atomic_save import atomic_directory
 from .digits import DIGIT_WORDS, PROMPT_TEMPLATE, digit_prompt, load_digits
 
 __all__ = ["METHODS", "write_digit_imagefolders", "write_digit_prompt_csv",
@@ -81,17 +80,10 @@ def write_digit_imagefolders(output_dir: str | os.PathLike, forget_digit: int,
     images, labels, _ = load_digits(resolution)
     is_forget = labels == forget_digit
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         _write_folder(tmp / "forget", images[is_forget], labels[is_forget])
         _write_folder(tmp / "retain", images[~is_forget], labels[~is_forget])
         (tmp / "digits_data.json").write_text(json.dumps(spec))
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"forget": str(out / "forget"), "retain": str(out / "retain")}
 
 

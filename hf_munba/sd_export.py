@@ -15,12 +15,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator
+
+from .atomic_save import MARKER_FILES as LOADABLE_MARKERS
+from .atomic_save import commit_staged
 
 __all__ = ["LOADABLE_MARKERS", "check_output_dir", "staged_output", "commit_staged",
            "save_full_pipeline", "save_lora", "lora_state_and_metadata"]
 
-LOADABLE_MARKERS = ("model_index.json", "pytorch_lora_weights.safetensors", "config.json")
 
 
 def check_output_dir(output_dir: str | os.PathLike, overwrite: bool, resuming: bool = False) -> None:
@@ -45,25 +47,6 @@ def staged_output(output_dir: str | os.PathLike) -> Iterator[Path]:
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def commit_staged(staged: str | os.PathLike, output_dir: str | os.PathLike,
-                  last: Sequence[str] = LOADABLE_MARKERS) -> None:
-    """Move every entry of ``staged`` into ``output_dir``; loadability markers go last."""
-    staged, out = Path(staged), Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for marker in last:  # first make the old output unloadable
-        old = out / marker
-        if old.is_file():
-            old.unlink()
-    entries = sorted(staged.iterdir(), key=lambda p: (p.name in last, p.name))
-    for src in entries:
-        dst = out / src.name
-        if dst.is_dir() and not dst.is_symlink():
-            shutil.rmtree(dst)
-        elif dst.exists() or dst.is_symlink():
-            dst.unlink()
-        os.replace(src, dst)
 
 
 def save_full_pipeline(pipeline, directory: str | os.PathLike) -> None:
