@@ -24,7 +24,7 @@ MARKER_FILES = ("model_index.json", "pytorch_lora_weights.safetensors", "config.
                 "zero_shot_config.json", "adapter_config.json")
 
 
-def ensure_output_dir(output_dir: str, overwrite: bool, allow_existing: bool = False,
+def ensure_output_dir(output_dir: str | os.PathLike, overwrite: bool, allow_existing: bool = False,
                       keep: tuple = (), check_only: bool = False) -> None:
     """Refuse a non-empty ``output_dir`` unless ``overwrite`` (or ``allow_existing``, for resuming).
 

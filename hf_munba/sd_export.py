@@ -20,19 +20,8 @@ from typing import Iterator
 from .atomic_save import MARKER_FILES as LOADABLE_MARKERS
 from .atomic_save import commit_staged
 
-__all__ = ["LOADABLE_MARKERS", "check_output_dir", "staged_output", "commit_staged",
+__all__ = ["LOADABLE_MARKERS", "staged_output", "commit_staged",
            "save_full_pipeline", "save_lora", "lora_state_and_metadata"]
-
-
-
-def check_output_dir(output_dir: str | os.PathLike, overwrite: bool, resuming: bool = False) -> None:
-    """Refuse a non-empty output directory unless overwriting or resuming into it."""
-    path = Path(output_dir)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"output_dir {path} exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not (overwrite or resuming):
-        raise ValueError(f"output_dir {path} is not empty; pass --overwrite_output_dir to replace "
-                         "its contents or --resume_from_checkpoint to continue a run")
 
 
 @contextlib.contextmanager

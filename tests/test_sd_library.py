@@ -246,9 +246,12 @@ def test_commit_staged_moves_markers_last_and_replaces_old(tmp_path, monkeypatch
     assert order[-1] == "model_index.json"
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "checkpoint-1", "model_index.json", "unet"]
     assert [p.name for p in (out / "unet").iterdir()] == ["w.safetensors"]
+    from hf_munba.atomic_save import ensure_output_dir
+
     with pytest.raises(ValueError, match="not empty"):
-        sd_export.check_output_dir(out, overwrite=False)
-    sd_export.check_output_dir(out, overwrite=True)
+        ensure_output_dir(out, overwrite=False, check_only=True)
+    ensure_output_dir(out, overwrite=True, check_only=True)
+    assert (out / "model_index.json").is_file()  # a check never touches the disk
 
 
 def test_model_card_and_push(tmp_path, monkeypatch):

@@ -30,7 +30,7 @@ from hf_munba.sd_data import (DataValidationError, PairedUnlearningDataset, Late
                               check_disjoint, class_prompts, load_hub_dataset, load_imagefolder,
                               remap_class)
 from hf_munba.sd_objectives import FORGET_OBJECTIVES, TARGET_MODELS
-from hf_munba.sd_export import check_output_dir
+from hf_munba.atomic_save import ensure_output_dir
 from hf_munba.sd_params import TEXT_ENCODER_SUBSETS, UNET_SUBSETS
 
 logger = logging.getLogger("train_munba_sd")
@@ -216,8 +216,8 @@ def check_args(args):
             and not (Path(args.output_dir) / args.resume_from_checkpoint).is_dir():
         fail(f"checkpoint {args.resume_from_checkpoint} does not exist")
     try:
-        check_output_dir(args.output_dir, args.overwrite_output_dir,
-                         resuming=bool(args.resume_from_checkpoint))
+        ensure_output_dir(args.output_dir, args.overwrite_output_dir,
+                          allow_existing=bool(args.resume_from_checkpoint), check_only=True)
     except ValueError as e:
         fail(str(e))
     sources = {}
