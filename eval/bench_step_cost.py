@@ -12,6 +12,11 @@ step) to give the speed-up of caching.
 
     python eval/bench_step_cost.py --device cpu --json bench_cpu.json
     python eval/bench_step_cost.py --device cuda --json bench_gpu.json  # SD v1.4-sized UNet
+    python eval/bench_step_cost.py --device cuda --gradient_checkpointing --json bench_gc.json
+
+``--batch_size`` (per player; default 4, the issue's setting) and ``--methods`` (e.g. leave out
+the memory-hungry reference) let the SD v1.4-sized configurations run where memory is short,
+even on a CPU.
 
 Every step includes clipping at 1.0 and an Adam step, as in training. The SD losses come from
 the training script's own per-step code (``hf_munba.sd_unlearning.SDUnlearner``, latents and
@@ -26,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import gc
 import json
 import platform
 import resource
@@ -62,6 +68,8 @@ class Workload:
     forget_loss: Callable[[int], torch.Tensor]
     autocast: torch.dtype | None
     encoded_inputs: bool = False  # SD only: encode pixels and prompts every step (no cache)
+    batch_size: int = 0  # per player, set by build()
+    model: torch.nn.Module | None = None  # the trained module (UNet or classifier)
 
     def __post_init__(self):
         self.bargainer = NashBargainer(self.params)
@@ -102,7 +110,8 @@ def _sd14_vae_and_text_encoder():
     return vae, text, 49408
 
 
-def _sd_workload(config: str, device: torch.device, autocast) -> Workload:
+def _sd_workload(config: str, device: torch.device, autocast, batch: int,
+                 gradient_checkpointing: bool) -> Workload:
     """The training script's own per-step code (``SDUnlearner``), with cached latents and prompt
     embeddings (``--cache_latents``) or, with ``work.encoded_inputs``, encoding them every step."""
     from diffusers import DDPMScheduler
@@ -112,14 +121,14 @@ def _sd_workload(config: str, device: torch.device, autocast) -> Workload:
 
     torch.manual_seed(0)
     if config.startswith("sd14"):
-        unet, batch, size, ctx_dim = _sd14_unet(), 4, 64, 768
+        unet, size, ctx_dim = _sd14_unet(), 64, 768
         vae, text_encoder, vocab = _sd14_vae_and_text_encoder()
     else:
         if config == "sd-small":
             unet = testing.tiny_unet(block_out_channels=(64, 128), sample_size=16)
-            batch, size, ctx_dim = 4, 16, 32
+            size, ctx_dim = 16, 32
         else:
-            unet, batch, size, ctx_dim = testing.tiny_unet(), 4, 8, 32
+            unet, size, ctx_dim = testing.tiny_unet(), 8, 32
         tokenizer = testing.tiny_clip_tokenizer()
         vae, text_encoder, vocab = testing.tiny_vae(), testing.tiny_clip_text_model(tokenizer), len(tokenizer)
     unet.to(device)
@@ -131,6 +140,9 @@ def _sd_workload(config: str, device: torch.device, autocast) -> Workload:
         params = sd_params.add_lora_adapter(unet, rank=4, alpha=4, subset="noxattn")
     else:
         params = sd_params.freeze_all_but(unet, sd_params.select_parameter_names(unet, "noxattn"))
+    if gradient_checkpointing:
+        sd_params.enable_gradient_checkpointing(unet)  # what --gradient_checkpointing calls
+    unet.train()
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
                               beta_start=0.00085, beta_end=0.012)
     gen = torch.Generator().manual_seed(1)
@@ -147,7 +159,8 @@ def _sd_workload(config: str, device: torch.device, autocast) -> Workload:
 
     unlearner = SDUnlearner(unet, text_encoder, vae, scheduler, forget_objective="remap",
                             target_model="current", lora=lora)
-    work = Workload(device, params, torch.optim.AdamW(params, lr=1e-5), None, None, autocast)
+    work = Workload(device, params, torch.optim.AdamW(params, lr=1e-5), None, None, autocast,
+                    model=unet)
 
     def retain(i):
         with work.amp():
@@ -161,7 +174,7 @@ def _sd_workload(config: str, device: torch.device, autocast) -> Workload:
     return work
 
 
-def _classifier_workload(device: torch.device, autocast) -> Workload:
+def _classifier_workload(device: torch.device, autocast, batch: int) -> Workload:
     from sklearn.datasets import load_digits
 
     from hf_munba import testing
@@ -171,10 +184,10 @@ def _classifier_workload(device: torch.device, autocast) -> Workload:
     y = torch.tensor(digits.target)
     forget = y == 0
     xr, yr, xf, yf = x[~forget].to(device), y[~forget].to(device), x[forget].to(device), y[forget].to(device)
-    model = testing.tiny_resnet_classifier(num_labels=10).to(device)
+    model = testing.tiny_resnet_classifier(num_labels=10).to(device).train()
     params = list(model.parameters())
-    work = Workload(device, params, torch.optim.AdamW(params, lr=1e-3), None, None, autocast)
-    batch = 256
+    work = Workload(device, params, torch.optim.AdamW(params, lr=1e-3), None, None, autocast,
+                    model=model)
 
     def retain(i):
         idx = torch.randint(0, len(xr), (batch,), generator=torch.Generator().manual_seed(i))
@@ -194,12 +207,19 @@ def _classifier_workload(device: torch.device, autocast) -> Workload:
     return work
 
 
-def build(config: str, device: str, precision: str) -> Workload:
+def build(config: str, device: str, precision: str, batch_size: int | None = None,
+          gradient_checkpointing: bool = False) -> Workload:
+    """``batch_size`` defaults to 4 (SD, per player) and 256 (classifier)."""
     dev = torch.device(device)
     autocast = {"fp32": None, "bf16": torch.bfloat16}[precision]
     if config == "classifier-digits":
-        return _classifier_workload(dev, autocast)
-    return _sd_workload(config, dev, autocast)
+        if gradient_checkpointing:  # transformers' ResNet has no checkpointing
+            raise ValueError("gradient checkpointing applies to the SD configurations only")
+        work = _classifier_workload(dev, autocast, batch_size or 256)
+    else:
+        work = _sd_workload(config, dev, autocast, batch_size or 4, gradient_checkpointing)
+    work.batch_size = batch_size or (256 if config == "classifier-digits" else 4)
+    return work
 
 
 # ----------------------------------------------------------------------------- the three steps
@@ -286,29 +306,32 @@ def time_steps(work: Workload, steps: int, warmup: int, methods=METHODS):
     return {m: statistics.median(t) for m, t in times.items()}, peaks
 
 
-def cpu_peak_rss(config: str, precision: str, method: str, steps: int) -> int:
+def cpu_peak_rss(config: str, precision: str, method: str, steps: int, batch_size: int | None,
+                 gradient_checkpointing: bool) -> int:
     """Peak resident bytes of a fresh process that builds the workload and runs one method."""
     out = subprocess.run(
-        [sys.executable, __file__, "--_child", config, precision, method, str(steps)],
+        [sys.executable, __file__, "--_child", config, precision, method, str(steps),
+         str(batch_size or 0), str(int(gradient_checkpointing))],
         capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1]) * 1024  # ru_maxrss is in KiB on Linux
 
 
-def _child(config, precision, method, steps):
-    work = build(config, "cpu", precision)
+def _child(config, precision, method, steps, batch_size, gradient_checkpointing):
+    work = build(config, "cpu", precision, int(batch_size) or None, bool(int(gradient_checkpointing)))
     for i in range(int(steps)):
         STEPS[method](work, i)
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
-def _ratio(a, b):
-    return a / b if b else None
+def _ratio(values, a, b):
+    """values[a] / values[b], or None where either was not measured."""
+    return values[a] / values[b] if values.get(a) and values.get(b) else None
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--_child"]:
-        return _child(*argv[1:5])
+        return _child(*argv[1:7])
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -318,8 +341,14 @@ def main(argv=None):
                    help="default: fp32 on cpu; bf16 and fp32 on cuda")
     p.add_argument("--steps", type=int, default=10, help="timed steps per method")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="per player; default 4 for SD (the issue's setting), 256 for the classifier")
+    p.add_argument("--gradient_checkpointing", action="store_true",
+                   help="checkpoint the UNet's activations, as the SD script's flag does")
     p.add_argument("--memory", action="store_true",
                    help="on cpu, also measure each method's peak RSS in a fresh process")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                   help="steps to time (default: all; the reference needs the most memory)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args(argv)
 
@@ -329,29 +358,42 @@ def main(argv=None):
     known = CPU_CONFIGS + CUDA_CONFIGS
     if any(c not in known for c in configs):
         p.error(f"unknown configuration in {configs}; known: {list(known)}")
+    if args.batch_size is not None and args.batch_size < 1:
+        p.error(f"--batch_size must be >= 1, got {args.batch_size}")
+    if args.gradient_checkpointing and "classifier-digits" in configs:
+        p.error("--gradient_checkpointing applies to the SD configurations only "
+                "(transformers' ResNet has no checkpointing)")
     precisions = args.precisions or (["bf16", "fp32"] if args.device == "cuda" else ["fp32"])
 
     rows = []
     for config in configs:
         for precision in precisions:
-            work = build(config, args.device, precision)
+            work = build(config, args.device, precision, args.batch_size,
+                         args.gradient_checkpointing)
             sd = config != "classifier-digits"
-            t, peak = time_steps(work, args.steps, args.warmup,
-                                 METHODS + ("munba_encoding",) if sd else METHODS)
-            n_params = work.num_trainable
+            methods = tuple(m for m in METHODS if m in args.methods)
+            timed = methods + (("munba_encoding",) if sd and "munba" in methods else ())
+            t, peak = time_steps(work, args.steps, args.warmup, timed)
+            n_params, batch = work.num_trainable, work.batch_size
+            # The loss closures and the workload reference each other: without a collection
+            # this configuration's model, gradients and optimizer state would stay allocated
+            # and inflate the next configuration's peak memory (and the CPU children's RSS).
             del work
+            gc.collect()
             if args.device == "cuda":
                 torch.cuda.empty_cache()
             elif args.memory:
-                peak = {m: cpu_peak_rss(config, precision, m, args.warmup + 2) for m in METHODS}
+                peak = {m: cpu_peak_rss(config, precision, m, args.warmup + 2, args.batch_size,
+                                        args.gradient_checkpointing) for m in methods}
             rows.append({
-                "config": config, "precision": precision, "trainable_params": n_params,
-                "ms": {m: 1000 * t[m] for m in METHODS}, "peak_bytes": peak,
-                "munba_vs_weighted_time": t["munba"] / t["weighted"],
-                "reference_vs_munba_time": t["reference"] / t["munba"],
-                "munba_vs_weighted_memory": _ratio(peak["munba"], peak["weighted"]),
-                "reference_vs_weighted_memory": _ratio(peak["reference"], peak["weighted"]),
-                "cache_latents_speedup": (t["munba_encoding"] / t["munba"]) if sd else None,
+                "config": config, "precision": precision, "batch_size": batch,
+                "trainable_params": n_params,
+                "ms": {m: 1000 * t[m] for m in methods}, "peak_bytes": peak,
+                "munba_vs_weighted_time": _ratio(t, "munba", "weighted"),
+                "reference_vs_munba_time": _ratio(t, "reference", "munba"),
+                "munba_vs_weighted_memory": _ratio(peak, "munba", "weighted"),
+                "reference_vs_weighted_memory": _ratio(peak, "reference", "weighted"),
+                "cache_latents_speedup": _ratio(t, "munba_encoding", "munba"),
             })
 
     meta = {
@@ -359,20 +401,22 @@ def main(argv=None):
         "device": (torch.cuda.get_device_name() if args.device == "cuda"
                    else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"),
         "torch": torch.__version__, "python": platform.python_version(),
-        "steps": args.steps, "warmup": args.warmup,
+        "steps": args.steps, "warmup": args.warmup, "batch_size": args.batch_size,
+        "gradient_checkpointing": args.gradient_checkpointing,
     }
     import diffusers
     meta["diffusers"] = diffusers.__version__
 
     fmt = lambda x: f"{x:.3f}x" if x else "n/a"  # noqa: E731
+    ms = lambda r, m: f"{r['ms'][m]:.1f}" if m in r["ms"] else "n/a"  # noqa: E731
     print("| config | precision | trainable | weighted ms | munba ms | reference ms | "
           "munba/weighted time | reference/munba time | munba/weighted peak mem | "
           "reference/weighted peak mem | --cache_latents speed-up |")
     print("|---" * 11 + "|")
     for r in rows:
-        print(f"| {r['config']} | {r['precision']} | {r['trainable_params'] / 1e6:.2f}M | "
-              f"{r['ms']['weighted']:.1f} | {r['ms']['munba']:.1f} | {r['ms']['reference']:.1f} | "
-              f"{r['munba_vs_weighted_time']:.3f}x | {r['reference_vs_munba_time']:.2f}x | "
+        print(f"| {r['config']} (batch {r['batch_size']}) | {r['precision']} | {r['trainable_params'] / 1e6:.2f}M | "
+              f"{ms(r, 'weighted')} | {ms(r, 'munba')} | {ms(r, 'reference')} | "
+              f"{fmt(r['munba_vs_weighted_time'])} | {fmt(r['reference_vs_munba_time'])} | "
               f"{fmt(r['munba_vs_weighted_memory'])} | {fmt(r['reference_vs_weighted_memory'])} | "
               f"{fmt(r['cache_latents_speedup'])} |")
     print(f"\n{meta['date']}, {meta['device']}, torch {meta['torch']}, diffusers "

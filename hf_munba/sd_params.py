@@ -21,7 +21,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 __all__ = ["UNET_SUBSETS", "TEXT_ENCODER_SUBSETS", "select_parameter_names",
-           "freeze_all_but", "add_lora_adapter", "lora_target_modules"]
+           "freeze_all_but", "add_lora_adapter", "lora_target_modules",
+           "enable_gradient_checkpointing"]
 
 UNET_SUBSETS = ("full", "noxattn", "xattn", "selfattn")
 TEXT_ENCODER_SUBSETS = ("full", "selfattn")
@@ -106,3 +107,19 @@ def add_lora_adapter(model: torch.nn.Module, *, rank: int, alpha: Optional[float
     model.requires_grad_(False)
     model.add_adapter(config)
     return [p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Turn on activation checkpointing for a diffusers or transformers model.
+
+    MUNBa runs one backward pass per player, and each recomputes its own checkpointed forward,
+    so the bargained step is unchanged (tested). transformers renamed the switch to
+    ``activation_checkpointing_enable`` (the old name warns until v6); both are accepted.
+    """
+    for name in ("enable_gradient_checkpointing", "activation_checkpointing_enable",
+                 "gradient_checkpointing_enable"):
+        switch = getattr(model, name, None)
+        if switch is not None:
+            switch()
+            return
+    raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")

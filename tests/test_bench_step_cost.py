@@ -1,10 +1,13 @@
 """The step-cost benchmark runs its CPU configurations and compares like with like."""
 
+import gc
 import importlib.util
 import json
 import sys
+import weakref
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,3 +48,52 @@ def test_benchmark_writes_table_and_json(tmp_path, capsys):
     for r in data["rows"]:
         assert all(r["ms"][m] > 0 for m in ("weighted", "munba", "reference"))
         assert r["munba_vs_weighted_time"] > 0
+
+
+def test_benchmark_options_reach_the_workload(tmp_path, capsys):
+    bench = load_bench()
+    work = bench.build("sd-tiny", "cpu", "fp32", batch_size=2, gradient_checkpointing=True)
+    assert work.batch_size == 2 and work.model.is_gradient_checkpointing
+    rows = bench.main(["--configs", "sd-tiny", "--batch_size", "2", "--gradient_checkpointing",
+                       "--steps", "1", "--warmup", "0"])
+    assert rows[0]["batch_size"] == 2 and "sd-tiny (batch 2)" in capsys.readouterr().out
+    rows = bench.main(["--configs", "classifier-digits", "--methods", "munba", "weighted",
+                       "--steps", "1", "--warmup", "0"])
+    assert set(rows[0]["ms"]) == {"weighted", "munba"} and rows[0]["reference_vs_munba_time"] is None
+    assert rows[0]["munba_vs_weighted_time"] > 0 and "| n/a |" in capsys.readouterr().out
+    for bad, message in ((["--batch_size", "0"], "batch_size"),
+                         (["--configs", "classifier-digits", "--gradient_checkpointing"],
+                          "SD configurations only")):
+        with pytest.raises(SystemExit):
+            bench.main(bad)
+        assert message in capsys.readouterr().err
+
+
+def test_each_configuration_is_freed_before_the_next_is_built_or_measured(monkeypatch):
+    """Leftover tensors would add to the next peak-memory reading and bias every ratio toward 1."""
+    bench = load_bench()
+    built = []
+
+    def assert_all_freed():
+        assert all(ref() is None for ref in built), "a previous workload is still alive"
+
+    def build(*a, **k):
+        assert_all_freed()
+        work = real_build(*a, **k)
+        built.append(weakref.ref(work.model))
+        return work
+
+    def peak_rss(*a, **k):
+        assert_all_freed()
+        return 1
+
+    real_build = bench.build
+    monkeypatch.setattr(bench, "build", build)
+    monkeypatch.setattr(bench, "cpu_peak_rss", peak_rss)
+    gc.disable()  # only the benchmark's own clean-up may free them
+    try:
+        bench.main(["--configs", "sd-tiny", "classifier-digits", "--steps", "1", "--warmup", "0",
+                    "--memory"])
+    finally:
+        gc.enable()
+    assert len(built) == 2

@@ -157,7 +157,7 @@ def test_lora_with_alpha_not_rank_and_fused_pipeline(assets, tmp_path):
     out = tmp_path / "lora"
     lora_args = common(assets, out) + ["--use_lora", "--rank", 2, "--lora_alpha", 6, "--fuse_lora",
                                        "--target_model", "frozen", "--train_params", "full",
-                                       "--checkpointing_steps", 1]
+                                       "--checkpointing_steps", 1, "--gradient_checkpointing"]
     _run(TRAIN, lora_args)
     # resuming from the LoRA checkpoint of step 1 ends with the same adapter
     resumed = tmp_path / "lora_resumed"
@@ -226,7 +226,7 @@ def test_text_encoder_standalone_and_push_to_hub_without_leaking_the_token(asset
     (tmp_path / "eval.json").write_text(json.dumps({"nudenet/exposed_images": 3}))
     proc = _run(TRAIN, common(assets, out) + ["--model_card_metrics", tmp_path / "eval.json",
         "--train_component", "text_encoder", "--train_params", "full", "--forget_objective", "esd",
-        "--target_model", "frozen", "--push_to_hub", "--hub_model_id", "me/sd-munba-te",
+        "--target_model", "frozen", "--gradient_checkpointing", "--push_to_hub", "--hub_model_id", "me/sd-munba-te",
         "--hub_token", TOKEN], extra_pythonpath=fake)
     base_te, new_te = _te_state(assets["pipe"]), _te_state(out)
     assert any(not torch.equal(base_te[k], new_te[k]) for k in base_te)

@@ -265,7 +265,8 @@ def main(argv=None):
     from hf_munba import NashBargainer
     from hf_munba.model_card import public_hparams, push_folder_to_hub, sd_model_card
     from hf_munba.sd_export import commit_staged, save_full_pipeline, save_lora, staged_output
-    from hf_munba.sd_params import add_lora_adapter, freeze_all_but, select_parameter_names
+    from hf_munba.sd_params import (add_lora_adapter, enable_gradient_checkpointing, freeze_all_but,
+                                    select_parameter_names)
     from hf_munba.sd_unlearning import SDUnlearner, SkippedStepGuard, TooManySkippedSteps, unwrap
     from hf_munba.training_plot import plot_training_history
 
@@ -324,10 +325,7 @@ def main(argv=None):
         params = freeze_all_but(trained, select_parameter_names(trained, args.train_params,
                                                                 args.train_component))
     if args.gradient_checkpointing:
-        if on_unet:
-            unet.enable_gradient_checkpointing()
-        else:
-            text_encoder.gradient_checkpointing_enable()
+        enable_gradient_checkpointing(trained)
     # Frozen modules in the compute dtype; trained ones stay fp32 (LoRA params upcast).
     vae.to(accelerator.device, dtype=weight_dtype)
     (text_encoder if on_unet else unet).to(accelerator.device, dtype=weight_dtype)
