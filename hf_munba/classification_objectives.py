@@ -22,9 +22,10 @@ def random_labels(labels: torch.Tensor, num_classes: int,
     """A uniformly drawn label different from each true label (never the true one)."""
     if num_classes < 2:
         raise ValueError("random relabelling needs at least two classes")
-    offset = torch.randint(1, num_classes, labels.shape, generator=generator,
-                           device="cpu").to(labels.device)
-    return (labels + offset) % num_classes
+    offset = torch.randint(1, num_classes, labels.shape, generator=generator, device="cpu")
+    if labels.device.type == "cuda":  # a copy from pageable memory would sync with the GPU
+        offset = offset.pin_memory().to(labels.device, non_blocking=True)
+    return (labels + offset.to(labels.device)) % num_classes
 
 
 def retain_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, **_) -> torch.Tensor:

@@ -5,10 +5,12 @@ optimizer and no bargainer: ``retain_loss(batch)`` and ``forget_loss(batch)`` ea
 forward pass (so under DDP each player's forward is followed by its own backward), and the
 caller decides how to combine them (``NashBargainer`` or a weighted sum).
 
-Randomness (latent sampling, noise, timesteps) is drawn from the global torch RNG in a fixed
-order — retain then forget, and inside each: latent, noise, timestep — so a fixed seed gives the
-same run, cached latents give the same draws as encoding every step, and accelerate's
-checkpoints (which save the RNG) resume exactly.
+Randomness (latent sampling, noise, timesteps) is drawn from the global RNG of the trained
+model's device in a fixed order — retain then forget, and inside each: latent, noise, timestep —
+so a fixed seed gives the same run, cached latents give the same draws as encoding every step,
+and accelerate's checkpoints (which save the CPU and CUDA RNG states) resume exactly. Drawing on
+the device rather than copying host draws over keeps the step free of host syncs: a copy from
+pageable host memory waits for the GPU to drain its queue.
 
 Under DDP every rank seeds the same RNG; each draws the random numbers of the whole global batch
 (``num_processes`` times its own) and keeps the rows of its own samples (``process_index``). The
@@ -112,8 +114,8 @@ class SDUnlearner:
             with torch.no_grad():
                 dist = self.vae.encode(px).latent_dist
             mean, std = dist.mean.float(), dist.std.float()
-        eps = self._rows(lambda s: torch.randn(s, dtype=mean.dtype), mean.shape)
-        sample = mean + std * eps.to(self.device)
+        eps = self._rows(lambda s: torch.randn(s, dtype=mean.dtype, device=mean.device), mean.shape)
+        sample = mean + std * eps
         return sample * self.vae.config.scaling_factor
 
     def _embed(self, batch: Dict, role: str, encoder, grad: bool) -> torch.Tensor:
@@ -130,11 +132,10 @@ class SDUnlearner:
         return self._embed(batch, role, self.text_encoder, self.train_component == "text_encoder")
 
     def noisy(self, latents: torch.Tensor):
-        noise = self._rows(lambda s: torch.randn(s, dtype=latents.dtype), latents.shape)
-        noise = noise.to(latents.device)
-        t = self._rows(lambda s: torch.randint(0, self.noise_scheduler.config.num_train_timesteps, s),
-                       (latents.shape[0],))
-        t = t.to(latents.device).long()
+        device = latents.device
+        noise = self._rows(lambda s: torch.randn(s, dtype=latents.dtype, device=device), latents.shape)
+        t = self._rows(lambda s: torch.randint(0, self.noise_scheduler.config.num_train_timesteps, s,
+                                               device=device), (latents.shape[0],))
         return self.noise_scheduler.add_noise(latents, noise, t), noise, t
 
     # ---- target model -------------------------------------------------------------------------

@@ -253,7 +253,8 @@ def main(argv=None):
     import transformers
     from accelerate import Accelerator
     from accelerate.logging import get_logger
-    from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
+    from accelerate.utils import (DataLoaderConfiguration, DistributedType, ProjectConfiguration,
+                                  set_seed)
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import _set_state_dict_into_text_encoder, cast_training_params
@@ -278,6 +279,8 @@ def main(argv=None):
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=os.path.join(args.output_dir,
                                                                      args.logging_dir)),
+        # with pinned batches (below), host-to-device copies do not wait for the GPU
+        dataloader_config=DataLoaderConfiguration(non_blocking=True),
     )
     if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
         fail(f"{accelerator.distributed_type.value} is not supported (MUNBa needs two backward "
@@ -355,7 +358,7 @@ def main(argv=None):
                                             batch_size=args.train_batch_size)
     train_dataloader = torch.utils.data.DataLoader(
         dataset, batch_size=args.train_batch_size, shuffle=False,
-        num_workers=args.dataloader_num_workers,
+        num_workers=args.dataloader_num_workers, pin_memory=accelerator.device.type == "cuda",
         generator=torch.Generator().manual_seed(args.seed))  # keeps the global RNG out of it
     eval_items = [dataset[i] for i in range(min(len(dataset),
                                                 args.eval_batches * args.train_batch_size))]
