@@ -97,3 +97,11 @@ def test_each_configuration_is_freed_before_the_next_is_built_or_measured(monkey
     finally:
         gc.enable()
     assert len(built) == 2
+
+
+def test_cpu_peak_memory_separates_the_methods():
+    """The step's own peak, not the model build's: the reference (every graph kept for three
+    backward passes, flat gradient copies) must need more than MUNBa (one graph at a time)."""
+    bench = load_bench()
+    peak = {m: bench.cpu_peak_rss("sd-small", "fp32", m, 1, None, False) for m in ("munba", "reference")}
+    assert peak["reference"] > 1.03 * peak["munba"], peak
