@@ -23,7 +23,7 @@ the training script's own per-step code (``hf_munba.sd_unlearning.SDUnlearner``,
 prompt embeddings cached as with ``--cache_latents``); the classifier losses those of
 ``MunbaTrainer`` (cross-entropy, random-label cross-entropy). Peak memory: on CUDA,
 ``torch.cuda.max_memory_allocated`` around each step; on CPU (``--memory``) the peak resident set
-of a fresh process per method.
+of each method's steps in a fresh process (see ``cpu_peak_rss``).
 """
 
 from __future__ import annotations
@@ -213,13 +213,15 @@ def build(config: str, device: str, precision: str, batch_size: int | None = Non
     """``batch_size`` defaults to 4 (SD, per player) and 256 (classifier)."""
     dev = torch.device(device)
     autocast = {"fp32": None, "bf16": torch.bfloat16}[precision]
-    if config == "classifier-digits":
+    classifier = config == "classifier-digits"
+    batch = batch_size or (256 if classifier else 4)
+    if classifier:
         if gradient_checkpointing:  # transformers' ResNet has no checkpointing
             raise ValueError("gradient checkpointing applies to the SD configurations only")
-        work = _classifier_workload(dev, autocast, batch_size or 256)
+        work = _classifier_workload(dev, autocast, batch)
     else:
-        work = _sd_workload(config, dev, autocast, batch_size or 4, gradient_checkpointing)
-    work.batch_size = batch_size or (256 if config == "classifier-digits" else 4)
+        work = _sd_workload(config, dev, autocast, batch, gradient_checkpointing)
+    work.batch_size = batch
     return work
 
 
