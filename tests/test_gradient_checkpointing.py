@@ -1,8 +1,9 @@
 """Gradient checkpointing changes memory, never the bargained step.
 
 Each player's backward pass recomputes its own checkpointed forward, so with
-``--gradient_checkpointing`` (SD) or ``gradient_checkpointing=True`` (MunbaTrainer) the two player
-gradients, the Gram matrix and the combined ``.grad`` must equal those without it. The forward
+``--gradient_checkpointing`` (SD) or ``activation_checkpointing=True`` (``gradient_checkpointing``
+before transformers 5; MunbaTrainer) the two player gradients, the Gram matrix and the combined
+``.grad`` must equal those without it. The forward
 pre-hooks prove the checkpointing really ran (a checkpointed block runs again during backward).
 """
 
