@@ -100,3 +100,12 @@ def build_once(tmp_path_factory, name, build):
             build(folder)
             done.write_text("ok")
     return folder
+
+
+def assert_bitwise(a, b):
+    """Two state dicts hold the same tensors, bit for bit (and are not empty)."""
+    import torch
+
+    assert a.keys() == b.keys() and a
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

@@ -19,20 +19,10 @@ from hf_munba.sd_params import (add_lora_adapter, enable_gradient_checkpointing,
 from hf_munba.sd_unlearning import SDUnlearner
 from hf_munba.testing import tiny_sd_pipeline, tiny_vit_classifier
 from hf_munba.trainer import MunbaTrainer
+from sd_helpers import paired_batch
 from trainer_helpers import params_vector, targs, tiny_classification_data
 
 torch.set_num_threads(1)
-
-
-def _batch(pipe):
-    g = torch.Generator().manual_seed(0)
-    px = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1
-    ids = lambda t: pipe.tokenizer([t] * 2, padding="max_length", max_length=77,
-                                   return_tensors="pt").input_ids
-    return {"retain_pixel_values": px, "forget_pixel_values": px.flip(0),
-            "retain_input_ids": ids("a person"), "forget_input_ids": ids("nudity"),
-            "anchor_input_ids": ids("a photo of a person wearing clothes"),
-            "uncond_input_ids": ids("")}
 
 
 def _bargained_sd_step(component, lora, checkpointing):
@@ -65,7 +55,7 @@ def _bargained_sd_step(component, lora, checkpointing):
                             forget_objective="esd" if component == "text_encoder" else "remap",
                             target_model="frozen" if lora else "current")
     bargainer = NashBargainer(params)
-    batch = _batch(pipe)
+    batch = paired_batch(pipe)
     torch.manual_seed(7)
     with bargainer.player(0):
         unlearner.retain_loss(batch).backward()

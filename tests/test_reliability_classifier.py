@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from reliability_helpers import (CLASSIFIER_SCRIPT, LAUNCHER, ROOT, accelerate_launch_2_cpu,
-                                 build_once, run_script, script_env)
+                                 assert_bitwise, build_once, run_script, script_env)
 
 
 def cls_args(out, batch=32):
@@ -29,12 +29,6 @@ def cls_args(out, batch=32):
 
 def weights(out):
     return load_file(str(out / "model.safetensors"))
-
-
-def assert_bitwise(a, b):
-    assert a.keys() == b.keys() and a
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
-from reliability_helpers import (LAUNCHER, ROOT, SD_SCRIPT, accelerate_launch_2_cpu, build_once,
-                                 kill_after_checkpoint, run_script, script_env)
+from reliability_helpers import (LAUNCHER, ROOT, SD_SCRIPT, accelerate_launch_2_cpu, assert_bitwise,
+                                 build_once, kill_after_checkpoint, run_script, script_env)
 
 
 def _build_assets(root):
@@ -57,12 +56,6 @@ def final_weights(out, lora):
 
 def history(out):
     return [json.loads(line) for line in (Path(out) / "history.jsonl").read_text().splitlines()]
-
-
-def assert_bitwise(a, b):
-    assert a.keys() == b.keys() and a
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
 
 
 @pytest.fixture(scope="module")

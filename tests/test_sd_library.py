@@ -14,6 +14,7 @@ from hf_munba.sd_objectives import denoising_target, esd_target, forget_loss_fro
 from hf_munba.sd_params import add_lora_adapter, freeze_all_but, select_parameter_names
 from hf_munba.sd_unlearning import SDUnlearner, SkippedStepGuard, TooManySkippedSteps
 from hf_munba.testing import tiny_clip_text_model, tiny_sd_pipeline, tiny_unet
+from sd_helpers import paired_batch
 
 torch.set_num_threads(1)
 
@@ -148,20 +149,9 @@ def test_objective_functions():
     assert denoising_target(sched, target, noise, torch.tensor([1, 2])) is noise
 
 
-def _batch(pipe, cached=None):
-    g = torch.Generator().manual_seed(0)
-    px = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1
-    ids = lambda t: pipe.tokenizer([t] * 2, padding="max_length", max_length=77,
-                                   return_tensors="pt").input_ids
-    b = {"retain_pixel_values": px, "forget_pixel_values": px.flip(0),
-         "retain_input_ids": ids("a person"), "forget_input_ids": ids("nudity"),
-         "anchor_input_ids": ids("a photo of a person wearing clothes"), "uncond_input_ids": ids("")}
-    return b
-
-
 def test_cached_latents_give_the_same_losses():
     pipe = tiny_sd_pipeline()
-    b = _batch(pipe)
+    b = paired_batch(pipe)
     un = SDUnlearner(pipe.unet, pipe.text_encoder, pipe.vae, pipe.scheduler)
     with torch.no_grad():
         dr, df = pipe.vae.encode(b["retain_pixel_values"]).latent_dist, \
@@ -185,7 +175,7 @@ def test_frozen_target_with_lora_is_the_base_model():
         for n, p in pipe.unet.named_parameters():
             if "lora_B" in n:
                 p.normal_()
-    b = _batch(pipe)
+    b = paired_batch(pipe)
     frozen = SDUnlearner(pipe.unet, pipe.text_encoder, pipe.vae, pipe.scheduler,
                          target_model="frozen", lora=True)
     copy_ = SDUnlearner(pipe.unet, pipe.text_encoder, pipe.vae, pipe.scheduler,
@@ -207,7 +197,7 @@ def test_text_encoder_player_losses_reach_only_the_encoder():
     pipe.unet.requires_grad_(False)
     un = SDUnlearner(pipe.unet, pipe.text_encoder, pipe.vae, pipe.scheduler,
                      train_component="text_encoder", forget_objective="esd")
-    lr, lf = un.losses(_batch(pipe))
+    lr, lf = un.losses(paired_batch(pipe))
     (lr + lf).backward()
     assert all(p.grad is not None for p in pipe.text_encoder.parameters())
     assert all(p.grad is None for p in pipe.unet.parameters())

@@ -24,6 +24,18 @@ def _load_script():
     return mod
 
 
+def _write_imagefolder(root, per_class, size, classes=("cat", "dog", "fox")):
+    """``root/<class>/<i>.png``: random RGB images, the layout of a local imagefolder dataset."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+
+
 COMMON = ["--per_device_train_batch_size", "32", "--learning_rate", "0.05", "--optim", "sgd",
           "--report_to", "none", "--use_cpu", "--disable_tqdm", "true", "--seed", "0"]
 
@@ -154,17 +166,11 @@ def test_bad_inputs_fail_before_model_load(tmp_path, capsys, monkeypatch, case, 
 
 def test_imagefolder_with_image_processor_and_class_names(tmp_path):
     """A local imagefolder, a saved ViT with its image processor, forgetting a class by name."""
-    import numpy as np
-    from PIL import Image
     from transformers import ViTImageProcessor
 
     from hf_munba.testing import tiny_vit_classifier
 
-    rng = np.random.default_rng(0)
-    for c in ("cat", "dog", "fox"):
-        (tmp_path / "imgs" / c).mkdir(parents=True)
-        for i in range(6):
-            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "imgs" / c / f"{i}.png")
+    _write_imagefolder(tmp_path / "imgs", per_class=6, size=8)
     model = tiny_vit_classifier(num_labels=3, num_channels=3, label_names=["cat", "dog", "fox"])
     model.save_pretrained(tmp_path / "vit")
     ViTImageProcessor(size={"height": 8, "width": 8}).save_pretrained(tmp_path / "vit")
@@ -180,17 +186,10 @@ def test_imagefolder_with_image_processor_and_class_names(tmp_path):
 
 def test_clip_zero_shot_through_the_script(tmp_path):
     """A CLIPModel folder + --clip_zero_shot: class prompts from folder names, text encoder trained."""
-    import numpy as np
-    from PIL import Image
-
     from hf_munba.clip_zero_shot import CLIPZeroShotClassifier
     from hf_munba.testing import tiny_clip_model, tiny_clip_processor
 
-    rng = np.random.default_rng(0)
-    for c in ("cat", "dog", "fox"):
-        (tmp_path / "imgs" / c).mkdir(parents=True)
-        for i in range(4):
-            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "imgs" / c / f"{i}.png")
+    _write_imagefolder(tmp_path / "imgs", per_class=4, size=32)
     tiny_clip_model().save_pretrained(tmp_path / "clip")
     tiny_clip_processor().save_pretrained(tmp_path / "clip")
     out = tmp_path / "out"
