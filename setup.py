@@ -3,17 +3,16 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
+# The floors live in hf_munba/dependency_versions.py, which hf_munba also checks at import; read it
+# here without importing the package (its dependencies may not be installed yet).
+_versions: dict = {}
+exec(Path(__file__).with_name("hf_munba").joinpath("dependency_versions.py").read_text(encoding="utf-8"), _versions)
+FLOORS = _versions["FLOORS"]
+
 # Install the torch build that fits your hardware first (CPU-only machines and CI:
 # `pip install torch==2.13.0`); the range below accepts it, so pip does not replace it.
-RUNTIME = [
-    "torch>=2.4",
-    "diffusers>=0.32",
-    "transformers>=4.46",
-    "accelerate>=1.0",
-    "peft>=0.13",
-    "datasets>=3.0",
-    "safetensors>=0.4",
-    "huggingface_hub>=0.26",
+# The exact tested set is requirements/tested.txt (`pip install -e . -c requirements/tested.txt`).
+RUNTIME = [f"{name}>={floor}" for name, (floor, _why) in FLOORS.items()] + [
     "numpy",
     "pillow",
     "tqdm",

@@ -6,7 +6,11 @@ classification front ends load on first use, so `import hf_munba` stays light.
 
 import importlib
 
-from .bargaining import (
+from .dependency_versions import check_dependency_versions
+
+check_dependency_versions()  # one clear line naming what to install, before any deep failure
+
+from .bargaining import (  # noqa: E402
     BargainingSolution,
     BargainingStatus,
     BargainStats,
