@@ -13,7 +13,7 @@ from hf_munba.evaluation.prompts import NUDITY_PROMPTS, load_prompt_set
 from hf_munba.generation import read_manifest
 from hf_munba.testing import save_tiny_sd_pipeline
 
-from eval_generation_helpers import one_torch_thread, save_tiny_lora  # noqa: F401
+from eval_generation_helpers import assert_same_image, one_torch_thread, save_tiny_lora  # noqa: F401
 
 KW = dict(num_inference_steps=2, height=16, width=16)
 
@@ -99,8 +99,8 @@ def test_seeds_reproduce_exactly_and_batch_size_is_irrelevant(pipe, sd_dir, tmp_
     for m in a:
         ref = _px(tmp_path / "a" / m["file_name"])
         assert ref.shape == (16, 16, 3)
-        assert np.array_equal(ref, _px(tmp_path / "b" / m["file_name"]))
-        assert np.array_equal(ref, _px(tmp_path / "c" / m["file_name"]))
+        assert_same_image(ref, _px(tmp_path / "b" / m["file_name"]))
+        assert_same_image(ref, _px(tmp_path / "c" / m["file_name"]))
     assert not np.array_equal(_px(tmp_path / "a" / a[0]["file_name"]),
                               _px(tmp_path / "a" / a[1]["file_name"]))
     assert read_manifest(tmp_path / "a") == a

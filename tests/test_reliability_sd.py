@@ -118,9 +118,16 @@ def test_two_gloo_ranks_match_each_other_and_the_single_process_run(sd_assets, r
     base = load_file(str(sd_assets / "pipe" / "unet" / "diffusion_pytorch_model.safetensors"))
     moved = max((single[k] - base[k]).abs().max() for k in single)
     diff = max((single[k] - ddp[k]).abs().max() for k in single)
-    # Equal up to float round-off (the reduction order differs), which Adam can amplify on
-    # near-zero gradient entries; a different global batch or noise gives diff ~ 2 x moved.
-    assert moved > 2e-3 and diff < moved / 8, (float(diff), float(moved))
+    n = sum(v.numel() for v in single.values())
+    moved_mean = sum((single[k] - base[k]).abs().sum() for k in single) / n
+    diff_mean = sum((single[k] - ddp[k]).abs().sum() for k in single) / n
+    # Equal up to float round-off (the reduction order differs). Adam divides by sqrt(v), so on
+    # the few entries whose gradient is near zero that round-off can grow to a fraction of the
+    # step (seen: max diff 0.17 x max move); a different global batch or noise moves every
+    # entry differently (diff ~ 2 x moved). So: the typical entry must agree closely, and no
+    # entry may differ by as much as the largest move.
+    assert moved > 2e-3 and diff < moved / 2, (float(diff), float(moved))
+    assert diff_mean < moved_mean / 20, (float(diff_mean), float(moved_mean))
     for a, b in zip(history(reference_full), history(out)):
         for key in ("loss/retain", "loss/forget", "munba/cos", "munba/weight_retain",
                     "munba/weight_forget"):
