@@ -110,6 +110,10 @@ def _image_dir(tmp_path, broken=False, empty=False):
     ("model_bin_only", "no .safetensors weights"),
     ("label_count", "the model has 3 labels but the dataset has 10 classes"),
     ("no_processor", "needs a model folder holding its image processor"),
+    ("lr_scheduler", "bogus"),
+    ("unknown_flag", "--no_such_flag"),
+    ("bad_number", "--learning_rate"),
+    ("bad_resume", "--resume_from_checkpoint"),
 ])
 def test_bad_inputs_fail_before_model_load(tmp_path, capsys, monkeypatch, case, msg):
     out = tmp_path / "out"
@@ -147,6 +151,14 @@ def test_bad_inputs_fail_before_model_load(tmp_path, capsys, monkeypatch, case, 
         (m / "config.json").write_text("{}")
         (m / "pytorch_model.bin").write_bytes(b"")
         args["--model_name_or_path"] = str(m)
+    elif case == "lr_scheduler":
+        extra = ["--lr_scheduler_type", "bogus"]
+    elif case == "unknown_flag":
+        extra = ["--no_such_flag", "1"]
+    elif case == "bad_number":
+        extra = ["--learning_rate", "fast"]
+    elif case == "bad_resume":
+        extra = ["--resume_from_checkpoint", str(tmp_path / "no_checkpoint")]
     elif case in ("label_count", "no_processor"):
         m = tmp_path / "m"
         m.mkdir()
@@ -160,8 +172,27 @@ def test_bad_inputs_fail_before_model_load(tmp_path, capsys, monkeypatch, case, 
     argv = [x for kv in args.items() for x in kv] + extra
     err = _bad(tmp_path, capsys, *argv)
     assert msg in err
-    if case != "nonempty_out":
-        assert not out.exists() or not any(out.iterdir())
+    # one clear line: no usage block (over a hundred lines of flags), no traceback
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err[:2000]
+    if case == "nonempty_out":
+        assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    else:  # nothing written: not even an empty output folder
+        assert not out.exists()
+
+
+def test_bad_input_from_the_command_line_is_one_line(tmp_path):
+    """The real entry point (a subprocess): an unknown --lr_scheduler_type (TrainingArguments'
+    own ValueError) gives one ``error:`` line, exit status 2, and no output folder."""
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, str(SCRIPT), "--model_name_or_path", "tiny-resnet", "--dataset",
+                          "digits", "--forget_classes", "3", "--output_dir", str(out),
+                          "--lr_scheduler_type", "bogus"], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) <= 3 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert [ln for ln in lines if ln.startswith("error: ")] and "bogus" in res.stderr
+    assert not out.exists()
 
 
 def test_imagefolder_with_image_processor_and_class_names(tmp_path):
