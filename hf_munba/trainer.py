@@ -14,6 +14,7 @@ GradScaler, clipping, logging, evaluation, saving, resuming.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -22,7 +23,7 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 
-from .bargaining import DEFAULT_OPPOSED_TOL, NashBargainer
+from .bargaining import DEFAULT_OPPOSED_TOL, BargainingStatus, NashBargainer
 from .classification_objectives import FORGET_LOSSES
 from .unlearning_methods import UnlearningMethod, available_methods, get_method
 
@@ -218,6 +219,8 @@ class MunbaTrainer(Trainer):
         self._consecutive_skips = 0
         self._logs_acc: Dict[str, List[float]] = {}
         self._step_losses = [0.0, 0.0]
+        self._step_skipped = False
+        self._step_nonfinite = False
 
     # ------------------------------------------------------------------ data
     def _forget_collator(self):
@@ -368,7 +371,52 @@ class MunbaTrainer(Trainer):
     def _player(self, index: int):
         return self.bargainer.player(index) if self.bargainer is not None else contextlib.nullcontext()
 
+    def _guard_skipped_steps(self) -> None:
+        """Make the Trainer's ``optimizer.step()`` and ``lr_scheduler.step()`` no-ops on a skipped step.
+
+        The Trainer always calls both after the last micro-batch. Clearing ``.grad`` is not
+        enough: under a GradScaler the zeroed or scaled gradients still reach ``optimizer.step()``,
+        and any optimizer that decays or moves parameters without a gradient would change them.
+        So a skipped step never calls the optimizer at all: weights and optimizer state (momentum
+        buffers, Adam moments and step counts) stay bitwise untouched. The learning-rate schedule
+        does not advance either (as for a GradScaler overflow): it counts optimizer updates, so a
+        run with skips ends with the same schedule over the updates it really made. A GradScaler
+        still learns from the step: after non-finite gradients it backs off its scale; after a
+        finite skip (opposed players with ``fallback_player=None``) it keeps it.
+        Installed once per optimizer / scheduler object (instance attributes, no subclassing), so
+        accelerate's wrappers and checkpointed ``state_dict()`` are unaffected.
+        """
+        optimizer, scheduler = self.optimizer, self.lr_scheduler
+        if optimizer is not None and not getattr(optimizer, "_munba_skip_guard", False):
+            real_step = optimizer.step
+
+            @functools.wraps(real_step)  # keeps the marks torch's LR scheduler put on step()
+            def step(*args, **kwargs):
+                if not self._step_skipped:
+                    return real_step(*args, **kwargs)
+                scaler = getattr(self.accelerator, "scaler", None)
+                if scaler is not None:  # clears the scaler's per-step state (unscale_ by clipping)
+                    scale = scaler.get_scale()
+                    scaler.update(new_scale=scale * scaler.get_backoff_factor() if self._step_nonfinite
+                                  else scale)
+                return None
+
+            optimizer.step = step
+            optimizer._munba_skip_guard = True
+        if scheduler is not None and not getattr(scheduler, "_munba_skip_guard", False):
+            real_sched_step = scheduler.step
+
+            @functools.wraps(real_sched_step)
+            def sched_step(*args, **kwargs):
+                if self._step_skipped:
+                    return None
+                return real_sched_step(*args, **kwargs)
+
+            scheduler.step = sched_step
+            scheduler._munba_skip_guard = True
+
     def training_step(self, model, inputs, num_items_in_batch=None):
+        self._guard_skipped_steps()
         model.train()
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
@@ -417,10 +465,13 @@ class MunbaTrainer(Trainer):
             stats = self.bargainer.combine(grad_scale=scaler.get_scale() if scaler is not None else None)
             logs.update(stats.to_log_dict())
             skipped = stats.skipped
+            nonfinite = stats.status is BargainingStatus.NONFINITE
         else:
             grads = [p.grad for p in params if p.grad is not None]
-            skipped = bool(grads) and not bool(torch.isfinite(
+            skipped = nonfinite = bool(grads) and not bool(torch.isfinite(
                 torch.stack(torch._foreach_norm(grads)).sum()))
+        # read by the optimizer / scheduler guards (_guard_skipped_steps) right after this step
+        self._step_skipped, self._step_nonfinite = bool(skipped), bool(nonfinite)
         if skipped:
             self.num_nonfinite_steps += 1
             self._consecutive_skips += 1

@@ -1,0 +1,57 @@
+"""A skipped optimizer step (non-finite gradients) leaves weights, optimizer state and the
+learning-rate schedule exactly as they were: MunbaTrainer never calls the optimizer on it."""
+
+import copy
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from hf_munba.testing import tiny_resnet_classifier
+from hf_munba.trainer import MunbaTrainer
+from trainer_helpers import params_vector, targs, tiny_classification_data
+
+BAD = 3  # the third optimizer step sees a NaN forget batch
+
+
+def _state_equal(a, b):
+    """Optimizer / scheduler state dicts equal, tensors bit for bit."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_state_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_state_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("method", ["munba", "weighted"])
+@pytest.mark.parametrize("optim, optim_args", [("sgd", "momentum=0.9"), ("adamw_torch", None)])
+def test_skipped_step_leaves_weights_optimizer_and_schedule_untouched(tmp_path, method, optim, optim_args):
+    forget, retain = tiny_classification_data()
+    clean = forget.columns["pixel_values"].clone()
+    snaps = {}
+
+    class Probe(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            bad = state.global_step == BAD - 1  # the step about to run is number BAD
+            forget.columns["pixel_values"] = clean * float("nan") if bad else clean
+
+        def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kw):
+            snaps[state.global_step] = (params_vector(model), copy.deepcopy(optimizer.state_dict()),
+                                        copy.deepcopy(lr_scheduler.state_dict()))
+
+    args = targs(tmp_path, max_steps=BAD + 2, optim=optim, optim_args=optim_args, weight_decay=0.01,
+                 lr_scheduler_type="linear", learning_rate=0.05)
+    tr = MunbaTrainer(model=tiny_resnet_classifier(num_labels=4), args=args, train_dataset=retain,
+                      forget_dataset=forget, method=method, callbacks=[Probe()])
+    tr.train()
+    assert tr.num_nonfinite_steps == 1
+    before, after = snaps[BAD - 1], snaps[BAD]
+    assert not torch.equal(snaps[BAD - 2][0], before[0])  # a real step moves the weights
+    assert torch.equal(before[0], after[0]), "a skipped step changed the weights"
+    assert before[1]["state"] and _state_equal(before[1], after[1]), "a skipped step changed the optimizer state"
+    assert _state_equal(before[2], after[2]), "a skipped step advanced the learning-rate schedule"
+    assert not torch.equal(after[0], snaps[BAD + 1][0])  # training goes on after the skip
+    # the schedule counts the updates really made: one fewer than the Trainer's steps
+    assert tr.lr_scheduler.state_dict()["last_epoch"] == BAD + 2 - 1
