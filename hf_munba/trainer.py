@@ -372,48 +372,42 @@ class MunbaTrainer(Trainer):
         return self.bargainer.player(index) if self.bargainer is not None else contextlib.nullcontext()
 
     def _guard_skipped_steps(self) -> None:
-        """Make the Trainer's ``optimizer.step()`` and ``lr_scheduler.step()`` no-ops on a skipped step.
+        """Make the Trainer's ``optimizer.step()`` a no-op on a skipped step, and tell it so.
 
-        The Trainer always calls both after the last micro-batch. Clearing ``.grad`` is not
-        enough: under a GradScaler the zeroed or scaled gradients still reach ``optimizer.step()``,
-        and any optimizer that decays or moves parameters without a gradient would change them.
-        So a skipped step never calls the optimizer at all: weights and optimizer state (momentum
-        buffers, Adam moments and step counts) stay bitwise untouched. The learning-rate schedule
-        does not advance either (as for a GradScaler overflow): it counts optimizer updates, so a
-        run with skips ends with the same schedule over the updates it really made. A GradScaler
-        still learns from the step: after non-finite gradients it backs off its scale; after a
-        finite skip (opposed players with ``fallback_player=None``) it keeps it.
-        Installed once per optimizer / scheduler object (instance attributes, no subclassing), so
-        accelerate's wrappers and checkpointed ``state_dict()`` are unaffected.
+        The Trainer always calls ``optimizer.step()`` after the last micro-batch. Clearing
+        ``.grad`` is not enough: under a GradScaler the zeroed or scaled gradients still reach
+        the optimizer, and an optimizer that decays or moves parameters without a gradient would
+        change them. So a skipped step never calls the optimizer at all: weights and optimizer
+        state (momentum buffers, Adam moments and step counts) stay bitwise untouched. The step
+        is reported through accelerate's ``optimizer_step_was_skipped`` (as for a GradScaler
+        overflow), so the Trainer does not advance the learning-rate schedule either: the
+        schedule counts the updates really made. A GradScaler still learns from the step: after
+        non-finite gradients it backs off its scale; after a finite skip (opposed players with
+        ``fallback_player=None``) it keeps it. The wrapper is an instance attribute of the
+        accelerate optimizer (installed once); checkpointed ``state_dict()`` is unaffected.
         """
-        optimizer, scheduler = self.optimizer, self.lr_scheduler
-        if optimizer is not None and not getattr(optimizer, "_munba_skip_guard", False):
-            real_step = optimizer.step
+        optimizer = self.optimizer
+        if optimizer is None or getattr(optimizer, "_munba_skip_guard", False):
+            return
+        if not hasattr(optimizer, "_is_overflow"):
+            raise RuntimeError("MunbaTrainer needs accelerate's AcceleratedOptimizer (its step_was_skipped "
+                               "flag) to skip optimizer steps; got " + type(optimizer).__name__)
+        real_step = optimizer.step
 
-            @functools.wraps(real_step)  # keeps the marks torch's LR scheduler put on step()
-            def step(*args, **kwargs):
-                if not self._step_skipped:
-                    return real_step(*args, **kwargs)
-                scaler = getattr(self.accelerator, "scaler", None)
-                if scaler is not None:  # clears the scaler's per-step state (unscale_ by clipping)
-                    scale = scaler.get_scale()
-                    scaler.update(new_scale=scale * scaler.get_backoff_factor() if self._step_nonfinite
-                                  else scale)
-                return None
+        @functools.wraps(real_step)  # keeps the marks torch's LR scheduler put on step()
+        def step(*args, **kwargs):
+            if not self._step_skipped:
+                optimizer._is_overflow = False  # a GradScaler step sets it again itself
+                return real_step(*args, **kwargs)
+            scaler = getattr(self.accelerator, "scaler", None)
+            if scaler is not None:  # also clears the scaler's per-step state (unscale_ by clipping)
+                scale = scaler.get_scale()
+                scaler.update(new_scale=scale * scaler.get_backoff_factor() if self._step_nonfinite else scale)
+            optimizer._is_overflow = True  # -> accelerator.optimizer_step_was_skipped: no scheduler step
+            return None
 
-            optimizer.step = step
-            optimizer._munba_skip_guard = True
-        if scheduler is not None and not getattr(scheduler, "_munba_skip_guard", False):
-            real_sched_step = scheduler.step
-
-            @functools.wraps(real_sched_step)
-            def sched_step(*args, **kwargs):
-                if self._step_skipped:
-                    return None
-                return real_sched_step(*args, **kwargs)
-
-            scheduler.step = sched_step
-            scheduler._munba_skip_guard = True
+        optimizer.step = step
+        optimizer._munba_skip_guard = True
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self._guard_skipped_steps()
