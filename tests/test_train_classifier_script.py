@@ -59,6 +59,7 @@ def test_script_end_to_end(tmp_path):
     assert record["forget"] == {"classes": [3], "seed": 0} and record["method"] == "munba"
     card = (out / "README.md").read_text()
     assert "munba" in card and "acc_test" in card
+    _check_card_metadata(card, record["metrics"], tmp_path)
     assert (out / "checkpoints" / "checkpoint-2" / "munba_state.json").exists()
 
     # round trip: the saved model reproduces the recorded test accuracy
@@ -70,6 +71,46 @@ def test_script_end_to_end(tmp_path):
     model = AutoModelForImageClassification.from_pretrained(out, use_safetensors=True)
     pred, _, lab = predict_confidences(model, digits_dataset()["test"])
     assert 100.0 * (pred == lab).mean() == pytest.approx(record["metrics"]["acc_test"])
+
+
+def _check_card_metadata(card, metrics, tmp_path):
+    """The Hub metadata: license, pipeline tag, library, tags, no local base_model, and a
+    model-index holding exactly the metrics the run measured; no local path, no placeholder link."""
+    import yaml
+
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["license"] == "apache-2.0" and meta["pipeline_tag"] == "image-classification"
+    assert meta["library_name"] == "transformers" and "machine-unlearning" in meta["tags"]
+    assert "base_model" not in meta  # tiny-resnet is no Hub id
+    (entry,) = meta["model-index"]
+    shown = {m["name"].split(" (")[0]: m["value"] for r in entry["results"] for m in r["metrics"]}
+    expected = {"Acc D_f": "acc_forget", "Acc D_r": "acc_retain", "Acc D_t": "acc_test", "MIA-efficacy": "mia_efficacy"}
+    assert set(shown) == set(expected)
+    for name, key in expected.items():
+        assert shown[name] == pytest.approx(metrics[key], abs=1e-4)
+    assert str(tmp_path) not in card and "https://github.com/)" not in card
+
+
+def test_model_card_base_model_only_for_hub_ids(tmp_path):
+    from transformers import TrainingArguments
+
+    from hf_munba.classifier_io import classifier_model_card
+    import yaml
+
+    local = tmp_path / "my-classifier"
+    local.mkdir()
+    targs = TrainingArguments(output_dir=str(tmp_path / "out" / "checkpoints"), learning_rate=0.1, use_cpu=True)
+    kw = dict(method="munba", forget={"classes": [3]}, munba_args={"method": "munba"},
+              metrics={"acc_forget": 0.0, "acc_test": float("nan"), "runtime_s": 1.5}, training_args=targs)
+    for base, expect in (("google/vit-base-patch16-224", "google/vit-base-patch16-224"), (str(local), None),
+                         ("/abs/path/that/does/not/exist", None), ("tiny-vit", None)):
+        card = str(classifier_model_card(base_model=base, dataset=str(tmp_path / "imgs"), **kw))
+        meta = yaml.safe_load(card.split("---")[1])
+        assert meta.get("base_model") == expect
+        assert str(tmp_path) not in card and "/abs/path" not in card  # local paths by name only
+        metrics = [m["name"] for r in meta["model-index"][0]["results"] for m in r["metrics"]]
+        assert len(metrics) == 1 and metrics[0].startswith("Acc D_f")  # NaN (not measured) left out
+        assert "| learning_rate | 0.1 |" in card and "| munba.method | munba |" in card
 
 
 def _bad(tmp_path, capsys, *args):
