@@ -6,6 +6,12 @@
         --method munba --output_dir out/munba --learning_rate 0.05 --num_train_epochs 5 \
         --per_device_train_batch_size 64 --optim sgd --max_grad_norm 1.0
 
+Without a ``--forget_*`` option nothing is forgotten and the whole training split is D_r: that
+is how the original model is trained (``--method ft`` from ``tiny-resnet``/a config .json, or
+``--method retrain``, which re-initialises the weights). The README shows the whole recipe
+(original, unlearned, retrained gold standard, evaluation); tests/test_readme_classifier_recipe.py
+runs it. Bad input: one ``error: ...`` line, exit status 2, nothing written.
+
 Multi-process: ``accelerate launch --num_processes 2 training/train_munba_classifier.py ...``.
 Every ``TrainingArguments`` flag works. Writes the unlearned model (``from_pretrained``-ready,
 safetensors), ``unlearning_metrics.json`` and a model card into ``--output_dir``; checkpoints
