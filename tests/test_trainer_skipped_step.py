@@ -55,3 +55,50 @@ def test_skipped_step_leaves_weights_optimizer_and_schedule_untouched(tmp_path, 
     assert not torch.equal(after[0], snaps[BAD + 1][0])  # training goes on after the skip
     # the schedule counts the updates really made: one fewer than the Trainer's steps
     assert tr.lr_scheduler.state_dict()["last_epoch"] == BAD + 2 - 1
+
+
+def _with_cpu_grad_scaler(trainer):
+    """What fp16 on a GPU gives the Trainer (accelerate's GradScaler), on CPU: the scaler scales
+    the losses, unscales and checks the gradients, and wraps ``optimizer.step()``."""
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    return trainer.accelerator.scaler
+
+
+def test_skipped_step_under_a_grad_scaler_does_not_step_the_optimizer(tmp_path):
+    """Opposed players (the forget loss is exactly minus the retain loss on the same full batch:
+    cos = -1) with ``fallback_player=None``: every step is skipped with *finite* gradients.
+    A GradScaler finds nothing to skip in them, so an ``optimizer.step()`` would let AdamW's
+    weight decay and moments move the weights; none may run, and the scale stays."""
+    from hf_munba.classification_data import InMemoryDataset
+    from hf_munba.trainer import MunbaArguments
+
+    _, retain = tiny_classification_data(n=32)
+    data = InMemoryDataset({k: v[:8] for k, v in retain.columns.items()})
+    model = tiny_resnet_classifier(num_labels=4)
+    before = params_vector(model)
+    args = targs(tmp_path, max_steps=3, per_device_train_batch_size=8, optim="adamw_torch",
+                 weight_decay=0.1, lr_scheduler_type="linear")
+    tr = MunbaTrainer(model=model, args=args, train_dataset=data, forget_dataset=data,
+                      munba_args=MunbaArguments(forget_loss="neg_ce", fallback_player=None,
+                                                max_consecutive_skips=100))
+    scaler = _with_cpu_grad_scaler(tr)
+    tr.train()
+    assert tr.bargainer.num_skipped == 3 and tr.num_nonfinite_steps == 3
+    assert torch.equal(params_vector(tr.model), before)
+    assert not tr.optimizer.state_dict()["state"], "the optimizer was stepped"
+    assert tr.lr_scheduler.state_dict()["last_epoch"] == 0
+    assert scaler.get_scale() == 2.0 ** 8  # finite gradients: no overflow to back off from
+
+
+def test_nonfinite_step_under_a_grad_scaler_backs_off_its_scale(tmp_path):
+    forget, retain = tiny_classification_data()
+    forget.columns["pixel_values"][:] = float("nan")
+    model = tiny_resnet_classifier(num_labels=4)
+    before = params_vector(model)
+    tr = MunbaTrainer(model=model, args=targs(tmp_path, max_steps=2, optim="adamw_torch"),
+                      train_dataset=retain, forget_dataset=forget)
+    scaler = _with_cpu_grad_scaler(tr)
+    tr.train()
+    assert tr.num_nonfinite_steps == 2 and torch.equal(params_vector(tr.model), before)
+    assert not tr.optimizer.state_dict()["state"]
+    assert scaler.get_scale() == 2.0 ** 8 * scaler.get_backoff_factor() ** 2
