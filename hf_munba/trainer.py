@@ -464,7 +464,7 @@ class MunbaTrainer(Trainer):
             grads = [p.grad for p in params if p.grad is not None]
             skipped = nonfinite = bool(grads) and not bool(torch.isfinite(
                 torch.stack(torch._foreach_norm(grads)).sum()))
-        # read by the optimizer / scheduler guards (_guard_skipped_steps) right after this step
+        # read by the optimizer-step guard (_guard_skipped_steps) the Trainer calls right after this
         self._step_skipped, self._step_nonfinite = bool(skipped), bool(nonfinite)
         if skipped:
             self.num_nonfinite_steps += 1
