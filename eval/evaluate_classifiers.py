@@ -58,8 +58,14 @@ def parse_args(argv=None):
 
     try:
         require_sklearn("eval/evaluate_classifiers.py (MIA-efficacy)")
-        for path in models.values():
-            validate_model_source(path)
+        for name, path in models.items():
+            try:
+                validate_model_source(path)
+            except ValueError as e:
+                if name != "retrain":
+                    raise
+                raise ValueError(f"--retrain: {e}; it is the model trained from scratch on D_r "
+                                 "(training/train_munba_classifier.py --method retrain, as in the README)") from None
         if (a.dataset is None) == (a.train_dir is None):
             raise ValueError("give exactly one of --dataset digits or --train_dir")
         if a.dataset not in (None, "digits"):

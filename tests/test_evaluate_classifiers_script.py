@@ -38,7 +38,7 @@ def test_evaluate_saved_models(tmp_path, capsys):
 @pytest.mark.parametrize("argv, msg", [
     (["--models", "munba"], "name=path"),
     (["--models", "m=/nonexistent"], "is not a folder"),
-    (["--models", "m=tiny-resnet", "--retrain", "out/retrain"], "'out/retrain' is not a folder"),
+    (["--models", "m=tiny-resnet", "--retrain", "out/retrain"], "--method retrain"),
     (["--models", "m=tiny-resnet", "--batch_size", "many"], "--batch_size"),
 ])
 def test_bad_arguments(tmp_path, capsys, argv, msg):
