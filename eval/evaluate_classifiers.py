@@ -19,8 +19,16 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Bad input: one ``error: ...`` line (exit status 2), without the usage block above it."""
+
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineErrorParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", required=True, help="name=path pairs")
     p.add_argument("--retrain", default=None, help="the model retrained from scratch on D_r (Avg. Gap reference)")
     p.add_argument("--dataset", default=None, help="'digits'")
@@ -45,16 +53,24 @@ def parse_args(argv=None):
         models[name] = path
     if a.retrain:
         models = {"retrain": a.retrain, **models}
+    from hf_munba.classification_data import require_sklearn
     from hf_munba.classifier_io import validate_model_source
 
     try:
-        for path in models.values():
-            validate_model_source(path)
+        require_sklearn("eval/evaluate_classifiers.py (MIA-efficacy)")
+        for name, path in models.items():
+            try:
+                validate_model_source(path)
+            except ValueError as e:
+                if name != "retrain":
+                    raise
+                raise ValueError(f"--retrain: {e}; it is the model trained from scratch on D_r "
+                                 "(training/train_munba_classifier.py --method retrain, as in the README)") from None
         if (a.dataset is None) == (a.train_dir is None):
             raise ValueError("give exactly one of --dataset digits or --train_dir")
         if a.dataset not in (None, "digits"):
             raise ValueError(f"unknown --dataset {a.dataset!r}")
-    except ValueError as e:
+    except (ValueError, ImportError) as e:
         p.error(str(e))
     a.model_paths = models
     return a, p

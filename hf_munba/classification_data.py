@@ -11,18 +11,36 @@ import os
 
 import numpy as np
 
-__all__ = ["digits_dataset", "imagefolder_dataset", "imagefolder_class_names", "validate_imagefolder",
+__all__ = ["digits_dataset", "require_sklearn", "sklearn_available", "imagefolder_dataset", "imagefolder_class_names", "validate_imagefolder",
            "InMemoryDataset",
            "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
+def sklearn_available() -> bool:
+    """scikit-learn is an extra (``hf_munba[eval]``): training never needs it, the digits data and
+    the membership attack do."""
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def require_sklearn(purpose: str) -> None:
+    """Raise one clear ImportError naming the extra to install when scikit-learn is missing."""
+    if not sklearn_available():
+        raise ImportError(f"{purpose} needs scikit-learn, which is not installed: "
+                          "pip install 'hf_munba[eval]' (or pip install scikit-learn)")
+
+
 def digits_dataset(test_size: float = 0.2, seed: int = 0):
     """DatasetDict(train, test) of digits: ``pixel_values`` float32 [1, 8, 8] in [-1, 1], ``labels``.
 
-    The split is stratified and fixed by ``seed``.
+    The split is stratified and fixed by ``seed``. The images ship with scikit-learn.
     """
+    require_sklearn("the digits dataset")
     from datasets import ClassLabel, Dataset, DatasetDict, Features, Array3D
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split

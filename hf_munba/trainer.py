@@ -14,6 +14,7 @@ GradScaler, clipping, logging, evaluation, saving, resuming.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -22,7 +23,7 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 
-from .bargaining import DEFAULT_OPPOSED_TOL, NashBargainer
+from .bargaining import DEFAULT_OPPOSED_TOL, BargainingStatus, NashBargainer
 from .classification_objectives import FORGET_LOSSES
 from .unlearning_methods import UnlearningMethod, available_methods, get_method
 
@@ -218,6 +219,8 @@ class MunbaTrainer(Trainer):
         self._consecutive_skips = 0
         self._logs_acc: Dict[str, List[float]] = {}
         self._step_losses = [0.0, 0.0]
+        self._step_skipped = False
+        self._step_nonfinite = False
 
     # ------------------------------------------------------------------ data
     def _forget_collator(self):
@@ -368,7 +371,46 @@ class MunbaTrainer(Trainer):
     def _player(self, index: int):
         return self.bargainer.player(index) if self.bargainer is not None else contextlib.nullcontext()
 
+    def _guard_skipped_steps(self) -> None:
+        """Make the Trainer's ``optimizer.step()`` a no-op on a skipped step, and tell it so.
+
+        The Trainer always calls ``optimizer.step()`` after the last micro-batch. Clearing
+        ``.grad`` is not enough: under a GradScaler the zeroed or scaled gradients still reach
+        the optimizer, and an optimizer that decays or moves parameters without a gradient would
+        change them. So a skipped step never calls the optimizer at all: weights and optimizer
+        state (momentum buffers, Adam moments and step counts) stay bitwise untouched. The step
+        is reported through accelerate's ``optimizer_step_was_skipped`` (as for a GradScaler
+        overflow), so the Trainer does not advance the learning-rate schedule either: the
+        schedule counts the updates really made. A GradScaler still learns from the step: after
+        non-finite gradients it backs off its scale; after a finite skip (opposed players with
+        ``fallback_player=None``) it keeps it. The wrapper is an instance attribute of the
+        accelerate optimizer (installed once); checkpointed ``state_dict()`` is unaffected.
+        """
+        optimizer = self.optimizer
+        if optimizer is None or getattr(optimizer, "_munba_skip_guard", False):
+            return
+        if not hasattr(optimizer, "_is_overflow"):
+            raise RuntimeError("MunbaTrainer needs accelerate's AcceleratedOptimizer (its step_was_skipped "
+                               "flag) to skip optimizer steps; got " + type(optimizer).__name__)
+        real_step = optimizer.step
+
+        @functools.wraps(real_step)  # keeps the marks torch's LR scheduler put on step()
+        def step(*args, **kwargs):
+            if not self._step_skipped:
+                optimizer._is_overflow = False  # a GradScaler step sets it again itself
+                return real_step(*args, **kwargs)
+            scaler = getattr(self.accelerator, "scaler", None)
+            if scaler is not None:  # also clears the scaler's per-step state (unscale_ by clipping)
+                scale = scaler.get_scale()
+                scaler.update(new_scale=scale * scaler.get_backoff_factor() if self._step_nonfinite else scale)
+            optimizer._is_overflow = True  # -> accelerator.optimizer_step_was_skipped: no scheduler step
+            return None
+
+        optimizer.step = step
+        optimizer._munba_skip_guard = True
+
     def training_step(self, model, inputs, num_items_in_batch=None):
+        self._guard_skipped_steps()
         model.train()
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
@@ -417,10 +459,13 @@ class MunbaTrainer(Trainer):
             stats = self.bargainer.combine(grad_scale=scaler.get_scale() if scaler is not None else None)
             logs.update(stats.to_log_dict())
             skipped = stats.skipped
+            nonfinite = stats.status is BargainingStatus.NONFINITE
         else:
             grads = [p.grad for p in params if p.grad is not None]
-            skipped = bool(grads) and not bool(torch.isfinite(
+            skipped = nonfinite = bool(grads) and not bool(torch.isfinite(
                 torch.stack(torch._foreach_norm(grads)).sum()))
+        # read by the optimizer-step guard (_guard_skipped_steps) the Trainer calls right after this
+        self._step_skipped, self._step_nonfinite = bool(skipped), bool(nonfinite)
         if skipped:
             self.num_nonfinite_steps += 1
             self._consecutive_skips += 1

@@ -38,8 +38,13 @@ def test_evaluate_saved_models(tmp_path, capsys):
 @pytest.mark.parametrize("argv, msg", [
     (["--models", "munba"], "name=path"),
     (["--models", "m=/nonexistent"], "is not a folder"),
+    (["--models", "m=tiny-resnet", "--retrain", "out/retrain"], "--method retrain"),
+    (["--models", "m=tiny-resnet", "--batch_size", "many"], "--batch_size"),
 ])
 def test_bad_arguments(tmp_path, capsys, argv, msg):
-    with pytest.raises(SystemExit):
-        _main()(["--dataset", "digits", "--forget_classes", "3", "--output_dir", str(tmp_path), *argv])
-    assert msg in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        _main()(["--dataset", "digits", "--forget_classes", "3", "--output_dir", str(tmp_path / "out"), *argv])
+    err = capsys.readouterr().err
+    assert msg in err
+    assert e.value.code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1  # no usage block
+    assert not (tmp_path / "out").exists()

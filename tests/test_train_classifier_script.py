@@ -59,6 +59,7 @@ def test_script_end_to_end(tmp_path):
     assert record["forget"] == {"classes": [3], "seed": 0} and record["method"] == "munba"
     card = (out / "README.md").read_text()
     assert "munba" in card and "acc_test" in card
+    _check_card_metadata(card, record["metrics"], tmp_path)
     assert (out / "checkpoints" / "checkpoint-2" / "munba_state.json").exists()
 
     # round trip: the saved model reproduces the recorded test accuracy
@@ -70,6 +71,46 @@ def test_script_end_to_end(tmp_path):
     model = AutoModelForImageClassification.from_pretrained(out, use_safetensors=True)
     pred, _, lab = predict_confidences(model, digits_dataset()["test"])
     assert 100.0 * (pred == lab).mean() == pytest.approx(record["metrics"]["acc_test"])
+
+
+def _check_card_metadata(card, metrics, tmp_path):
+    """The Hub metadata: license, pipeline tag, library, tags, no local base_model, and a
+    model-index holding exactly the metrics the run measured; no local path, no placeholder link."""
+    import yaml
+
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["license"] == "apache-2.0" and meta["pipeline_tag"] == "image-classification"
+    assert meta["library_name"] == "transformers" and "machine-unlearning" in meta["tags"]
+    assert "base_model" not in meta  # tiny-resnet is no Hub id
+    (entry,) = meta["model-index"]
+    shown = {m["name"].split(" (")[0]: m["value"] for r in entry["results"] for m in r["metrics"]}
+    expected = {"Acc D_f": "acc_forget", "Acc D_r": "acc_retain", "Acc D_t": "acc_test", "MIA-efficacy": "mia_efficacy"}
+    assert set(shown) == set(expected)
+    for name, key in expected.items():
+        assert shown[name] == pytest.approx(metrics[key], abs=1e-4)
+    assert str(tmp_path) not in card and "https://github.com/)" not in card
+
+
+def test_model_card_base_model_only_for_hub_ids(tmp_path):
+    from transformers import TrainingArguments
+
+    from hf_munba.classifier_io import classifier_model_card
+    import yaml
+
+    local = tmp_path / "my-classifier"
+    local.mkdir()
+    targs = TrainingArguments(output_dir=str(tmp_path / "out" / "checkpoints"), learning_rate=0.1, use_cpu=True)
+    kw = dict(method="munba", forget={"classes": [3]}, munba_args={"method": "munba"},
+              metrics={"acc_forget": 0.0, "acc_test": float("nan"), "runtime_s": 1.5}, training_args=targs)
+    for base, expect in (("google/vit-base-patch16-224", "google/vit-base-patch16-224"), (str(local), None),
+                         ("/abs/path/that/does/not/exist", None), ("tiny-vit", None)):
+        card = str(classifier_model_card(base_model=base, dataset=str(tmp_path / "imgs"), **kw))
+        meta = yaml.safe_load(card.split("---")[1])
+        assert meta.get("base_model") == expect
+        assert str(tmp_path) not in card and "/abs/path" not in card  # local paths by name only
+        metrics = [m["name"] for r in meta["model-index"][0]["results"] for m in r["metrics"]]
+        assert len(metrics) == 1 and metrics[0].startswith("Acc D_f")  # NaN (not measured) left out
+        assert "| learning_rate | 0.1 |" in card and "| munba.method | munba |" in card
 
 
 def _bad(tmp_path, capsys, *args):
@@ -110,6 +151,10 @@ def _image_dir(tmp_path, broken=False, empty=False):
     ("model_bin_only", "no .safetensors weights"),
     ("label_count", "the model has 3 labels but the dataset has 10 classes"),
     ("no_processor", "needs a model folder holding its image processor"),
+    ("lr_scheduler", "bogus"),
+    ("unknown_flag", "--no_such_flag"),
+    ("bad_number", "--learning_rate"),
+    ("bad_resume", "--resume_from_checkpoint"),
 ])
 def test_bad_inputs_fail_before_model_load(tmp_path, capsys, monkeypatch, case, msg):
     out = tmp_path / "out"
@@ -147,6 +192,14 @@ def test_bad_inputs_fail_before_model_load(tmp_path, capsys, monkeypatch, case, 
         (m / "config.json").write_text("{}")
         (m / "pytorch_model.bin").write_bytes(b"")
         args["--model_name_or_path"] = str(m)
+    elif case == "lr_scheduler":
+        extra = ["--lr_scheduler_type", "bogus"]
+    elif case == "unknown_flag":
+        extra = ["--no_such_flag", "1"]
+    elif case == "bad_number":
+        extra = ["--learning_rate", "fast"]
+    elif case == "bad_resume":
+        extra = ["--resume_from_checkpoint", str(tmp_path / "no_checkpoint")]
     elif case in ("label_count", "no_processor"):
         m = tmp_path / "m"
         m.mkdir()
@@ -160,8 +213,27 @@ def test_bad_inputs_fail_before_model_load(tmp_path, capsys, monkeypatch, case, 
     argv = [x for kv in args.items() for x in kv] + extra
     err = _bad(tmp_path, capsys, *argv)
     assert msg in err
-    if case != "nonempty_out":
-        assert not out.exists() or not any(out.iterdir())
+    # one clear line: no usage block (over a hundred lines of flags), no traceback
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err[:2000]
+    if case == "nonempty_out":
+        assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    else:  # nothing written: not even an empty output folder
+        assert not out.exists()
+
+
+def test_bad_input_from_the_command_line_is_one_line(tmp_path):
+    """The real entry point (a subprocess): an unknown --lr_scheduler_type (TrainingArguments'
+    own ValueError) gives one ``error:`` line, exit status 2, and no output folder."""
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, str(SCRIPT), "--model_name_or_path", "tiny-resnet", "--dataset",
+                          "digits", "--forget_classes", "3", "--output_dir", str(out),
+                          "--lr_scheduler_type", "bogus"], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) <= 3 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert [ln for ln in lines if ln.startswith("error: ")] and "bogus" in res.stderr
+    assert not out.exists()
 
 
 def test_imagefolder_with_image_processor_and_class_names(tmp_path):

@@ -6,6 +6,12 @@
         --method munba --output_dir out/munba --learning_rate 0.05 --num_train_epochs 5 \
         --per_device_train_batch_size 64 --optim sgd --max_grad_norm 1.0
 
+Without a ``--forget_*`` option nothing is forgotten and the whole training split is D_r: that
+is how the original model is trained (``--method ft`` from ``tiny-resnet``/a config .json, or
+``--method retrain``, which re-initialises the weights). The README shows the whole recipe
+(original, unlearned, retrained gold standard, evaluation); tests/test_readme_classifier_recipe.py
+runs it. Bad input: one ``error: ...`` line, exit status 2, nothing written.
+
 Multi-process: ``accelerate launch --num_processes 2 training/train_munba_classifier.py ...``.
 Every ``TrainingArguments`` flag works. Writes the unlearned model (``from_pretrained``-ready,
 safetensors), ``unlearning_metrics.json`` and a model card into ``--output_dir``; checkpoints
@@ -67,8 +73,22 @@ class ScriptArguments:
             raise ValueError("--test_size must be in (0, 1)")
 
 
+def has_forget_spec(a: ScriptArguments) -> bool:
+    return any(x is not None for x in (a.forget_classes, a.forget_fraction, a.forget_indices))
+
+
 def forget_spec(a: ScriptArguments, label2id) -> ForgetSpec:
     return forget_spec_from_strings(a.forget_classes, a.forget_fraction, a.forget_indices, a.forget_seed, label2id)
+
+
+def split_data(a: ScriptArguments, train, names):
+    """(D_f, D_r, spec). Without a forget option nothing is forgotten: D_r is the whole training
+    split and D_f is None, which is how the script trains the original model (``--method ft``)."""
+    if not has_forget_spec(a):
+        return None, train, None
+    spec = forget_spec(a, {n: i for i, n in enumerate(names)})
+    forget_set, retain_set = split_forget_retain(train, spec)
+    return forget_set, retain_set, spec
 
 
 def check_label_count(script: ScriptArguments, num_classes: int) -> None:
@@ -83,21 +103,38 @@ def check_label_count(script: ScriptArguments, num_classes: int) -> None:
         raise ValueError(f"the model has {len(id2label)} labels but the dataset has {num_classes} classes")
 
 
+class OneLineErrorParser(HfArgumentParser):
+    """argparse's ``error`` prints the whole usage block (over a hundred lines with every
+    ``TrainingArguments`` flag) above the one line that matters; print only that line."""
+
+    def error(self, message):
+        fail(message)
+
+
+def fail(message: str):
+    """One clear message, no usage block, no traceback; exit status 2 (as argparse)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv=None):
-    parser = HfArgumentParser((ScriptArguments, MunbaArguments, TrainingArguments))
+    parser = OneLineErrorParser((ScriptArguments, MunbaArguments, TrainingArguments))
     raw = sys.argv[1:] if argv is None else list(argv)
     if any(a == "--deepspeed" or a.startswith("--deepspeed=") for a in raw) or \
             os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        parser.error(DEEPSPEED_MESSAGE)
+        fail(DEEPSPEED_MESSAGE)
     try:
         script, munba, targs = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as e:
-        parser.error(str(e))
+        fail(str(e))
     final_dir = targs.output_dir
     resume = targs.resume_from_checkpoint
 
-    # ---- every check before any model is loaded
+    # ---- every check before any model is loaded; nothing is written until they all pass
     import torch
+
+    from hf_munba.classification_data import require_sklearn, sklearn_available
+    from hf_munba.unlearning_methods import get_method
 
     try:
         validate_model_source(script.model_name_or_path)
@@ -108,37 +145,41 @@ def main(argv=None):
         if resume == "latest" and last_complete_checkpoint(os.path.join(final_dir, CHECKPOINTS)) is None:
             raise ValueError(f"--resume_from_checkpoint latest: no complete checkpoint in "
                              f"{os.path.join(final_dir, CHECKPOINTS)}")
-        # every rank validates (so all stop together); only the main one touches the disk
         ensure_output_dir(final_dir, script.overwrite_output_dir, allow_existing=resume is not None,
-                          check_only=targs.process_index != 0)
-        if targs.process_index == 0:
-            if script.overwrite_output_dir and resume is None:
-                import shutil
-
-                shutil.rmtree(os.path.join(final_dir, CHECKPOINTS), ignore_errors=True)
+                          check_only=True)
+        method = get_method(munba.method)
+        if not has_forget_spec(script) and method.uses_forget:
+            raise ValueError(f"method {munba.method!r} needs a forget set: give exactly one of forget "
+                             "classes, forget fraction or forget indices (--forget_classes, "
+                             "--forget_fraction, --forget_indices)")
         if script.dataset == "digits":
             from hf_munba.classification_data import digits_dataset
 
+            require_sklearn("--dataset digits")
             data = digits_dataset(test_size=script.test_size, seed=script.split_seed)
             num_channels = 1
             names = data["train"].features["labels"].names
-            spec = forget_spec(script, {n: i for i, n in enumerate(names)})
-            forget_set, retain_set = split_forget_retain(data["train"], spec)
+            forget_set, retain_set, spec = split_data(script, data["train"], names)
         else:
             from hf_munba.classification_data import imagefolder_class_names, validate_imagefolder
 
             validate_imagefolder(script.train_dir)
             data, num_channels = None, 3
             names = imagefolder_class_names(script.train_dir)
-            spec = forget_spec(script, {n: i for i, n in enumerate(names)})
-            if spec.classes is not None and max(spec.classes) >= len(names):
+            spec = forget_spec(script, {n: i for i, n in enumerate(names)}) if has_forget_spec(script) else None
+            if spec is not None and spec.classes is not None and max(spec.classes) >= len(names):
                 raise ValueError(f"forget classes {spec.classes} are not labels of this dataset ({names})")
             if not has_image_processor(script.model_name_or_path):
                 raise ValueError("--train_dir needs a model folder holding its image processor "
                                  "(preprocessor_config.json or processor_config.json)")
         check_label_count(script, len(names))
-    except ValueError as e:
-        parser.error(str(e))
+    except (ValueError, ImportError) as e:
+        fail(str(e))
+    # The membership attack of the final evaluation needs scikit-learn (an extra); training does not.
+    mia = spec is not None and sklearn_available()
+    if spec is not None and not mia:
+        print("warning: scikit-learn is not installed, so the final evaluation leaves out "
+              "MIA-efficacy (pip install 'hf_munba[eval]')", file=sys.stderr)
 
     # ---- model, then (for image folders) the processor-dependent data
     model, processor = load_image_classifier(
@@ -150,13 +191,20 @@ def main(argv=None):
 
         data = imagefolder_dataset(script.train_dir, processor, test_size=script.test_size, seed=script.split_seed)
         if data["train"].features["labels"].names != names:
-            parser.error(f"imagefolder classes {data['train'].features['labels'].names} differ from {names}")
+            fail(f"imagefolder classes {data['train'].features['labels'].names} differ from {names}")
         try:
-            forget_set, retain_set = split_forget_retain(data["train"], spec)
+            forget_set, retain_set, spec = split_data(script, data["train"], names)
         except ValueError as e:
-            parser.error(str(e))
+            fail(str(e))
         targs.remove_unused_columns = False
 
+    # every rank validated above (so all stop together); only the main one touches the disk
+    ensure_output_dir(final_dir, script.overwrite_output_dir, allow_existing=resume is not None,
+                      check_only=targs.process_index != 0)
+    if targs.process_index == 0 and script.overwrite_output_dir and resume is None:
+        import shutil
+
+        shutil.rmtree(os.path.join(final_dir, CHECKPOINTS), ignore_errors=True)
     targs.output_dir = os.path.join(final_dir, CHECKPOINTS)
     trainer = MunbaTrainer(model=model, args=targs, train_dataset=retain_set, forget_dataset=forget_set,
                            munba_args=munba)
@@ -168,10 +216,11 @@ def main(argv=None):
     from hf_munba.evaluation.classification import evaluate_unlearning
 
     metrics = evaluate_unlearning(trainer.accelerator.unwrap_model(trainer.model), forget_set, retain_set,
-                                  data["test"], batch_size=script.eval_batch_size)
+                                  data["test"], batch_size=script.eval_batch_size, mia=mia)
     metrics["runtime_s"] = float(result.metrics.get("train_runtime", float("nan")))
     metrics["nonfinite_steps"] = trainer.num_nonfinite_steps
     model = trainer.accelerator.unwrap_model(trainer.model)
+    forget = spec.to_dict() if spec is not None else {}
     with staged_output(final_dir) as stage:
         if hasattr(model, "prompt_ids"):  # CLIP zero-shot wrapper: its own save format
             model.save_pretrained(stage)
@@ -181,10 +230,10 @@ def main(argv=None):
         if processor is not None:
             processor.save_pretrained(stage)
         with open(os.path.join(stage, "unlearning_metrics.json"), "w") as f:
-            json.dump({"forget": spec.to_dict(), "method": munba.method, "metrics": metrics}, f, indent=2)
+            json.dump({"forget": forget, "method": munba.method, "metrics": metrics}, f, indent=2)
         write_model_card(stage, base_model=script.model_name_or_path, method=munba.method,
-                         forget=spec.to_dict(), munba_args=munba.to_dict(), metrics=metrics,
-                         dataset=script.dataset or script.train_dir)
+                         forget=forget, munba_args=munba.to_dict(), metrics=metrics,
+                         dataset=script.dataset or script.train_dir, training_args=targs)
     print(json.dumps({"output_dir": final_dir, **metrics}))
 
 

@@ -53,6 +53,9 @@ def predict_confidences(model, dataset, batch_size: int = 256, device=None):
 def mia_efficacy(retain_conf: Sequence[float], test_conf: Sequence[float],
                  forget_conf: Sequence[float], seed: int = 0) -> float:
     """Share (%) of D_f that an SVC membership attack on true-class confidence calls non-member."""
+    from ..classification_data import require_sklearn
+
+    require_sklearn("MIA-efficacy")
     from sklearn.svm import SVC
 
     r, t, f = (np.asarray(a, dtype=np.float64).reshape(-1, 1) for a in (retain_conf, test_conf, forget_conf))
@@ -82,15 +85,23 @@ def avg_gap(metrics: Mapping[str, float], reference: Mapping[str, float],
 
 
 def evaluate_unlearning(model, forget_set, retain_set, test_set, batch_size: int = 256,
-                        mia_seed: int = 0) -> Dict[str, float]:
-    """Acc on D_f, D_r, D_t and MIA-efficacy (percent)."""
+                        mia_seed: int = 0, mia: bool = True) -> Dict[str, float]:
+    """Acc on D_f, D_r, D_t and MIA-efficacy (percent).
+
+    ``forget_set=None`` (a model trained on everything, e.g. the original) gives Acc on D_r and
+    D_t only. ``mia=False`` leaves out MIA-efficacy, the one metric that needs scikit-learn.
+    """
     out = {}
     confs = {}
-    for name, ds in (("forget", forget_set), ("retain", retain_set), ("test", test_set)):
+    sets = (("forget", forget_set), ("retain", retain_set), ("test", test_set))
+    for name, ds in sets:
+        if ds is None:
+            continue
         pred, conf, lab = predict_confidences(model, ds, batch_size=batch_size)
         out[f"acc_{name}"] = 100.0 * float(np.mean(pred == lab)) if len(lab) else float("nan")
         confs[name] = conf
-    out["mia_efficacy"] = mia_efficacy(confs["retain"], confs["test"], confs["forget"], seed=mia_seed)
+    if mia and forget_set is not None:
+        out["mia_efficacy"] = mia_efficacy(confs["retain"], confs["test"], confs["forget"], seed=mia_seed)
     return out
 
 
