@@ -44,7 +44,9 @@ def _bargained_sd_step(component, lora, checkpointing):
     if checkpointing:
         enable_gradient_checkpointing(trained)  # what --gradient_checkpointing calls
     trained.train()
-    block = trained.down_blocks[0].attentions[0].transformer_blocks[0] if component == "unet" else trained.encoder.layers[0].mlp
+    inside = "down_blocks.0.attentions.0.transformer_blocks.0" if component == "unet" else "encoder.layers.0.mlp"
+    # by name suffix: transformers 5.0 nests CLIPTextModel's layers under .text_model, later releases do not
+    block = next(m for n, m in trained.named_modules() if n == inside or n.endswith("." + inside))
     calls = []
     # a module inside the checkpointed region, and a pre-hook: recomputation stops early,
     # before a forward hook would fire
