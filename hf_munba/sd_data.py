@@ -20,8 +20,10 @@ Augmentation, as in diffusers' ``text_to_image``: resize the shorter side, then 
 (``center_crop=True``) or a random crop, and with ``random_flip=True`` a horizontal flip with
 probability 1/2. The random crop offsets and the flip of an item come from a generator seeded by
 (seed, epoch, player, item), so they too are a pure function of the step (same on every rank,
-every worker, after a resume). Latent caching encodes each image once, so it needs a fixed crop
-(``center_crop=True``); a random flip is cached exactly by encoding both orientations.
+every worker, after a resume). Latent caching encodes each image once, so it needs a fixed crop:
+``center_crop=True``, or square images only (a square image resized to the resolution has one
+crop position, so the random crop is the centre crop); a random flip is cached exactly by encoding
+both orientations.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import numpy as np
 import torch
 
 __all__ = ["ImageCaptionSource", "DataValidationError", "load_imagefolder", "load_hub_dataset",
-           "dataset_source", "LazyImageColumn", "check_disjoint", "preprocess_image", "PairedUnlearningDataset", "class_prompts",
+           "dataset_source", "LazyImageColumn", "check_disjoint", "check_cacheable", "preprocess_image", "PairedUnlearningDataset", "class_prompts",
            "remap_class", "LatentCache"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -74,9 +76,26 @@ class ImageCaptionSource:
     images: List[Any]
     captions: List[str]
     hashes: List[str] = field(default_factory=list)
+    sizes: List[Tuple[int, int]] = field(default_factory=list)  # (width, height), if known
 
     def __len__(self) -> int:
         return len(self.captions)
+
+    def image_size(self, i: int) -> Tuple[int, int]:
+        """(width, height) of image ``i``: recorded, or read from the file header (no decode)."""
+        from PIL import Image
+
+        if self.sizes:
+            return tuple(self.sizes[i])
+        img = self.images[i]
+        if isinstance(img, (str, os.PathLike)):
+            with Image.open(img) as f:
+                return f.size
+        return img.size
+
+    def first_non_square(self) -> Optional[int]:
+        """Index of the first image that is not square (None if all are)."""
+        return next((i for i in range(len(self)) if len(set(self.image_size(i))) > 1), None)
 
     def load_image(self, i: int):
         from PIL import Image
@@ -110,7 +129,7 @@ def load_imagefolder(folder: str | os.PathLike, caption_column: str = "text",
     if not meta.exists():
         raise DataValidationError(f"{role} directory {folder} has no metadata.jsonl "
                                   f"(one JSON line per image with 'file_name' and '{caption_column}')")
-    images, captions, hashes = [], [], []
+    images, captions, hashes, sizes = [], [], [], []
     for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
@@ -131,6 +150,7 @@ def load_imagefolder(folder: str | os.PathLike, caption_column: str = "text",
         try:
             with Image.open(path) as im:
                 im.convert("RGB")
+                sizes.append(im.size)
         except Exception as e:  # PIL raises many types for broken files
             raise DataValidationError(f"cannot read image {path}: {e}") from None
         images.append(str(path))
@@ -148,7 +168,7 @@ def load_imagefolder(folder: str | os.PathLike, caption_column: str = "text",
             f"would be left out of training: {shown}. Add a line for each (file_name and "
             f"'{caption_column}'), move them out, or re-run the generation command that was "
             "interrupted")
-    return ImageCaptionSource(str(folder), images, captions, hashes)
+    return ImageCaptionSource(str(folder), images, captions, hashes, sizes)
 
 
 def load_hub_dataset(name: str, image_column: str = "image", caption_column: str = "text",
@@ -182,26 +202,34 @@ def dataset_source(ds, image_column: str = "image", caption_column: str = "text"
     for i, c in enumerate(captions):
         if not isinstance(c, str) or not c.strip():
             raise DataValidationError(f"{role} dataset {name} row {i} has no caption")
-    return ImageCaptionSource(name, LazyImageColumn(ds, image_column), captions,
-                              _encoded_hashes(ds, image_column))
+    hashes, sizes = _encoded_hashes_and_sizes(ds, image_column)
+    return ImageCaptionSource(name, LazyImageColumn(ds, image_column), captions, hashes, sizes)
 
 
-def _encoded_hashes(ds, column: str) -> List[str]:
+def _encoded_hashes_and_sizes(ds, column: str):
+    import io
+
     from datasets import Image as ImageFeature
+    from PIL import Image
 
+    hashes, sizes = [], []
     if not isinstance(ds.features[column], ImageFeature):
         col = LazyImageColumn(ds, column)
-        return [hashlib.sha1(np.asarray(col[i].convert("RGB")).tobytes()).hexdigest()
-                for i in range(len(col))]
+        for i in range(len(col)):
+            img = col[i].convert("RGB")
+            hashes.append(hashlib.sha1(np.asarray(img).tobytes()).hexdigest())
+            sizes.append(img.size)
+        return hashes, sizes
     raw = ds.select_columns([column]).cast_column(column, ImageFeature(decode=False))
-    hashes = []
     for rec in raw:
         enc = rec[column]
         data = enc.get("bytes")
         if data is None:
             data = Path(enc["path"]).read_bytes()
         hashes.append(hashlib.sha1(data).hexdigest())
-    return hashes
+        with Image.open(io.BytesIO(data)) as im:  # reads the header only
+            sizes.append(im.size)
+    return hashes, sizes
 
 
 def check_disjoint(forget: ImageCaptionSource, retain: ImageCaptionSource) -> None:
@@ -269,6 +297,25 @@ def _perm(n: int, *seed_parts: int) -> torch.Tensor:
     return torch.randperm(n, generator=_seeded_generator(*seed_parts))
 
 
+def check_cacheable(sources: Sequence[ImageCaptionSource], center_crop: bool) -> None:
+    """Raise ``ValueError`` unless every image's crop is fixed, so latents can be encoded once.
+
+    With ``center_crop=False`` a non-square image has several crop positions: its random crop
+    cannot be cached. A square image has one, whatever the resolution.
+    """
+    if center_crop:
+        return
+    for src in sources:
+        i = src.first_non_square()
+        if i is not None:
+            where = src.images[i] if isinstance(src.images, list) and isinstance(
+                src.images[i], (str, os.PathLike)) else f"{src.name} row {i}"
+            w, h = src.image_size(i)
+            raise ValueError(f"latent caching encodes each image once, so it cannot cache a random "
+                             f"crop, and {where} is {w}x{h}, not square: crop at the centre "
+                             "(center_crop=True, --center_crop); a random flip is cached exactly")
+
+
 class LatentCache:
     """VAE latent distributions (mean, std) per image and prompt embeddings per distinct text.
 
@@ -276,7 +323,7 @@ class LatentCache:
     step: the latent is still drawn fresh (mean + std * noise) from the same RNG stream. With a
     ``random_flip`` dataset both orientations of every image are encoded (keys
     ``(role, index, flipped)``), so the flip an item draws is applied exactly; a random crop
-    cannot be cached (the dataset must use ``center_crop=True``).
+    cannot be cached (the dataset must use ``center_crop=True`` or hold square images only).
     """
 
     def __init__(self):
@@ -286,9 +333,7 @@ class LatentCache:
     @torch.no_grad()
     def build(self, dataset: "PairedUnlearningDataset", vae, text_encoder=None,
               batch_size: int = 8, device=None, dtype=None) -> "LatentCache":
-        if not dataset.center_crop:
-            raise ValueError("latent caching encodes each image once, so it needs a fixed crop: "
-                             "build the dataset with center_crop=True (random crops cannot be cached)")
+        check_cacheable((dataset.forget, dataset.retain), dataset.center_crop)
         device = device or vae.device
         dtype = dtype or vae.dtype
         flips = (False, True) if dataset.random_flip else (False,)

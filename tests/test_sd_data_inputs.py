@@ -204,5 +204,17 @@ def test_latent_cache_is_exact_under_random_flip_and_refuses_random_crop():
                 assert it[f"{role}_flipped"] == ref[f"{role}_flipped"]
                 mean = vae.encode(ref[f"{role}_pixel_values"][None]).latent_dist.mean[0]
                 torch.testing.assert_close(it[f"{role}_latent_mean"], mean, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="center_crop=True"):
+    # a random crop cannot be cached ...
+    with pytest.raises(ValueError, match="20x16, not square.*center_crop=True"):
         LatentCache().build(_dataset(center_crop=False), vae)
+    # ... but a square image has one crop position: random == centre, so caching is exact
+    square = PairedUnlearningDataset(_source("forget", 2, (24, 24)), _source("retain", 3, (24, 24)),
+                                     tiny_clip_tokenizer(), 16, anchor_prompt="anchor",
+                                     center_crop=False, random_flip=True)
+    centred = PairedUnlearningDataset(_source("forget", 2, (24, 24)), _source("retain", 3, (24, 24)),
+                                      tiny_clip_tokenizer(), 16, anchor_prompt="anchor",
+                                      random_flip=True)
+    for i in range(3):
+        _same_items(square[i], centred[i])
+    square.cache = LatentCache().build(square, vae)
+    assert len(square.cache.latents) == 2 * (2 + 3)
