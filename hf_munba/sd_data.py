@@ -39,7 +39,8 @@ import numpy as np
 import torch
 
 __all__ = ["ImageCaptionSource", "DataValidationError", "load_imagefolder", "load_hub_dataset",
-           "dataset_source", "LazyImageColumn", "check_disjoint", "check_cacheable", "preprocess_image", "PairedUnlearningDataset", "class_prompts",
+           "dataset_source", "LazyImageColumn", "check_disjoint", "check_cacheable",
+           "preprocess_image", "PairedUnlearningDataset", "class_prompts",
            "remap_class", "LatentCache"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -232,6 +233,12 @@ def _encoded_hashes_and_sizes(ds, column: str):
     return hashes, sizes
 
 
+def _describe(src: ImageCaptionSource, i: int) -> str:
+    """Image ``i`` as a user finds it: its file, or the dataset row."""
+    img = src.images[i] if isinstance(src.images, list) else None
+    return str(img) if isinstance(img, (str, os.PathLike)) else f"{src.name} row {i}"
+
+
 def check_disjoint(forget: ImageCaptionSource, retain: ImageCaptionSource) -> None:
     """Refuse forget and retain sets that share an image (same bytes or pixels)."""
     shared = set(forget.hashes) & set(retain.hashes)
@@ -239,7 +246,7 @@ def check_disjoint(forget: ImageCaptionSource, retain: ImageCaptionSource) -> No
         i = forget.hashes.index(next(iter(shared)))
         raise DataValidationError(
             f"forget and retain sets overlap: {len(shared)} image(s) appear in both "
-            f"(e.g. {forget.images[i] if isinstance(forget.images, list) and isinstance(forget.images[i], str) else f'row {i}'})")
+            f"(e.g. {_describe(forget, i)})")
 
 
 def preprocess_image(image, resolution: int, *, center_crop: bool = True, flip: bool = False,
@@ -248,7 +255,9 @@ def preprocess_image(image, resolution: int, *, center_crop: bool = True, flip: 
     horizontally, scale to [-1, 1], CHW.
 
     The crop is centred (``center_crop=True``) or at offsets drawn from ``generator`` (uniform over
-    every valid position, as torchvision's ``RandomCrop``).
+    every valid position, as torchvision's ``RandomCrop``; the global RNG if ``generator`` is
+    None). Nothing is drawn along a side with a single position, so a square image takes no
+    random numbers at all.
     """
     from PIL import Image
 
@@ -259,14 +268,18 @@ def preprocess_image(image, resolution: int, *, center_crop: bool = True, flip: 
         image = image.resize((nw, nh), Image.BILINEAR)
     if center_crop:
         left, top = (nw - resolution) // 2, (nh - resolution) // 2
-    else:
-        left = int(torch.randint(0, nw - resolution + 1, (1,), generator=generator))
-        top = int(torch.randint(0, nh - resolution + 1, (1,), generator=generator))
+    else:  # draws only where there is a choice (never for a square image)
+        left = _offset(nw - resolution, generator)
+        top = _offset(nh - resolution, generator)
     image = image.crop((left, top, left + resolution, top + resolution))
     if flip:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
     arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def _offset(slack: int, generator: Optional[torch.Generator]) -> int:
+    return int(torch.randint(0, slack + 1, (1,), generator=generator)) if slack > 0 else 0
 
 
 def class_prompts(class_names: Sequence[str], template: str) -> List[str]:
@@ -308,8 +321,7 @@ def check_cacheable(sources: Sequence[ImageCaptionSource], center_crop: bool) ->
     for src in sources:
         i = src.first_non_square()
         if i is not None:
-            where = src.images[i] if isinstance(src.images, list) and isinstance(
-                src.images[i], (str, os.PathLike)) else f"{src.name} row {i}"
+            where = _describe(src, i)
             w, h = src.image_size(i)
             raise ValueError(f"latent caching encodes each image once, so it cannot cache a random "
                              f"crop, and {where} is {w}x{h}, not square: crop at the centre "

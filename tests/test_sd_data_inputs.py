@@ -216,5 +216,8 @@ def test_latent_cache_is_exact_under_random_flip_and_refuses_random_crop():
                                       random_flip=True)
     for i in range(3):
         _same_items(square[i], centred[i])
+    rng = torch.get_rng_state()
     square.cache = LatentCache().build(square, vae)
     assert len(square.cache.latents) == 2 * (2 + 3)
+    # encoding draws no random numbers: training after it sees the same RNG stream as without it
+    assert torch.equal(rng, torch.get_rng_state())

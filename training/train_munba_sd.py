@@ -489,8 +489,8 @@ def main(argv=None):
                     m.save_pretrained(os.path.join(output_dir, args.train_component),
                                       safe_serialization=True)
                 weights.pop()
-            state = {"global_step": history[-1]["step"] if history else 0, "guard": guard.state_dict(), "history": history,
-                     "metrics": metrics,
+            state = {"global_step": history[-1]["step"] if history else 0,  # read on resume
+                     "guard": guard.state_dict(), "history": history, "metrics": metrics,
                      "bargainer": None if bargainer is None else {
                          "num_steps": bargainer.num_steps, "num_skipped": bargainer.num_skipped,
                          "num_fallbacks": bargainer.num_fallbacks}}
@@ -667,10 +667,12 @@ def main(argv=None):
                     run_validation(global_step)
                 if global_step >= args.max_train_steps:
                     break
+            # end of an epoch; not when the step just did it, nor at the end (the final save does)
             if (args.validation_prompts and args.validation_epochs
                     and (epoch + 1) % args.validation_epochs == 0 and accelerator.is_main_process
+                    and global_step < args.max_train_steps
                     and not (args.validation_steps and global_step % args.validation_steps == 0)):
-                run_validation(global_step)  # end of the epoch (skipped if the step just did it)
+                run_validation(global_step)
     except TooManySkippedSteps as e:
         accelerator.end_training()
         fail(str(e))
