@@ -129,7 +129,7 @@ def test_card_metadata_and_saved_args(assets, noxattn_run):
     assert str(assets["root"]) not in card and str(ROOT) not in card
     measured = json.loads((out / "training_metrics.json").read_text())
     (index,) = meta["model-index"]
-    assert index["name"] == "noxattn"
+    assert index["name"] == "pipe-munba"  # no hub_model_id: named after the base
     found = {m["type"]: m["value"] for r in index["results"] for m in r["metrics"]}
     for when in ("before", "after"):
         for loss in ("forget_loss", "retain_loss"):

@@ -726,7 +726,8 @@ def main(argv=None):
                                  hparams=vars(args), metrics=card_metrics, image_grid=grid,
                                  lora=args.use_lora and not args.fuse_lora,
                                  repo_id=args.hub_model_id, objective=objective_text(args),
-                                 model_name=(args.hub_model_id or out.resolve().name).split("/")[-1],
+                                 model_name=(args.hub_model_id.split("/")[-1] if args.hub_model_id
+                                             else f"{Path(path).name}-munba"),
                                  forget_data=args.forget_data_dir or args.forget_dataset_name,
                                  retain_data=args.retain_data_dir or args.retain_dataset_name)
             card.save(str(tmp / "README.md"))
