@@ -17,7 +17,7 @@ from pathlib import PurePath
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 __all__ = ["SECRET_KEYS", "public_hparams", "tracker_hparams", "card_hparams", "is_hub_id",
-           "eval_results", "sd_model_card", "HubAccessError", "check_hub_access",
+           "eval_results", "card_text_with_eval_results", "sd_model_card", "HubAccessError", "check_hub_access",
            "push_folder_to_hub"]
 
 SECRET_KEYS = ("hub_token", "token", "api_key", "password")
@@ -202,6 +202,33 @@ def sd_model_card(*, base_model: str, forgotten: Sequence[str], retained: Sequen
              "not a proof that the concept cannot be recovered (e.g. by adversarial prompts or "
              "further fine-tuning). Evaluate before relying on it.", ""]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body))
+
+
+def card_text_with_eval_results(text: str, metrics: Mapping, *, dataset_name: str,
+                                model_name: str) -> str:
+    """``text`` (a README.md, with or without YAML front matter) with ``metrics`` as the
+    model-index results on the generated images, replacing earlier ones of that set.
+
+    What the evaluation suite (``eval/evaluate_generation.py --model_card``) uses so its numbers
+    reach the card's metadata, as the training script's do; the card's other metadata, its other
+    results (the training losses) and its text are kept.
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    new = eval_results(metrics)
+    for r in new:
+        r.dataset_name = dataset_name
+    if not text.startswith("---"):
+        if not new:
+            return text
+        data = ModelCardData(model_name=model_name, eval_results=new)
+        return f"---\n{data.to_yaml()}\n---\n{text}"
+    card = ModelCard(text)
+    kept = [r for r in (card.data.eval_results or []) if r.dataset_config != "generated"]
+    card.data.eval_results = (kept + new) or None
+    if card.data.eval_results:
+        card.data.model_name = card.data.model_name or model_name
+    return str(card)
 
 
 class HubAccessError(RuntimeError):

@@ -260,7 +260,7 @@ def test_check_hub_access_answers(monkeypatch):
 
 # ---- model card ---------------------------------------------------------------------------------
 def _card_yaml(card):
-    return yaml.safe_load(str(card).split("---")[1])
+    return yaml.safe_load(str(card).split("---")[1])  # a ModelCard or a README's text
 
 
 def test_card_has_a_model_index_and_no_local_paths(tmp_path):
@@ -382,3 +382,35 @@ class _AcceleratedLike:
     def step(self):
         self.scaler.step(self.opt)
         self.scaler.update()
+
+
+def test_evaluation_numbers_join_the_training_losses_in_the_model_index(tmp_path):
+    """evaluate_generation --model_card: its numbers go into the same model-index, replacing an
+    earlier evaluation's and keeping the run's losses, the other metadata and the text."""
+    from hf_munba.evaluation.report import CARD_BEGIN, update_model_card
+    from hf_munba.model_card import sd_model_card
+
+    card = sd_model_card(base_model="CompVis/stable-diffusion-v1-4", forgotten=["nudity"],
+                         retained=["a person"], hparams={}, repo_id="me/sd-munba",
+                         metrics={"before/forget_loss": 0.5, "after/forget_loss": 0.25})
+    card.save(str(tmp_path / "README.md"))
+    for exposed in (7, 3):  # a second evaluation replaces the first one's numbers
+        update_model_card(tmp_path, "## Eval", eval_results={
+            "nudity": {"total_exposed": exposed}, "clip": {"clip_score": 30.5}},
+            dataset_name="images generated from the nudity prompts")
+    text = (tmp_path / "README.md").read_text()
+    meta = _card_yaml(text)
+    assert meta["base_model"] == "CompVis/stable-diffusion-v1-4" and "munba" in meta["tags"]
+    (index,) = meta["model-index"]
+    assert index["name"] == "sd-munba"
+    found = {(r["dataset"]["config"], m["type"]): m["value"]
+             for r in index["results"] for m in r["metrics"]}
+    assert found == {("forget", "before_forget_loss"): 0.5, ("forget", "after_forget_loss"): 0.25,
+                     ("generated", "nudity_total_exposed"): 3,
+                     ("generated", "clip_clip_score"): 30.5}
+    assert "# Unlearned with MUNBa" in text and text.count(CARD_BEGIN) == 1
+    bare = tmp_path / "bare"  # a card without metadata gets some
+    bare.mkdir()
+    update_model_card(bare, "## Eval", eval_results={"nudity": {"total_exposed": 1}})
+    (index,) = _card_yaml((bare / "README.md").read_text())["model-index"]
+    assert index["name"] == "bare" and index["results"][0]["metrics"][0]["value"] == 1
