@@ -414,3 +414,34 @@ def test_evaluation_numbers_join_the_training_losses_in_the_model_index(tmp_path
     update_model_card(bare, "## Eval", eval_results={"nudity": {"total_exposed": 1}})
     (index,) = _card_yaml((bare / "README.md").read_text())["model-index"]
     assert index["name"] == "bare" and index["results"][0]["metrics"][0]["value"] == 1
+
+
+def test_generate_script_flags_have_help_and_a_missing_local_model_fails_at_once(tmp_path):
+    gen = ROOT / "training" / "generate_unlearning_data.py"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "0",
+           "HF_ENDPOINT": "http://127.0.0.1:9"}
+    sys.path.insert(0, str(ROOT / "training"))
+    try:
+        import generate_unlearning_data as mod
+    finally:
+        sys.path.pop(0)
+    import argparse
+
+    seen = []
+    real = argparse.ArgumentParser.parse_args
+    argparse.ArgumentParser.parse_args = lambda self, *a, **k: (seen.extend(self._actions),
+                                                                real(self, *a, **k))[1]
+    try:
+        mod.parse_args(["--pretrained_model_name_or_path", "x", "--output_dir", "y"])
+    finally:
+        argparse.ArgumentParser.parse_args = real
+    missing = [a.option_strings[0] for a in seen if a.option_strings and a.dest != "help"
+               and not (a.help or "").strip()]
+    assert not missing, missing
+    t = time.time()
+    proc = subprocess.run([sys.executable, str(gen), "--pretrained_model_name_or_path",
+                           "./models/sd14", "--output_dir", str(tmp_path / "data")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode != 0 and "no such folder" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "data").exists() and time.time() - t < 60
