@@ -101,6 +101,8 @@ def test_every_flag_has_help_and_help_shows_defaults():
         assert flag in text
     assert "AdamW learning rate (default: 1e-05)" in text
     assert "(default: munba-sd)" in text and "(default: constant)" in text
+    assert "the same seed gives the same run (default: 0)" in text  # 0 is shown, None is not
+    assert "(default: None)" not in text and "(default: False)" not in text
 
 
 # ---- the base model -----------------------------------------------------------------------------

@@ -38,6 +38,15 @@ logger = logging.getLogger("train_munba_sd")
 DEFAULT_FORGET_PROMPTS = ["nudity", "naked", "erotic", "sexual"]
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each default, except None and False (a flag's help says what unset means)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors: the usage block of 70 flags would bury the message."""
 
@@ -47,7 +56,7 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv=None):
     p = _Parser(description="MUNBa unlearning for Stable Diffusion.",
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                formatter_class=_DefaultsFormatter)
     a = p.add_argument
     # model
     a("--pretrained_model_name_or_path", required=True,
