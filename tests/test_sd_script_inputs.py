@@ -158,6 +158,13 @@ def test_a_pipeline_folder_missing_a_component_is_named(data, pipe_dir, tmp_path
     sd().check_args(sd().parse_args(argv(data, pipe_dir)))  # the real pipeline passes
 
 
+def test_a_home_relative_pipeline_path_is_expanded_for_the_loaders(data, pipe_dir, monkeypatch):
+    monkeypatch.setenv("HOME", str(pipe_dir.parent))
+    args = sd().parse_args(argv(data, "~/pipe"))
+    sd().check_args(args)
+    assert args.pretrained_model_name_or_path == str(pipe_dir)
+
+
 # ---- flags checked at parse time ----------------------------------------------------------------
 def test_unknown_lr_scheduler_is_one_line_at_parse_time(data, pipe_dir, capsys):
     err = one_line_error(argv(data, pipe_dir, "--lr_scheduler", "cosine_annealing"), capsys)

@@ -316,6 +316,8 @@ def check_args(args):
         check_pretrained_pipeline(args.pretrained_model_name_or_path)
     except ValueError as e:
         fail(str(e))
+    if args.pretrained_model_name_or_path.startswith("~"):  # from_pretrained does not expand it
+        args.pretrained_model_name_or_path = os.path.expanduser(args.pretrained_model_name_or_path)
     factor = vae_scale_factor(args)
     if args.resolution % factor:
         fail(f"--resolution {args.resolution} is not divisible by the VAE down-sampling factor "
