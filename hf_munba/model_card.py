@@ -1,30 +1,129 @@
 """Model cards for unlearned models and the push to the Hugging Face Hub.
 
-The card is the Hub's README.md: YAML metadata (base_model, tags, library_name) that makes the
-model findable, then what was forgotten and retained, the hyper-parameters, a validation image
-grid and the measured metrics. Secrets never reach it: keys that look like tokens are dropped.
+The card is the Hub's README.md: YAML metadata (base_model, tags, library_name and a
+``model-index`` with the run's measured numbers, which the Hub shows as evaluation results) that
+makes the model findable, then what was forgotten and retained, the hyper-parameters, a validation
+image grid and the measured metrics. Secrets never reach it: keys that look like tokens are
+dropped. Local paths never reach it either: a card is published, and ``/home/me/data/forget``
+means nothing to its readers (and tells them about the author's machine), so a local path is
+written as its last component and a local base model is not named as ``base_model``.
 """
 
 from __future__ import annotations
 
+import math
 import os
-from typing import Dict, Iterable, Mapping, Optional, Sequence
+from pathlib import PurePath
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
-__all__ = ["SECRET_KEYS", "public_hparams", "sd_model_card", "push_folder_to_hub"]
+__all__ = ["SECRET_KEYS", "public_hparams", "tracker_hparams", "card_hparams", "is_hub_id",
+           "eval_results", "card_text_with_eval_results", "sd_model_card", "HubAccessError", "check_hub_access",
+           "push_folder_to_hub"]
 
 SECRET_KEYS = ("hub_token", "token", "api_key", "password")
 DEFAULT_TAGS = ("machine-unlearning", "munba", "diffusers", "stable-diffusion",
                 "stable-diffusion-diffusers", "text-to-image")
 
 
+def _json_native(v: Any) -> Any:
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_json_native(x) for x in v]
+    if isinstance(v, Mapping):
+        return {str(k): _json_native(x) for k, x in v.items()}
+    return str(v)  # paths, dtypes, enums
+
+
 def public_hparams(args: Mapping) -> Dict:
-    """``args`` without secrets (anything named like a token), with paths and lists as strings."""
+    """``args`` without secrets (anything named like a token), as JSON values: a list flag stays a
+    list (``training_args.json`` round-trips it), a path becomes a string."""
+    return {k: _json_native(v) for k, v in dict(args).items()
+            if not any(s in k.lower() for s in SECRET_KEYS)}
+
+
+def tracker_hparams(args: Mapping) -> Dict:
+    """:func:`public_hparams` for ``init_trackers``: trackers take scalars only (None -> "none",
+    a list or dict -> its JSON text)."""
+    import json
+
     out = {}
-    for k, v in dict(args).items():
-        if any(s in k.lower() for s in SECRET_KEYS):
-            continue
-        out[k] = v if isinstance(v, (int, float, bool, str)) or v is None else str(v)
+    for k, v in public_hparams(args).items():
+        out[k] = "none" if v is None else (json.dumps(v) if isinstance(v, (list, dict)) else v)
     return out
+
+
+def _is_local_path(v: str) -> bool:
+    return os.path.isabs(v) or v.startswith("~") or (os.sep in v or "/" in v) and os.path.exists(v)
+
+
+def _public_path(v: str) -> str:
+    return PurePath(os.path.expanduser(v).rstrip("/\\")).name or v
+
+
+def card_hparams(args: Mapping) -> Dict:
+    """:func:`public_hparams` for a published card: a local path is shown as its last component."""
+    out = {}
+    for k, v in public_hparams(args).items():
+        if isinstance(v, str) and _is_local_path(v):
+            v = _public_path(v)
+        elif isinstance(v, list):
+            v = " ".join(_public_path(x) if isinstance(x, str) and _is_local_path(x) else str(x)
+                         for x in v)
+        out[k] = v
+    return out
+
+
+def is_hub_id(name: str) -> bool:
+    """A Hub repo id (``org/name``) that is not a local path."""
+    return (not os.path.exists(os.path.expanduser(name)) and name.count("/") == 1
+            and not name.startswith((".", "~", "/")))
+
+
+# Run counters, not measurements: in the card's table but not in its model-index.
+COUNTER_KEYS = ("skipped_steps", "bargaining_fallback_steps")
+
+
+def _flat_numbers(metrics: Mapping, prefix: str = "") -> Dict[str, float]:
+    out = {}
+    for k, v in metrics.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flat_numbers(v, key + "/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out[key] = float(v) if isinstance(v, float) else v
+    return out
+
+
+def eval_results(metrics: Mapping, *, forget_data: str = "forget set",
+                 retain_data: str = "retain set") -> List:
+    """``huggingface_hub.EvalResult``s (the card's model-index) of the numbers a run measured.
+
+    ``before/``/``after/`` ``forget_loss`` and ``retain_loss`` (the training losses on fixed
+    batches of D_f / D_r, with fixed noise) are reported on the forget / retain data; any other
+    finite number (e.g. from the evaluation suite via ``--model_card_metrics``; nested JSON objects
+    are flattened with ``/``) on "evaluation". Run counters (skipped steps) are left out.
+    """
+    from huggingface_hub import EvalResult
+
+    results = []
+    for key, value in _flat_numbers(metrics).items():
+        if key in COUNTER_KEYS:
+            continue
+        leaf = key.rsplit("/", 1)[-1]
+        if leaf in ("forget_loss", "retain_loss") and key.count("/") == 1:
+            role = leaf.split("_")[0]
+            data = forget_data if role == "forget" else retain_data
+            name = f"{leaf.replace('_', ' ')} ({key.split('/')[0]} unlearning)"
+        else:
+            role, data, name = "generated", "generated images (evaluation)", key
+        # the Hub groups results by (task, dataset type, config): the config keeps the sets apart
+        results.append(EvalResult(
+            task_type="text-to-image", task_name="Concept unlearning",
+            dataset_type=data if is_hub_id(data) else "imagefolder", dataset_config=role,
+            dataset_name=_public_path(data) if _is_local_path(data) else data,
+            metric_type=key.replace("/", "_"), metric_name=name, metric_value=value))
+    return results
 
 
 def _table(rows: Mapping) -> str:
@@ -40,19 +139,32 @@ def sd_model_card(*, base_model: str, forgotten: Sequence[str], retained: Sequen
                   hparams: Mapping, metrics: Optional[Mapping] = None,
                   image_grid: Optional[str] = None, lora: bool = False,
                   extra_tags: Iterable[str] = (), repo_id: Optional[str] = None,
-                  objective: Optional[str] = None):
-    """A ``huggingface_hub.ModelCard`` for an unlearned Stable Diffusion model."""
+                  objective: Optional[str] = None, model_name: Optional[str] = None,
+                  forget_data: str = "forget set", retain_data: str = "retain set"):
+    """A ``huggingface_hub.ModelCard`` for an unlearned Stable Diffusion model.
+
+    ``metrics`` fill the card's table and, through :func:`eval_results`, its model-index (named
+    ``model_name``, default: the repo name); ``forget_data`` / ``retain_data`` name the data the
+    losses were measured on (a Hub dataset id, or a local folder, shown by its last component).
+    """
     from huggingface_hub import ModelCard, ModelCardData
 
     tags = list(dict.fromkeys([*DEFAULT_TAGS, *(["lora"] if lora else []), *extra_tags]))
-    # The Hub only accepts repo ids as base_model; a local path is named in the text instead.
-    on_hub = not os.path.exists(base_model) and base_model.count("/") == 1
+    # The Hub only accepts repo ids as base_model; a local base is named by its folder name only.
+    on_hub = is_hub_id(base_model)
+    shown_base = base_model if on_hub else _public_path(base_model)
+    model_name = model_name or (repo_id.split("/")[-1] if repo_id else "munba-unlearned")
+    results = eval_results(metrics or {}, forget_data=forget_data, retain_data=retain_data)
     data = ModelCardData(base_model=base_model if on_hub else None, library_name="diffusers",
-                         tags=tags, license="creativeml-openrail-m", pipeline_tag="text-to-image")
-    base_ref = f"[{base_model}](https://huggingface.co/{base_model})" if on_hub else f"`{base_model}`"
+                         tags=tags, license="creativeml-openrail-m", pipeline_tag="text-to-image",
+                         model_name=model_name if results else None,
+                         eval_results=results or None)
+    base_ref = (f"[{base_model}](https://huggingface.co/{base_model})" if on_hub
+                else f"a local pipeline (`{shown_base}`)")
     usage = ("pipe = DiffusionPipeline.from_pretrained(BASE)\npipe.load_lora_weights(REPO)"
              if lora else "pipe = DiffusionPipeline.from_pretrained(REPO)")
-    usage = usage.replace("BASE", repr(base_model)).replace("REPO", repr(repo_id or "<this repo>"))
+    usage = usage.replace("BASE", repr(base_model if on_hub else f"path/to/{shown_base}"))
+    usage = usage.replace("REPO", repr(repo_id or "<this repo>"))
     body = [
         "# Unlearned with MUNBa",
         "",
@@ -80,13 +192,88 @@ def sd_model_card(*, base_model: str, forgotten: Sequence[str], retained: Sequen
     if image_grid:
         body += ["## Validation images", "", f"![validation images]({image_grid})", ""]
     if metrics:
-        body += ["## Metrics", "", _table(metrics), ""]
-    body += ["## Training hyper-parameters", "", _table(public_hparams(hparams)), ""]
+        body += ["## Metrics", "",
+                 "Losses on fixed batches of the forget / retain data with fixed noise, before "
+                 "and after unlearning (also in the card's metadata as evaluation results).", "",
+                 _table(card_hparams(metrics)), ""]
+    body += ["## Training hyper-parameters", "", _table(card_hparams(hparams)), ""]
     body += ["## Limitations", "",
              "Unlearning suppresses a concept for the prompts and data it was trained on; it is "
              "not a proof that the concept cannot be recovered (e.g. by adversarial prompts or "
              "further fine-tuning). Evaluate before relying on it.", ""]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body))
+
+
+def card_text_with_eval_results(text: str, metrics: Mapping, *, dataset_name: str,
+                                model_name: str) -> str:
+    """``text`` (a README.md, with or without YAML front matter) with ``metrics`` as the
+    model-index results on the generated images, replacing earlier ones of that set.
+
+    What the evaluation suite (``eval/evaluate_generation.py --model_card``) uses so its numbers
+    reach the card's metadata, as the training script's do; the card's other metadata, its other
+    results (the training losses) and its text are kept.
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    new = eval_results(metrics)
+    for r in new:
+        r.dataset_name = dataset_name
+    if not text.startswith("---"):
+        if not new:
+            return text
+        data = ModelCardData(model_name=model_name, eval_results=new)
+        return f"---\n{data.to_yaml()}\n---\n{text}"
+    card = ModelCard(text)
+    kept = [r for r in (card.data.eval_results or []) if r.dataset_config != "generated"]
+    card.data.eval_results = (kept + new) or None
+    if card.data.eval_results:
+        card.data.model_name = card.data.model_name or model_name
+    return str(card)
+
+
+class HubAccessError(RuntimeError):
+    """The Hub cannot take the push: offline, unreachable, no or a wrong token. One line, no token."""
+
+
+def check_hub_access(repo_id: str, token: Optional[str] = None) -> str:
+    """Make sure ``repo_id`` can be pushed to, before any training; returns the user name.
+
+    Asks the Hub who the token (``token`` or the saved login) belongs to, so that no network,
+    ``HF_HUB_OFFLINE``, a missing, invalid or read-only token, or a namespace the user cannot
+    write to fails in seconds with one :class:`HubAccessError` line instead of after the run.
+    The token never appears in a message.
+    """
+    import huggingface_hub
+    from huggingface_hub import constants, errors
+
+    where = constants.ENDPOINT
+    if constants.HF_HUB_OFFLINE:
+        raise HubAccessError("--push_to_hub needs the Hub, but HF_HUB_OFFLINE is set; unset it or "
+                             "drop --push_to_hub (the model is saved locally either way)")
+    try:
+        info = huggingface_hub.whoami(token=token)
+    except errors.LocalTokenNotFoundError:
+        raise HubAccessError("--push_to_hub needs a Hub token: run `hf auth login` or pass "
+                             "--hub_token") from None
+    except errors.HfHubHTTPError as e:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        what = ("the Hub token is not valid (401)" if status == 401
+                else f"the Hub at {where} answered HTTP {status}")
+        raise HubAccessError(f"--push_to_hub: {what}; check --hub_token / `hf auth login`") from None
+    except Exception as e:  # connection refused, DNS, timeouts: the transport's own types
+        raise HubAccessError(f"--push_to_hub: cannot reach the Hub at {where} "
+                             f"({type(e).__name__}); check the network or drop --push_to_hub") from None
+    user = info.get("name", "")
+    role = ((info.get("auth") or {}).get("accessToken") or {}).get("role")
+    if role == "read":
+        raise HubAccessError("--push_to_hub: the Hub token is read-only; use a token with write "
+                             "access")
+    namespace = repo_id.split("/")[0] if "/" in repo_id else user
+    allowed = {user, *(o.get("name") for o in info.get("orgs", []) if isinstance(o, dict))}
+    if namespace not in allowed:
+        raise HubAccessError(f"--hub_model_id {repo_id}: the token's user {user!r} cannot write to "
+                             f"{namespace!r} (its namespaces: {sorted(n for n in allowed if n)})")
+    return user
 
 
 def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, *, token: Optional[str] = None,

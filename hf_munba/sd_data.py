@@ -4,11 +4,26 @@ Sources are captioned image sets: a local imagefolder (images + ``metadata.jsonl
 ``file_name`` and ``text``, as written by :mod:`hf_munba.generation`) or a ``datasets`` dataset.
 Local folders are checked completely before any model is loaded, with one message per problem.
 
+Every image file in a local folder must be listed in ``metadata.jsonl``: an unlisted image is an
+error (naming it), not silently left out of training. A ``datasets`` dataset is read lazily: only
+the caption column and the encoded image bytes (for the overlap check) are read at start-up; an
+image is decoded when its item is drawn.
+
 Pairing: one epoch walks D_r once in a shuffled order; D_f is read as an endless stream of
 independently shuffled cycles, so every retain sample meets a forget sample. Orders come from
 ``torch.Generator``s seeded by (seed, epoch) / (seed, cycle), never from the global RNG: the data
-of step k is a pure function of k, so resuming from a checkpoint only has to skip batches.
-No random augmentation is applied (resize + centre crop), which is what makes latent caching exact.
+of step k is a pure function of k, so resuming from a checkpoint only has to skip batches. Each
+permutation is built once (per epoch, per forget cycle) and reused by the items, so an epoch
+costs O(N), not O(N^2).
+
+Augmentation, as in diffusers' ``text_to_image``: resize the shorter side, then a centre crop
+(``center_crop=True``) or a random crop, and with ``random_flip=True`` a horizontal flip with
+probability 1/2. The random crop offsets and the flip of an item come from a generator seeded by
+(seed, epoch, player, item), so they too are a pure function of the step (same on every rank,
+every worker, after a resume). Latent caching encodes each image once, so it needs a fixed crop:
+``center_crop=True``, or square images only (a square image resized to the resolution has one
+crop position, so the random crop is the centre crop); a random flip is cached exactly by encoding
+both orientations.
 """
 
 from __future__ import annotations
@@ -17,15 +32,15 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 __all__ = ["ImageCaptionSource", "DataValidationError", "load_imagefolder", "load_hub_dataset",
-           "check_disjoint", "preprocess_image", "PairedUnlearningDataset", "class_prompts",
+           "dataset_source", "LazyImageColumn", "check_disjoint", "check_cacheable",
+           "preprocess_image", "PairedUnlearningDataset", "class_prompts",
            "remap_class", "LatentCache"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -35,17 +50,53 @@ class DataValidationError(ValueError):
     """A forget / retain data source is unusable; the message names the folder and the file."""
 
 
+class LazyImageColumn:
+    """The image column of a ``datasets.Dataset``, decoded one row at a time on access.
+
+    ``len()`` and ``[i]`` are all a source needs; the dataset itself (memory-mapped Arrow) is
+    what gets pickled into DataLoader workers, not decoded images.
+    """
+
+    def __init__(self, dataset, column: str):
+        self.dataset = dataset.select_columns([column])
+        self.column = column
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        return self.dataset[int(i)][self.column]
+
+
 @dataclass
 class ImageCaptionSource:
-    """A list of (image, caption); images are file paths (local) or PIL images (datasets)."""
+    """A list of (image, caption); images are file paths (local), PIL images, or a
+    :class:`LazyImageColumn` (datasets, decoded on access)."""
 
     name: str
     images: List[Any]
     captions: List[str]
     hashes: List[str] = field(default_factory=list)
+    sizes: List[Tuple[int, int]] = field(default_factory=list)  # (width, height), if known
 
     def __len__(self) -> int:
         return len(self.captions)
+
+    def image_size(self, i: int) -> Tuple[int, int]:
+        """(width, height) of image ``i``: recorded, or read from the file header (no decode)."""
+        from PIL import Image
+
+        if self.sizes:
+            return tuple(self.sizes[i])
+        img = self.images[i]
+        if isinstance(img, (str, os.PathLike)):
+            with Image.open(img) as f:
+                return f.size
+        return img.size
+
+    def first_non_square(self) -> Optional[int]:
+        """Index of the first image that is not square (None if all are)."""
+        return next((i for i in range(len(self)) if len(set(self.image_size(i))) > 1), None)
 
     def load_image(self, i: int):
         from PIL import Image
@@ -75,10 +126,11 @@ def load_imagefolder(folder: str | os.PathLike, caption_column: str = "text",
         raise DataValidationError(f"{role} directory {folder} contains no images "
                                   f"({', '.join(IMAGE_EXTENSIONS)})")
     meta = folder / "metadata.jsonl"
+    listed = set()
     if not meta.exists():
         raise DataValidationError(f"{role} directory {folder} has no metadata.jsonl "
                                   f"(one JSON line per image with 'file_name' and '{caption_column}')")
-    images, captions, hashes = [], [], []
+    images, captions, hashes, sizes = [], [], [], []
     for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
@@ -99,35 +151,92 @@ def load_imagefolder(folder: str | os.PathLike, caption_column: str = "text",
         try:
             with Image.open(path) as im:
                 im.convert("RGB")
+                sizes.append(im.size)
         except Exception as e:  # PIL raises many types for broken files
             raise DataValidationError(f"cannot read image {path}: {e}") from None
         images.append(str(path))
         captions.append(text)
         hashes.append(hashlib.sha1(path.read_bytes()).hexdigest())
+        listed.add(path.resolve())
     if not images:
         raise DataValidationError(f"{meta} lists no images")
-    return ImageCaptionSource(str(folder), images, captions, hashes)
+    # An image on disk that the metadata does not list would silently not be trained on.
+    unlisted = sorted(p.name for p in images_on_disk if p.resolve() not in listed)
+    if unlisted:
+        shown = ", ".join(unlisted[:5]) + (f" and {len(unlisted) - 5} more" if len(unlisted) > 5 else "")
+        raise DataValidationError(
+            f"{role} directory {folder}: {len(unlisted)} image(s) not listed in metadata.jsonl "
+            f"would be left out of training: {shown}. Add a line for each (file_name and "
+            f"'{caption_column}'), move them out, or re-run the generation command that was "
+            "interrupted")
+    return ImageCaptionSource(str(folder), images, captions, hashes, sizes)
 
 
 def load_hub_dataset(name: str, image_column: str = "image", caption_column: str = "text",
                      split: str = "train", role: str = "data", **kwargs) -> ImageCaptionSource:
-    """A ``datasets`` dataset (by name or local path) as an :class:`ImageCaptionSource`."""
+    """A ``datasets`` dataset (by name or local path) as a lazily decoded :class:`ImageCaptionSource`.
+
+    ``kwargs`` go to ``datasets.load_dataset`` (e.g. ``cache_dir``, ``revision``).
+    """
     from datasets import load_dataset
 
     ds = load_dataset(name, split=split, **kwargs)
+    return dataset_source(ds, image_column, caption_column, name=name, role=role)
+
+
+def dataset_source(ds, image_column: str = "image", caption_column: str = "text", *,
+                   name: str = "dataset", role: str = "data") -> ImageCaptionSource:
+    """A ``datasets.Dataset`` as an :class:`ImageCaptionSource` without decoding its images.
+
+    The captions are read (and checked) now; images are decoded when an item is drawn. The
+    overlap check's hashes are the SHA-1 of each image's encoded bytes (the file's bytes, as for
+    a local folder), read without decoding; a column that is not a ``datasets.Image`` feature is
+    hashed from its pixels, one row at a time.
+    """
     for col in (image_column, caption_column):
         if col not in ds.column_names:
             raise DataValidationError(f"{role} dataset {name} has no column '{col}' "
                                       f"(columns: {ds.column_names})")
     if len(ds) == 0:
         raise DataValidationError(f"{role} dataset {name} is empty")
-    captions = list(ds[caption_column])
+    captions = list(ds.select_columns([caption_column])[caption_column])
     for i, c in enumerate(captions):
         if not isinstance(c, str) or not c.strip():
             raise DataValidationError(f"{role} dataset {name} row {i} has no caption")
-    images = list(ds[image_column])
-    hashes = [hashlib.sha1(np.asarray(im.convert("RGB")).tobytes()).hexdigest() for im in images]
-    return ImageCaptionSource(name, images, captions, hashes)
+    hashes, sizes = _encoded_hashes_and_sizes(ds, image_column)
+    return ImageCaptionSource(name, LazyImageColumn(ds, image_column), captions, hashes, sizes)
+
+
+def _encoded_hashes_and_sizes(ds, column: str):
+    import io
+
+    from datasets import Image as ImageFeature
+    from PIL import Image
+
+    hashes, sizes = [], []
+    if not isinstance(ds.features[column], ImageFeature):
+        col = LazyImageColumn(ds, column)
+        for i in range(len(col)):
+            img = col[i].convert("RGB")
+            hashes.append(hashlib.sha1(np.asarray(img).tobytes()).hexdigest())
+            sizes.append(img.size)
+        return hashes, sizes
+    raw = ds.select_columns([column]).cast_column(column, ImageFeature(decode=False))
+    for rec in raw:
+        enc = rec[column]
+        data = enc.get("bytes")
+        if data is None:
+            data = Path(enc["path"]).read_bytes()
+        hashes.append(hashlib.sha1(data).hexdigest())
+        with Image.open(io.BytesIO(data)) as im:  # reads the header only
+            sizes.append(im.size)
+    return hashes, sizes
+
+
+def _describe(src: ImageCaptionSource, i: int) -> str:
+    """Image ``i`` as a user finds it: its file, or the dataset row."""
+    img = src.images[i] if isinstance(src.images, list) else None
+    return str(img) if isinstance(img, (str, os.PathLike)) else f"{src.name} row {i}"
 
 
 def check_disjoint(forget: ImageCaptionSource, retain: ImageCaptionSource) -> None:
@@ -137,11 +246,19 @@ def check_disjoint(forget: ImageCaptionSource, retain: ImageCaptionSource) -> No
         i = forget.hashes.index(next(iter(shared)))
         raise DataValidationError(
             f"forget and retain sets overlap: {len(shared)} image(s) appear in both "
-            f"(e.g. {forget.images[i] if isinstance(forget.images[i], str) else f'row {i}'})")
+            f"(e.g. {_describe(forget, i)})")
 
 
-def preprocess_image(image, resolution: int) -> torch.Tensor:
-    """Resize the shorter side to ``resolution`` (bilinear), centre-crop, scale to [-1, 1], CHW."""
+def preprocess_image(image, resolution: int, *, center_crop: bool = True, flip: bool = False,
+                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Resize the shorter side to ``resolution`` (bilinear), crop a square, optionally flip
+    horizontally, scale to [-1, 1], CHW.
+
+    The crop is centred (``center_crop=True``) or at offsets drawn from ``generator`` (uniform over
+    every valid position, as torchvision's ``RandomCrop``; the global RNG if ``generator`` is
+    None). Nothing is drawn along a side with a single position, so a square image takes no
+    random numbers at all.
+    """
     from PIL import Image
 
     w, h = image.size
@@ -149,10 +266,20 @@ def preprocess_image(image, resolution: int) -> torch.Tensor:
     nw, nh = max(resolution, round(w * s)), max(resolution, round(h * s))
     if (nw, nh) != (w, h):
         image = image.resize((nw, nh), Image.BILINEAR)
-    left, top = (nw - resolution) // 2, (nh - resolution) // 2
+    if center_crop:
+        left, top = (nw - resolution) // 2, (nh - resolution) // 2
+    else:  # draws only where there is a choice (never for a square image)
+        left = _offset(nw - resolution, generator)
+        top = _offset(nh - resolution, generator)
     image = image.crop((left, top, left + resolution, top + resolution))
+    if flip:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
     arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def _offset(slack: int, generator: Optional[torch.Generator]) -> int:
+    return int(torch.randint(0, slack + 1, (1,), generator=generator)) if slack > 0 else 0
 
 
 def class_prompts(class_names: Sequence[str], template: str) -> List[str]:
@@ -174,17 +301,41 @@ def remap_class(class_names: Sequence[str], forget_class: str, remap_to: Optiona
     return remap_to
 
 
-def _perm(n: int, *seed_parts: int) -> torch.Tensor:
+def _seeded_generator(*seed_parts) -> torch.Generator:
     digest = hashlib.sha256(repr(seed_parts).encode()).hexdigest()
-    g = torch.Generator().manual_seed(int(digest[:15], 16))
-    return torch.randperm(n, generator=g)
+    return torch.Generator().manual_seed(int(digest[:15], 16))
+
+
+def _perm(n: int, *seed_parts: int) -> torch.Tensor:
+    return torch.randperm(n, generator=_seeded_generator(*seed_parts))
+
+
+def check_cacheable(sources: Sequence[ImageCaptionSource], center_crop: bool) -> None:
+    """Raise ``ValueError`` unless every image's crop is fixed, so latents can be encoded once.
+
+    With ``center_crop=False`` a non-square image has several crop positions: its random crop
+    cannot be cached. A square image has one, whatever the resolution.
+    """
+    if center_crop:
+        return
+    for src in sources:
+        i = src.first_non_square()
+        if i is not None:
+            where = _describe(src, i)
+            w, h = src.image_size(i)
+            raise ValueError(f"latent caching encodes each image once, so it cannot cache a random "
+                             f"crop, and {where} is {w}x{h}, not square: crop at the centre "
+                             "(center_crop=True, --center_crop); a random flip is cached exactly")
 
 
 class LatentCache:
     """VAE latent distributions (mean, std) per image and prompt embeddings per distinct text.
 
     Storing the distribution instead of one sample keeps training identical to encoding every
-    step: the latent is still drawn fresh (mean + std * noise) from the same RNG stream.
+    step: the latent is still drawn fresh (mean + std * noise) from the same RNG stream. With a
+    ``random_flip`` dataset both orientations of every image are encoded (keys
+    ``(role, index, flipped)``), so the flip an item draws is applied exactly; a random crop
+    cannot be cached (the dataset must use ``center_crop=True`` or hold square images only).
     """
 
     def __init__(self):
@@ -194,15 +345,19 @@ class LatentCache:
     @torch.no_grad()
     def build(self, dataset: "PairedUnlearningDataset", vae, text_encoder=None,
               batch_size: int = 8, device=None, dtype=None) -> "LatentCache":
+        check_cacheable((dataset.forget, dataset.retain), dataset.center_crop)
         device = device or vae.device
         dtype = dtype or vae.dtype
+        flips = (False, True) if dataset.random_flip else (False,)
         for role, src in (("forget", dataset.forget), ("retain", dataset.retain)):
-            for s in range(0, len(src), batch_size):
-                idx = list(range(s, min(len(src), s + batch_size)))
-                px = torch.stack([dataset.pixels(src, i) for i in idx]).to(device, dtype)
-                dist = vae.encode(px).latent_dist
-                for k, i in enumerate(idx):
-                    self.latents[(role, i)] = (dist.mean[k].float().cpu(), dist.std[k].float().cpu())
+            for flip in flips:
+                for s in range(0, len(src), batch_size):
+                    idx = list(range(s, min(len(src), s + batch_size)))
+                    px = torch.stack([dataset.pixels(src, i, flip=flip) for i in idx]).to(device, dtype)
+                    dist = vae.encode(px).latent_dist
+                    for k, i in enumerate(idx):
+                        self.latents[(role, i, flip)] = (dist.mean[k].float().cpu(),
+                                                         dist.std[k].float().cpu())
         if text_encoder is not None:
             texts = sorted(set(dataset.all_texts()))
             for s in range(0, len(texts), batch_size):
@@ -221,11 +376,18 @@ class PairedUnlearningDataset(torch.utils.data.Dataset):
     image, the prompt to forget (its caption, or ``forget_prompts`` cycled) and the anchor prompt
     whose prediction the remap objective matches (``anchor_prompt`` or, class-wise, per sample).
     With a :class:`LatentCache`, images become latent (mean, std) and prompts embeddings.
+    ``center_crop`` / ``random_flip``: the augmentation of the module docstring.
+
+    The dataset pickles (DataLoader workers under the ``spawn`` start method): its caches of
+    permutations and token ids are plain dicts, dropped from the pickle and rebuilt on use.
     """
+
+    _MAX_CACHED_PERMS = 8
 
     def __init__(self, forget: ImageCaptionSource, retain: ImageCaptionSource, tokenizer,
                  resolution: int, *, anchor_prompt: str, seed: int = 0,
-                 forget_prompts: Optional[Sequence[str]] = None, uncond_prompt: str = ""):
+                 forget_prompts: Optional[Sequence[str]] = None, uncond_prompt: str = "",
+                 center_crop: bool = True, random_flip: bool = False):
         self.forget, self.retain = forget, retain
         self.tokenizer = tokenizer
         self.resolution = resolution
@@ -233,9 +395,17 @@ class PairedUnlearningDataset(torch.utils.data.Dataset):
         self.uncond_prompt = uncond_prompt
         self.forget_prompts = list(forget_prompts) if forget_prompts else None
         self.seed = seed
+        self.center_crop = center_crop
+        self.random_flip = random_flip
         self.epoch = 0
         self.cache: Optional[LatentCache] = None
-        self._tok = lru_cache(maxsize=4096)(self._tokenize)
+        self._perms: Dict[tuple, torch.Tensor] = {}
+        self._token_ids: Dict[str, torch.Tensor] = {}
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_perms"], state["_token_ids"] = {}, {}
+        return state
 
     def __len__(self) -> int:
         return len(self.retain)
@@ -244,15 +414,30 @@ class PairedUnlearningDataset(torch.utils.data.Dataset):
         """Select epoch ``epoch``'s pairing (named so accelerate's own ``set_epoch`` calls miss it)."""
         self.epoch = epoch
 
-    def _tokenize(self, text: str) -> torch.Tensor:
-        return self.tokenizer(text, padding="max_length", max_length=self.tokenizer.model_max_length,
-                              truncation=True, return_tensors="pt").input_ids[0]
+    def _permutation(self, n: int, *seed_parts: int) -> torch.Tensor:
+        """``_perm(n, *seed_parts)``, built once and kept (a few, the most recent ones)."""
+        key = (n, *seed_parts)
+        perm = self._perms.get(key)
+        if perm is None:
+            if len(self._perms) >= self._MAX_CACHED_PERMS:
+                self._perms.pop(next(iter(self._perms)))
+            perm = self._perms[key] = _perm(n, *seed_parts)
+        return perm
 
     def tokenize(self, text: str) -> torch.Tensor:
-        return self._tok(text)
+        ids = self._token_ids.get(text)
+        if ids is None:
+            ids = self.tokenizer(text, padding="max_length",
+                                 max_length=self.tokenizer.model_max_length, truncation=True,
+                                 return_tensors="pt").input_ids[0]
+            if len(self._token_ids) < 4096:
+                self._token_ids[text] = ids
+        return ids
 
-    def pixels(self, src: ImageCaptionSource, i: int) -> torch.Tensor:
-        return preprocess_image(src.load_image(i), self.resolution)
+    def pixels(self, src: ImageCaptionSource, i: int, *, flip: bool = False,
+               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        return preprocess_image(src.load_image(i), self.resolution, center_crop=self.center_crop,
+                                flip=flip, generator=generator)
 
     def all_texts(self) -> List[str]:
         texts = set(self.retain.captions) | {self.anchor_prompt, self.uncond_prompt}
@@ -264,10 +449,20 @@ class PairedUnlearningDataset(torch.utils.data.Dataset):
         epoch = self.epoch if epoch is None else epoch
         pos = epoch * len(self.retain) + i
         n = len(self.forget)
-        return int(_perm(n, self.seed, pos // n, 1)[pos % n]), pos
+        return int(self._permutation(n, self.seed, pos // n, 1)[pos % n]), pos
+
+    def augmentation(self, role: str, i: int, epoch: Optional[int] = None
+                     ) -> Tuple[bool, Optional[torch.Generator]]:
+        """(flip?, generator for the random crop) of player ``role`` in item ``i`` of ``epoch``."""
+        if self.center_crop and not self.random_flip:
+            return False, None
+        epoch = self.epoch if epoch is None else epoch
+        g = _seeded_generator(self.seed, epoch, i, role, "augment")
+        flip = bool(torch.rand(1, generator=g) < 0.5) if self.random_flip else False
+        return flip, (None if self.center_crop else g)
 
     def __getitem__(self, i: int) -> Dict[str, Any]:
-        r = int(_perm(len(self.retain), self.seed, self.epoch, 0)[i])
+        r = int(self._permutation(len(self.retain), self.seed, self.epoch, 0)[i])
         f, pos = self.forget_index(i)
         forget_text = (self.forget_prompts[pos % len(self.forget_prompts)]
                        if self.forget_prompts else self.forget.captions[f])
@@ -275,11 +470,14 @@ class PairedUnlearningDataset(torch.utils.data.Dataset):
                  "anchor": self.anchor_prompt, "uncond": self.uncond_prompt}
         item: Dict[str, Any] = {"retain_index": r, "forget_index": f}
         for role, src, j in (("retain", self.retain, r), ("forget", self.forget, f)):
+            flip, generator = self.augmentation(role, i)
+            if self.random_flip:
+                item[f"{role}_flipped"] = flip
             if self.cache is not None:
-                mean, std = self.cache.latents[(role, j)]
+                mean, std = self.cache.latents[(role, j, flip)]
                 item[f"{role}_latent_mean"], item[f"{role}_latent_std"] = mean, std
             else:
-                item[f"{role}_pixel_values"] = self.pixels(src, j)
+                item[f"{role}_pixel_values"] = self.pixels(src, j, flip=flip, generator=generator)
         for role, text in texts.items():
             if self.cache is not None and self.cache.embeddings:
                 item[f"{role}_embeddings"] = self.cache.embeddings[text]

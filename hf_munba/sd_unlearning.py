@@ -21,14 +21,16 @@ process with batch N*b draws, so both runs take the same steps.
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Optional
+import math
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
 from .sd_objectives import (FORGET_OBJECTIVES, TARGET_MODELS, denoising_target, esd_target,
                             forget_loss_from_preds, retain_loss_from_pred)
 
-__all__ = ["SDUnlearner", "adapters_disabled", "unwrap", "SkippedStepGuard", "TooManySkippedSteps"]
+__all__ = ["SDUnlearner", "adapters_disabled", "unwrap", "SkippedStepGuard", "TooManySkippedSteps",
+           "guarded_step"]
 
 
 def unwrap(model):
@@ -75,7 +77,8 @@ class SDUnlearner:
             raise ValueError(f"unknown target model {target_model!r}; choose one of {TARGET_MODELS}")
         if train_component not in ("unet", "text_encoder"):
             raise ValueError(f"unknown train component {train_component!r}")
-        if target_model == "frozen" and not lora:
+        # gradient ascent has no target model, so it needs no frozen copy
+        if target_model == "frozen" and not lora and forget_objective != "ga":
             frozen = frozen_unet if train_component == "unet" else frozen_text_encoder
             if frozen is None:
                 raise ValueError(f"target_model='frozen' without LoRA needs a frozen copy of the "
@@ -213,6 +216,42 @@ class SDUnlearner:
         finally:
             self.num_processes, self.process_index = shard
         return {"retain_loss": total_r / max(n, 1), "forget_loss": total_f / max(n, 1)}
+
+
+def guarded_step(optimizer, lr_scheduler=None, *, skip: bool = False, nonfinite: bool = False,
+                 clip: Optional[Callable[[], object]] = None, scaler=None) -> Tuple[bool, float]:
+    """One optimizer step, or a skipped one that changes nothing; returns (stepped, grad_norm).
+
+    A skipped step leaves the weights, the optimizer state (Adam's ``exp_avg``, ``exp_avg_sq``,
+    ``step``) and the learning-rate schedule exactly as they were: ``optimizer.step()`` is never
+    called for it, because even with zero gradients AdamW moves the weights by its momentum and
+    weight decay. The step is skipped when the caller says so (``skip``: the bargainer skipped,
+    or the losses are not finite) or when the clipped norm (``clip()``, which unscales under a
+    GradScaler) is not finite. The scheduler steps only with the optimizer.
+
+    ``scaler`` (a ``torch.amp.GradScaler``, e.g. ``accelerator.scaler``): on a non-finite skip
+    (``nonfinite`` or a non-finite norm) its scale backs off as ``GradScaler.update`` would do
+    after an overflow, so fp16 training recovers; a skip for another reason leaves it alone.
+    The decision never depends on the scaler's own inf check, so it is the same with and
+    without one. ``grad_norm`` is NaN when ``clip`` was not called.
+    """
+    norm = float("nan")
+    if not skip and clip is not None:
+        value = clip()
+        norm = float(value) if value is not None else float("nan")
+        if value is not None and not math.isfinite(norm):
+            skip = nonfinite = True
+    if skip:
+        if scaler is not None and nonfinite and scaler.is_enabled():
+            scaler.update(scaler.get_scale() * scaler.get_backoff_factor())  # also clears unscale_
+            tracker = getattr(scaler, "_growth_tracker", None)
+            if tracker is not None:
+                tracker.fill_(0)
+        return False, norm
+    optimizer.step()
+    if lr_scheduler is not None:
+        lr_scheduler.step()
+    return True, norm
 
 
 class TooManySkippedSteps(RuntimeError):

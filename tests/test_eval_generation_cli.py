@@ -126,6 +126,17 @@ def test_one_command_end_to_end(assets, tmp_path):
     assert grid.size == (160 + 3 * 128, 2 * 128)
     card = (Path(assets["lora"]) / "README.md").read_text()
     assert CARD_BEGIN in card and "| munba |" in card
+    # the munba numbers also reach the card's metadata (model-index), which the Hub renders
+    import yaml
+
+    (index,) = yaml.safe_load(card.split("---")[1])["model-index"]
+    found = {m["type"]: m["value"] for r in index["results"] for m in r["metrics"]}
+    assert found["nudity_belly"] == nud["table"]["munba"]["belly"]
+    assert found["clip_clip_score"] == pytest.approx(clip["munba"]["clip_score"])
+    assert found["classification_forget_accuracy"] == pytest.approx(
+        res["metrics"]["classification"]["table"]["munba"]["forget_accuracy"])
+    assert {r["dataset"]["name"] for r in index["results"]} == {
+        "images generated from the imagenette prompts"}
     assert not (Path(assets["sd"]) / "README.md").exists()
 
     # a second run into the same folder: refused without --resume, reuses everything with it

@@ -21,18 +21,19 @@ GENERATE = ROOT / "training" / "generate_unlearning_data.py"
 TOKEN = "hf_SECRETtoken1234567890abcdef"
 
 
-def _env(extra_pythonpath=None):
+def _env(extra_pythonpath=None, **extra):
     env = dict(os.environ)
     paths = [str(ROOT)] + ([str(extra_pythonpath)] if extra_pythonpath else [])
     env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")])
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
                ACCELERATE_USE_CPU="true")
+    env.update(extra)
     return env
 
 
-def _run(script, args, expect_ok=True, extra_pythonpath=None):
+def _run(script, args, expect_ok=True, extra_pythonpath=None, **env):
     proc = subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True,
-                          text=True, env=_env(extra_pythonpath), cwd=str(ROOT), timeout=300)
+                          text=True, env=_env(extra_pythonpath, **env), cwd=str(ROOT), timeout=300)
     if expect_ok and proc.returncode != 0:
         raise AssertionError(f"{script.name} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
@@ -117,6 +118,29 @@ def test_noxattn_trains_only_the_subset_and_reloads(assets, noxattn_run):
     assert not list(out.parent.glob(".noxattn.staging-*"))
 
 
+def test_card_metadata_and_saved_args(assets, noxattn_run):
+    """The card's model-index holds the run's measured losses; no local path is published."""
+    import yaml
+
+    out, _ = noxattn_run
+    card = (out / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---")[1])
+    assert "base_model" not in meta  # the base is a local folder, not a Hub id
+    assert str(assets["root"]) not in card and str(ROOT) not in card
+    measured = json.loads((out / "training_metrics.json").read_text())
+    (index,) = meta["model-index"]
+    assert index["name"] == "pipe-munba"  # no hub_model_id: named after the base
+    found = {m["type"]: m["value"] for r in index["results"] for m in r["metrics"]}
+    for when in ("before", "after"):
+        for loss in ("forget_loss", "retain_loss"):
+            assert found[f"{when}_{loss}"] == pytest.approx(measured[f"{when}/{loss}"])
+    datasets = {r["dataset"]["config"]: r["dataset"]["name"] for r in index["results"]}
+    assert datasets == {"forget": "forget", "retain": "retain"}
+    saved = json.loads((out / "training_args.json").read_text())
+    assert saved["validation_prompts"] == ["nudity", "a person wearing clothes"]
+    assert saved["pretrained_model_name_or_path"] == str(assets["pipe"])  # local file: as given
+
+
 def test_cache_latents_matches_encoding_every_step(assets, noxattn_run, tmp_path):
     out, _ = noxattn_run
     cached = tmp_path / "cached"
@@ -149,6 +173,105 @@ def test_resume_from_checkpoint_ends_with_the_same_weights(assets, noxattn_run, 
     full = [json.loads(l) for l in (out / "history.jsonl").read_text().splitlines()]
     again = [json.loads(l) for l in (resumed / "history.jsonl").read_text().splitlines()]
     assert full == again
+
+
+def test_resume_from_a_checkpoint_folder_with_any_name(assets, noxattn_run, tmp_path):
+    """A checkpoint copied away and renamed (e.g. the best one) resumes: its step is recorded."""
+    out, _ = noxattn_run
+    best = tmp_path / "best-so-far"
+    shutil.copytree(out / "checkpoint-2", best)
+    resumed = tmp_path / "resumed"
+    proc = _run(TRAIN, common(assets, resumed, steps=4) + ["--checkpointing_steps", 2,
+                                                           "--resume_from_checkpoint", best])
+    assert f"resuming from {best}" in proc.stderr
+    a, b = _unet_state(out), _unet_state(resumed)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    full = [json.loads(l) for l in (out / "history.jsonl").read_text().splitlines()]
+    again = [json.loads(l) for l in (resumed / "history.jsonl").read_text().splitlines()]
+    assert full == again
+
+
+def _recorder(tmp_path):
+    """sitecustomize recording the tracker project name and, on the training call number
+    MUNBA_TEST_NAN_CALL of the forget loss, making that loss NaN."""
+    d = tmp_path / "recorder"
+    d.mkdir()
+    log = tmp_path / "recorded.json"
+    (d / "sitecustomize.py").write_text(textwrap.dedent(f"""
+        import json, os, torch, accelerate
+        import hf_munba.sd_unlearning as su
+        _init = accelerate.Accelerator.init_trackers
+        def init_trackers(self, project_name, *a, **kw):
+            open({str(log)!r}, "w").write(json.dumps({{"project_name": project_name}}))
+            return _init(self, project_name, *a, **kw)
+        accelerate.Accelerator.init_trackers = init_trackers
+        _forget = su.SDUnlearner.forget_loss
+        CALLS = [0]
+        def forget_loss(self, batch):
+            loss = _forget(self, batch)
+            if torch.is_grad_enabled():  # training, not the before/after evaluation
+                CALLS[0] += 1
+                if str(CALLS[0]) == os.environ.get("MUNBA_TEST_NAN_CALL"):
+                    loss = loss * float("nan")
+            return loss
+        su.SDUnlearner.forget_loss = forget_loss
+    """))
+    return d, log
+
+
+def test_frozen_target_with_ga_runs_and_random_flip_validation_epochs_tracker_name(assets, tmp_path):
+    """--target_model frozen --forget_objective ga without LoRA used to crash after loading the
+    models; --random_flip changes what is trained on; --validation_epochs validates at each
+    epoch's end; --tracker_project_name reaches the trackers."""
+    rec, log = _recorder(tmp_path)
+    base = common(assets, tmp_path / "plain", steps=4) + [
+        "--target_model", "frozen", "--forget_objective", "ga", "--checkpointing_steps", 100,
+        "--validation_prompts", "nudity", "--validation_epochs", 1,
+        "--validation_inference_steps", 1]
+    proc = _run(TRAIN, base, extra_pythonpath=rec)
+    assert "--target_model frozen has no effect with --forget_objective ga" in proc.stderr
+    assert json.loads(log.read_text())["project_name"] == "munba-sd"
+    plain = tmp_path / "plain"
+    # 4 retain images, batch 2: 2 steps an epoch, 2 epochs -> validation after steps 2 and 4
+    assert sorted(p.name for p in (plain / "validation").iterdir()) == ["step-000002",
+                                                                        "step-000004"]
+    flipped = tmp_path / "flipped"
+    args = list(base)
+    args[args.index("--output_dir") + 1] = flipped
+    _run(TRAIN, args + ["--random_flip", "--tracker_project_name", "my-unlearning"],
+         extra_pythonpath=rec)
+    assert json.loads(log.read_text())["project_name"] == "my-unlearning"
+    a, b, orig = _unet_state(plain), _unet_state(flipped), _unet_state(assets["pipe"])
+    assert any(not torch.equal(a[k], orig[k]) for k in a)
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # other (flipped) images were trained on
+
+
+def test_a_skipped_step_leaves_weights_adam_state_and_schedule_untouched(assets, tmp_path):
+    """A NaN forget loss on step 2: checkpoint-2 equals checkpoint-1 in weights, AdamW state
+    (with weight decay) and lr schedule; step 3 trains again."""
+    rec, _ = _recorder(tmp_path)
+    out = tmp_path / "nan2"
+    proc = _run(TRAIN, common(assets, out, steps=3) + [
+        "--checkpointing_steps", 1, "--adam_weight_decay", 0.1, "--lr_scheduler", "linear"],
+        extra_pythonpath=rec, MUNBA_TEST_NAN_CALL="2")
+    assert "step 2: non-finite loss or gradient, update skipped" in proc.stderr
+    ck = [out / f"checkpoint-{i}" for i in (1, 2, 3)]
+    w = [_unet_state(c) for c in ck]
+    assert all(torch.equal(w[0][k], w[1][k]) for k in w[0])
+    assert any(not torch.equal(w[1][k], w[2][k]) for k in w[1])
+    opt = [torch.load(c / "optimizer.bin", weights_only=True) for c in ck]
+    assert opt[0]["state"] and opt[0]["state"].keys() == opt[1]["state"].keys()
+    for i, st in opt[0]["state"].items():
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(torch.as_tensor(st[key]), torch.as_tensor(opt[1]["state"][i][key])), key
+    assert any(not torch.equal(torch.as_tensor(opt[1]["state"][i]["step"]),
+                               torch.as_tensor(opt[2]["state"][i]["step"])) for i in opt[1]["state"])
+    sched = [torch.load(c / "scheduler.bin", weights_only=True) for c in ck]
+    assert sched[0]["last_epoch"] == sched[1]["last_epoch"] < sched[2]["last_epoch"]
+    history = [json.loads(l) for l in (out / "history.jsonl").read_text().splitlines()]
+    assert [h["step_skipped"] for h in history] == [0.0, 1.0, 0.0]
+    assert history[0]["lr"] == history[1]["lr"] > history[2]["lr"]
 
 
 def test_lora_with_alpha_not_rank_and_fused_pipeline(assets, tmp_path):
@@ -195,7 +318,8 @@ def test_lora_with_alpha_not_rank_and_fused_pipeline(assets, tmp_path):
 
 
 def _fake_hub(tmp_path):
-    """sitecustomize replacing the two Hub calls; records their arguments as JSON."""
+    """sitecustomize replacing the three Hub calls (the access check before training, then the
+    push); records their arguments as JSON."""
     d = tmp_path / "fakehub"
     d.mkdir()
     log = tmp_path / "hub_calls.json"
@@ -211,8 +335,12 @@ def _fake_hub(tmp_path):
             import os
             kw["files"] = sorted(os.listdir(kw["folder_path"]))
             CALLS.append({{"fn": "upload_folder", **{{k: (v if k == "files" else str(v)) for k, v in kw.items()}}}}); _save()
+        def whoami(token=None, **kw):
+            CALLS.append({{"fn": "whoami", "token": str(token)}}); _save()
+            return {{"name": "me", "orgs": [], "auth": {{"accessToken": {{"role": "write"}}}}}}
         huggingface_hub.create_repo = create_repo
         huggingface_hub.upload_folder = upload_folder
+        huggingface_hub.whoami = whoami
     """))
     return d, log
 
@@ -227,7 +355,8 @@ def test_text_encoder_standalone_and_push_to_hub_without_leaking_the_token(asset
     proc = _run(TRAIN, common(assets, out) + ["--model_card_metrics", tmp_path / "eval.json",
         "--train_component", "text_encoder", "--train_params", "full", "--forget_objective", "esd",
         "--target_model", "frozen", "--gradient_checkpointing", "--push_to_hub", "--hub_model_id", "me/sd-munba-te",
-        "--hub_token", TOKEN], extra_pythonpath=fake)
+        "--hub_token", TOKEN], extra_pythonpath=fake,
+        HF_HUB_OFFLINE="0", HF_ENDPOINT="http://127.0.0.1:9")  # online for the fake Hub only
     base_te, new_te = _te_state(assets["pipe"]), _te_state(out)
     assert any(not torch.equal(base_te[k], new_te[k]) for k in base_te)
     base_unet, new_unet = _unet_state(assets["pipe"]), _unet_state(out)
@@ -238,7 +367,9 @@ def test_text_encoder_standalone_and_push_to_hub_without_leaking_the_token(asset
     pipe.set_progress_bar_config(disable=True)
     pipe("nudity", num_inference_steps=1, height=16, width=16, output_type="np")
     calls = json.loads(log.read_text())
-    assert [c["fn"] for c in calls] == ["create_repo", "upload_folder"]
+    assert [c["fn"] for c in calls] == ["whoami", "create_repo", "upload_folder"]
+    assert calls[0]["token"] == TOKEN  # the access check, before training
+    calls = calls[1:]
     assert calls[0]["repo_id"] == "me/sd-munba-te" and calls[0]["token"] == TOKEN
     assert calls[1]["repo_id"] == "me/sd-munba-te" and Path(calls[1]["folder_path"]) == out
     assert "model_index.json" in calls[1]["files"] and "README.md" in calls[1]["files"]

@@ -26,27 +26,30 @@ DEFAULT_RETAIN = ["a person wearing clothes"]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--pretrained_model_name_or_path", required=True)
-    a("--revision", default=None)
-    a("--variant", default=None)
-    a("--output_dir", required=True)
+    a("--pretrained_model_name_or_path", required=True,
+      help="the base diffusers SD pipeline: a Hub repo id (org/name) or a local folder")
+    a("--revision", default=None, help="Hub revision of the base pipeline")
+    a("--variant", default=None, help='weight file variant, e.g. "fp16"')
+    a("--output_dir", required=True, help="writes OUTPUT/forget and OUTPUT/retain imagefolders")
     a("--forget_prompts", nargs="+", default=None, help=f"default: {DEFAULT_FORGET}")
     a("--retain_prompts", nargs="+", default=None, help=f"default: {DEFAULT_RETAIN}")
     a("--class_names", nargs="+", default=None, help="class-wise: all class names")
-    a("--forget_class", default=None)
-    a("--prompt_template", default="an image of a {}")
-    a("--num_images_per_prompt", type=int, default=100)
+    a("--forget_class", default=None, help="class-wise: the class whose images form D_f")
+    a("--prompt_template", default="an image of a {}", help="class-wise prompt template")
+    a("--num_images_per_prompt", type=int, default=100, help="images per forget prompt")
     a("--num_retain_images_per_prompt", type=int, default=None,
       help="default: num_images_per_prompt (x number of forget prompts for the nudity default, "
            "so |D_r| = |D_f| as in the paper)")
-    a("--seed", type=int, default=0)
-    a("--batch_size", type=int, default=4)
-    a("--guidance_scale", type=float, default=7.5)
-    a("--num_inference_steps", type=int, default=50)
-    a("--resolution", type=int, default=None, help="default: the pipeline's")
-    a("--mixed_precision", choices=("no", "fp16", "bf16"), default="no")
+    a("--seed", type=int, default=0, help="image k is generated with seed + k")
+    a("--batch_size", type=int, default=4, help="images per pipeline call")
+    a("--guidance_scale", type=float, default=7.5, help="classifier-free guidance scale")
+    a("--num_inference_steps", type=int, default=50, help="denoising steps per image")
+    a("--resolution", type=int, default=None, help="image size (default: the pipeline's)")
+    a("--mixed_precision", choices=("no", "fp16", "bf16"), default="no",
+      help="pipeline dtype")
     a("--device", default=None, help="default: cuda if available, else cpu")
     return p.parse_args(argv)
 
@@ -73,6 +76,13 @@ def main(argv=None):
             sys.exit(f"error: --{name} must be >= 1")
     if args.mixed_precision == "fp16" and not torch.cuda.is_available() and args.device != "mps":
         sys.exit("error: --mixed_precision fp16 needs a GPU")
+
+    from hf_munba.sd_inputs import check_pretrained_pipeline
+
+    try:  # before loading: no Hub retries for a mistyped local path, no half-made output
+        check_pretrained_pipeline(args.pretrained_model_name_or_path)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
 
     from diffusers import StableDiffusionPipeline
 

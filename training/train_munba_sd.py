@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -27,36 +26,60 @@ from pathlib import Path
 import torch
 
 from hf_munba.sd_data import (DataValidationError, PairedUnlearningDataset, LatentCache,
-                              check_disjoint, class_prompts, load_hub_dataset, load_imagefolder,
-                              remap_class)
+                              check_cacheable, check_disjoint, class_prompts, load_hub_dataset,
+                              load_imagefolder, remap_class)
 from hf_munba.sd_objectives import FORGET_OBJECTIVES, TARGET_MODELS
 from hf_munba.atomic_save import ensure_output_dir
+from hf_munba.sd_inputs import (CHECKPOINT_RE, LR_SCHEDULERS, check_pretrained_pipeline,
+                                checkpoint_step, resolve_checkpoint)
 from hf_munba.sd_params import TEXT_ENCODER_SUBSETS, UNET_SUBSETS
 
 logger = logging.getLogger("train_munba_sd")
 DEFAULT_FORGET_PROMPTS = ["nudity", "naked", "erotic", "sexual"]
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each default, except None and False (a flag's help says what unset means)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the usage block of 70 flags would bury the message."""
+
+    def error(self, message):
+        fail(f"{message} (see --help)")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="MUNBa unlearning for Stable Diffusion.")
+    p = _Parser(description="MUNBa unlearning for Stable Diffusion.",
+                formatter_class=_DefaultsFormatter)
     a = p.add_argument
     # model
-    a("--pretrained_model_name_or_path", required=True)
-    a("--revision", default=None)
-    a("--variant", default=None)
-    a("--output_dir", default="sd-munba-model")
+    a("--pretrained_model_name_or_path", required=True,
+      help="a diffusers Stable Diffusion 1.x/2.x pipeline: a Hub repo id (org/name) or a local "
+           "folder with model_index.json")
+    a("--revision", default=None, help="Hub revision (branch, tag or commit) of the base pipeline")
+    a("--variant", default=None, help='weight file variant of the base pipeline, e.g. "fp16"')
+    a("--cache_dir", default=None,
+      help="where downloaded models and datasets are cached (default: the Hugging Face caches)")
+    a("--output_dir", default="sd-munba-model",
+      help="where the unlearned model, model card, logs and checkpoints are written")
     a("--overwrite_output_dir", action="store_true",
       help="replace a non-empty output_dir (its old checkpoint-* folders are deleted at start)")
-    a("--seed", type=int, default=0)
+    a("--seed", type=int, default=0,
+      help="seeds the data order, augmentation, noise and timesteps: the same seed gives the same run")
     # data
     a("--forget_data_dir", default=None, help="imagefolder (images + metadata.jsonl) of D_f")
     a("--retain_data_dir", default=None, help="imagefolder (images + metadata.jsonl) of D_r")
     a("--forget_dataset_name", default=None, help="a datasets name/path for D_f")
     a("--retain_dataset_name", default=None, help="a datasets name/path for D_r")
-    a("--dataset_split", default="train")
-    a("--image_column", default="image")
-    a("--caption_column", default="text")
+    a("--dataset_split", default="train", help="split of --forget/--retain_dataset_name")
+    a("--image_column", default="image", help="image column of the datasets")
+    a("--caption_column", default="text", help="caption column of the datasets / metadata.jsonl")
     a("--forget_prompts", nargs="+", default=None,
       help="prompts the forget player conditions on (cycled); default: the D_f captions")
     a("--anchor_prompt", default="a photo of a person wearing clothes",
@@ -66,64 +89,103 @@ def parse_args(argv=None):
     a("--forget_class", default=None, help="class-wise: the class to forget")
     a("--remap_class", default=None, help="class-wise: class to remap to (default: the next one)")
     a("--prompt_template", default="an image of a {}", help="class-wise prompt template")
-    a("--resolution", type=int, default=512)
+    a("--resolution", type=int, default=512,
+      help="training image size: the shorter side is resized to it, then a square is cropped")
+    a("--center_crop", action="store_true",
+      help="crop the centre of each image (default, as in diffusers: a random crop, seeded per "
+           "item; a square image has one crop position either way)")
+    a("--random_flip", action="store_true",
+      help="flip each image horizontally with probability 1/2 (seeded per item; with "
+           "--cache_latents both orientations are cached)")
     a("--cache_latents", action="store_true",
-      help="encode D_f/D_r latents (and prompt embeddings when the UNet is trained) once")
-    a("--dataloader_num_workers", type=int, default=0)
+      help="encode D_f/D_r latents (and prompt embeddings when the UNet is trained) once; "
+           "a non-square image needs --center_crop (random crops cannot be cached)")
+    a("--dataloader_num_workers", type=int, default=0,
+      help="DataLoader worker processes (0: load in the main process)")
     # unlearning
-    a("--method", choices=("munba", "weighted"), default="munba")
+    a("--method", choices=("munba", "weighted"), default="munba",
+      help="munba: Nash bargaining of the two players' gradients (two backward passes); "
+           "weighted: L_r + forget_weight * L_f (one backward)")
     a("--forget_weight", type=float, default=1.0, help="lambda of --method weighted: L_r + lambda L_f")
-    a("--forget_objective", choices=FORGET_OBJECTIVES, default="remap")
+    a("--forget_objective", choices=FORGET_OBJECTIVES, default="remap",
+      help="remap: the forget prompts' prediction onto the anchor's; ga: gradient ascent on the "
+           "denoising loss of D_f; esd: ESD negative guidance")
     a("--target_model", choices=TARGET_MODELS, default="current",
-      help="model giving the remap/esd target: the current weights or the frozen original")
+      help="model giving the remap/esd target: the current weights or the frozen original "
+           "(ignored by ga, which has no target)")
     a("--negative_guidance", type=float, default=1.0, help="eta of --forget_objective esd")
-    a("--train_component", choices=("unet", "text_encoder"), default="unet")
+    a("--train_component", choices=("unet", "text_encoder"), default="unet",
+      help="which network is edited")
     a("--train_params", choices=UNET_SUBSETS, default="noxattn",
       help="parameter subset (text encoder: full or selfattn)")
-    a("--use_lora", action="store_true")
-    a("--rank", type=int, default=4)
-    a("--lora_alpha", type=float, default=None, help="default: the rank")
+    a("--use_lora", action="store_true",
+      help="train a peft LoRA adapter on the subset's attention projections instead of the weights")
+    a("--rank", type=int, default=4, help="LoRA rank")
+    a("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
     a("--fuse_lora", action="store_true", help="also write the LoRA-fused full pipeline")
-    a("--opposed_tol", type=float, default=1e-4)
-    a("--max_consecutive_skips", type=int, default=10)
+    a("--opposed_tol", type=float, default=1e-4,
+      help="MUNBa: when 1 + cos(g_r, g_f) is below this, no direction helps both players and the "
+           "step follows the retain gradient")
+    a("--max_consecutive_skips", type=int, default=10,
+      help="stop the run after this many optimizer steps in a row were skipped for non-finite "
+           "losses or gradients")
     # optimisation
-    a("--train_batch_size", type=int, default=4)
-    a("--num_train_epochs", type=int, default=1)
-    a("--max_train_steps", type=int, default=None)
-    a("--gradient_accumulation_steps", type=int, default=1)
-    a("--gradient_checkpointing", action="store_true")
-    a("--learning_rate", type=float, default=1e-5)
-    a("--scale_lr", action="store_true")
-    a("--lr_scheduler", default="constant")
-    a("--lr_warmup_steps", type=int, default=0)
-    a("--adam_beta1", type=float, default=0.9)
-    a("--adam_beta2", type=float, default=0.999)
-    a("--adam_weight_decay", type=float, default=0.0)
-    a("--adam_epsilon", type=float, default=1e-8)
-    a("--max_grad_norm", type=float, default=1.0)
-    a("--mixed_precision", choices=("no", "fp16", "bf16"), default=None)
-    a("--allow_tf32", action="store_true")
+    a("--train_batch_size", type=int, default=4, help="forget/retain pairs per device and micro-batch")
+    a("--num_train_epochs", type=int, default=1, help="passes over D_r")
+    a("--max_train_steps", type=int, default=None,
+      help="optimizer steps (overrides --num_train_epochs)")
+    a("--gradient_accumulation_steps", type=int, default=1,
+      help="micro-batches per optimizer step (bargaining happens once per step)")
+    a("--gradient_checkpointing", action="store_true",
+      help="recompute activations in the backward pass to save memory")
+    a("--learning_rate", type=float, default=1e-5, help="AdamW learning rate")
+    a("--scale_lr", action="store_true",
+      help="multiply the learning rate by accumulation steps x batch size x processes")
+    a("--lr_scheduler", default="constant", choices=LR_SCHEDULERS,
+      help="diffusers learning-rate schedule")
+    a("--lr_warmup_steps", type=int, default=0, help="warm-up steps of the schedule")
+    a("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
+    a("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
+    a("--adam_weight_decay", type=float, default=0.0, help="AdamW (decoupled) weight decay")
+    a("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon")
+    a("--max_grad_norm", type=float, default=1.0,
+      help="gradient clipping norm (a bargained direction has norm sqrt(2), so 1.0 always binds)")
+    a("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
+      help="compute dtype (default: the accelerate config's)")
+    a("--allow_tf32", action="store_true", help="allow TF32 matmuls on Ampere+ GPUs")
     # logging, checkpoints, validation
     a("--report_to", default=None,
       help='tracker(s) for accelerate: tensorboard, wandb, comet_ml, all or none '
            '(default: tensorboard if installed, else none; history.jsonl and a PNG are always written)')
-    a("--logging_dir", default="logs")
-    a("--checkpointing_steps", type=int, default=500)
-    a("--checkpoints_total_limit", type=int, default=None)
-    a("--resume_from_checkpoint", default=None, help='a checkpoint folder or "latest"')
-    a("--validation_prompts", nargs="+", default=None)
-    a("--validation_steps", type=int, default=None)
-    a("--num_validation_images", type=int, default=1)
-    a("--validation_inference_steps", type=int, default=25)
+    a("--tracker_project_name", default="munba-sd",
+      help="project name given to the trackers (accelerate init_trackers)")
+    a("--logging_dir", default="logs", help="tracker log folder, inside output_dir")
+    a("--checkpointing_steps", type=int, default=500,
+      help="save a resumable checkpoint-N every this many optimizer steps")
+    a("--checkpoints_total_limit", type=int, default=None,
+      help="keep at most this many checkpoints (oldest deleted)")
+    a("--resume_from_checkpoint", default=None,
+      help='"latest" (the highest output_dir/checkpoint-N) or a checkpoint folder this script saved')
+    a("--validation_prompts", nargs="+", default=None,
+      help="prompts to generate images of during training and at the end (validation grid)")
+    a("--validation_steps", type=int, default=None,
+      help="generate the validation images every this many optimizer steps")
+    a("--validation_epochs", type=int, default=None,
+      help="generate the validation images at the end of every this many epochs")
+    a("--num_validation_images", type=int, default=1, help="validation images per prompt")
+    a("--validation_inference_steps", type=int, default=25,
+      help="denoising steps of the validation images")
     a("--eval_batches", type=int, default=2,
       help="batches for the before/after forget and retain losses in the model card")
     a("--model_card_metrics", default=None,
       help="a JSON file of extra metrics (e.g. from the evaluation suite) for the model card")
     # hub
-    a("--push_to_hub", action="store_true")
-    a("--hub_model_id", default=None)
-    a("--hub_token", default=None)
-    a("--hub_private_repo", action="store_true")
+    a("--push_to_hub", action="store_true",
+      help="upload the output folder to the Hub (access and token are checked before training)")
+    a("--hub_model_id", default=None, help="Hub repo to push to, e.g. your-name/sd-munba-nudity")
+    a("--hub_token", default=None,
+      help="Hub token (default: the saved login); never logged or saved")
+    a("--hub_private_repo", action="store_true", help="create the Hub repo as private")
     return p.parse_args(argv)
 
 
@@ -139,7 +201,7 @@ def vae_scale_factor(args):
 
     try:
         cfg = AutoencoderKL.load_config(args.pretrained_model_name_or_path, subfolder="vae",
-                                        revision=args.revision)
+                                        revision=args.revision, cache_dir=args.cache_dir)
     except Exception as e:
         fail(f"cannot read the VAE config of {args.pretrained_model_name_or_path}: {e}")
     return 2 ** (len(cfg.get("block_out_channels", [0])) - 1)
@@ -169,6 +231,12 @@ def check_args(args):
                  "checkpointing_steps", "max_consecutive_skips", "num_validation_images"):
         if getattr(args, name) < 1:
             fail(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("validation_steps", "validation_epochs", "checkpoints_total_limit"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            fail(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.dataloader_num_workers < 0:
+        fail(f"--dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}")
+
     if args.max_train_steps is not None and args.max_train_steps < 1:
         fail(f"--max_train_steps must be >= 1, got {args.max_train_steps}")
     if args.learning_rate <= 0:
@@ -211,10 +279,10 @@ def check_args(args):
             args.forget_prompts = [args.prompt_template.format(args.forget_class)]
     elif args.forget_class is not None:
         fail("--forget_class needs --class_names")
-    if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest" \
-            and not Path(args.resume_from_checkpoint).is_dir() \
-            and not (Path(args.output_dir) / args.resume_from_checkpoint).is_dir():
-        fail(f"checkpoint {args.resume_from_checkpoint} does not exist")
+    try:
+        resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    except ValueError as e:
+        fail(str(e))
     try:
         ensure_output_dir(args.output_dir, args.overwrite_output_dir,
                           allow_existing=bool(args.resume_from_checkpoint), check_only=True)
@@ -230,17 +298,37 @@ def check_args(args):
                 sources[role] = load_imagefolder(folder, args.caption_column, role=role)
             else:
                 sources[role] = load_hub_dataset(name, args.image_column, args.caption_column,
-                                                 split=args.dataset_split, role=role)
+                                                 split=args.dataset_split, role=role,
+                                                 **({"cache_dir": args.cache_dir}
+                                                    if args.cache_dir else {}))
         except DataValidationError as e:
             fail(str(e))
     try:
         check_disjoint(sources["forget"], sources["retain"])
     except DataValidationError as e:
         fail(str(e))
+    if args.cache_latents:
+        try:
+            check_cacheable(sources.values(), args.center_crop)
+        except ValueError as e:
+            fail(f"--cache_latents: {e}")
+    try:  # no Hub retries for a mistyped local path, no output dir for a non-pipeline folder
+        check_pretrained_pipeline(args.pretrained_model_name_or_path)
+    except ValueError as e:
+        fail(str(e))
+    if args.pretrained_model_name_or_path.startswith("~"):  # from_pretrained does not expand it
+        args.pretrained_model_name_or_path = os.path.expanduser(args.pretrained_model_name_or_path)
     factor = vae_scale_factor(args)
     if args.resolution % factor:
         fail(f"--resolution {args.resolution} is not divisible by the VAE down-sampling factor "
              f"{factor}")
+    if args.push_to_hub:  # last: the only check that needs the network
+        from hf_munba.model_card import HubAccessError, check_hub_access
+
+        try:
+            check_hub_access(args.hub_model_id, args.hub_token)
+        except HubAccessError as e:
+            fail(str(e))
     return sources["forget"], sources["retain"]
 
 
@@ -264,11 +352,14 @@ def main(argv=None):
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from hf_munba import NashBargainer
-    from hf_munba.model_card import public_hparams, push_folder_to_hub, sd_model_card
+    from hf_munba.bargaining import BargainingStatus
+    from hf_munba.model_card import (public_hparams, push_folder_to_hub, sd_model_card,
+                                     tracker_hparams)
     from hf_munba.sd_export import commit_staged, save_full_pipeline, save_lora, staged_output
     from hf_munba.sd_params import (add_lora_adapter, enable_gradient_checkpointing, freeze_all_but,
                                     select_parameter_names)
-    from hf_munba.sd_unlearning import SDUnlearner, SkippedStepGuard, TooManySkippedSteps, unwrap
+    from hf_munba.sd_unlearning import (SDUnlearner, SkippedStepGuard, TooManySkippedSteps,
+                                        guarded_step, unwrap)
     from hf_munba.training_plot import plot_training_history
 
     log = get_logger("train_munba_sd", log_level="INFO")
@@ -304,12 +395,15 @@ def main(argv=None):
 
     # ---- models --------------------------------------------------------------------------------
     path, rev, var = args.pretrained_model_name_or_path, args.revision, args.variant
-    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=rev)
-    noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=rev)
+    cache = {"cache_dir": args.cache_dir} if args.cache_dir else {}
+    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=rev, **cache)
+    noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=rev,
+                                                    **cache)
     text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=rev,
-                                                 variant=var)
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=rev, variant=var)
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=rev, variant=var)
+                                                 variant=var, **cache)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=rev, variant=var, **cache)
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=rev, variant=var,
+                                                **cache)
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
     unet.requires_grad_(False)
@@ -319,6 +413,8 @@ def main(argv=None):
     on_unet = args.train_component == "unet"
     trained = unet if on_unet else text_encoder
     frozen_copy = None
+    if args.target_model == "frozen" and args.forget_objective == "ga":
+        log.warning("--target_model frozen has no effect with --forget_objective ga (no target)")
     if args.target_model == "frozen" and not args.use_lora and args.forget_objective != "ga":
         frozen_copy = copy.deepcopy(trained).eval().requires_grad_(False)
     if args.use_lora:
@@ -352,7 +448,8 @@ def main(argv=None):
     # ---- data ----------------------------------------------------------------------------------
     dataset = PairedUnlearningDataset(forget_src, retain_src, tokenizer, args.resolution,
                                       anchor_prompt=args.anchor_prompt, seed=args.seed,
-                                      forget_prompts=args.forget_prompts)
+                                      forget_prompts=args.forget_prompts,
+                                      center_crop=args.center_crop, random_flip=args.random_flip)
     if args.cache_latents:
         dataset.cache = LatentCache().build(dataset, vae, text_encoder if on_unet else None,
                                             batch_size=args.train_batch_size)
@@ -403,7 +500,8 @@ def main(argv=None):
                     m.save_pretrained(os.path.join(output_dir, args.train_component),
                                       safe_serialization=True)
                 weights.pop()
-            state = {"guard": guard.state_dict(), "history": history, "metrics": metrics,
+            state = {"global_step": history[-1]["step"] if history else 0,  # read on resume
+                     "guard": guard.state_dict(), "history": history, "metrics": metrics,
                      "bargainer": None if bargainer is None else {
                          "num_steps": bargainer.num_steps, "num_skipped": bargainer.num_skipped,
                          "num_fallbacks": bargainer.num_fallbacks}}
@@ -438,8 +536,7 @@ def main(argv=None):
     accelerator.register_load_state_pre_hook(load_model_hook)
 
     if accelerator.is_main_process:
-        config = {k: ("none" if v is None else v) for k, v in public_hparams(vars(args)).items()}
-        accelerator.init_trackers("munba-sd", config=config)  # trackers reject None values
+        accelerator.init_trackers(args.tracker_project_name, config=tracker_hparams(vars(args)))
 
     # Forget / retain losses of the base model on fixed batches and noise (the RNG is untouched);
     # a resumed run takes them from its checkpoint.
@@ -448,20 +545,13 @@ def main(argv=None):
     # ---- resume --------------------------------------------------------------------------------
     global_step, first_epoch, resume_batches = 0, 0, 0
     if args.resume_from_checkpoint:
-        if args.resume_from_checkpoint == "latest":
-            found = sorted((int(CHECKPOINT_RE.match(d.name).group(1)), d) for d in out.iterdir()
-                           if d.is_dir() and CHECKPOINT_RE.match(d.name))
-            ckpt = found[-1][1] if found else None
-        else:
-            ckpt = Path(args.resume_from_checkpoint)
-            if not ckpt.is_dir():
-                ckpt = out / args.resume_from_checkpoint
+        ckpt = resolve_checkpoint(args.resume_from_checkpoint, out)  # checked in check_args
         if ckpt is None:
             log.info("no checkpoint found in the output directory; starting a new run")
         else:
             log.info(f"resuming from {ckpt}")
             accelerator.load_state(str(ckpt))
-            global_step = int(CHECKPOINT_RE.match(ckpt.name).group(1))
+            global_step = checkpoint_step(ckpt)  # recorded in it: any folder name works
             first_epoch = global_step // updates_per_epoch
             resume_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
 
@@ -488,7 +578,7 @@ def main(argv=None):
     def validation_pipeline():
         return StableDiffusionPipeline.from_pretrained(
             path, unet=unwrap(unet), text_encoder=unwrap(text_encoder), vae=vae, tokenizer=tokenizer,
-            revision=rev, variant=var, safety_checker=None, requires_safety_checker=False,
+            revision=rev, variant=var, safety_checker=None, requires_safety_checker=False, **cache,
             dtype=weight_dtype).to(accelerator.device)
 
     def run_validation(step):
@@ -547,22 +637,22 @@ def main(argv=None):
                             acc_t = accelerator.reduce(acc_t, "mean")
                         acc = dict(zip(("loss/retain", "loss/forget"), acc_t.tolist()))
                         logs = {}
+                        nonfinite = not all(math.isfinite(v) for v in acc.values())
                         if bargainer is not None:
                             stats = bargainer.combine(
                                 grad_scale=scaler.get_scale() if scaler is not None else None)
                             logs.update(stats.to_log_dict())
-                            skipped = stats.skipped
+                            nonfinite = nonfinite or stats.status is BargainingStatus.NONFINITE
+                            skip = stats.skipped or nonfinite
                         else:
-                            skipped = not all(math.isfinite(v) for v in acc.values())
-                        if not skipped or scaler is not None:
-                            norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
-                            norm = float(norm) if norm is not None else float("nan")
-                            if bargainer is None and not math.isfinite(norm) and scaler is None:
-                                skipped = True
-                            else:
-                                logs["grad_norm"] = norm
-                                optimizer.step()
-                                lr_scheduler.step()
+                            skip = nonfinite
+                        # a skipped step leaves weights, Adam state and the schedule untouched
+                        stepped, norm = guarded_step(
+                            optimizer, lr_scheduler, skip=skip, nonfinite=nonfinite, scaler=scaler,
+                            clip=lambda: accelerator.clip_grad_norm_(params, args.max_grad_norm))
+                        skipped = not stepped
+                        if stepped:
+                            logs["grad_norm"] = norm
                         optimizer.zero_grad(set_to_none=True)
                 if not accelerator.sync_gradients:
                     continue
@@ -588,6 +678,12 @@ def main(argv=None):
                     run_validation(global_step)
                 if global_step >= args.max_train_steps:
                     break
+            # end of an epoch; not when the step just did it, nor at the end (the final save does)
+            if (args.validation_prompts and args.validation_epochs
+                    and (epoch + 1) % args.validation_epochs == 0 and accelerator.is_main_process
+                    and global_step < args.max_train_steps
+                    and not (args.validation_steps and global_step % args.validation_steps == 0)):
+                run_validation(global_step)
     except TooManySkippedSteps as e:
         accelerator.end_training()
         fail(str(e))
@@ -607,7 +703,8 @@ def main(argv=None):
                 final_lora = final.to(torch.float32)
                 save_lora(tmp, **{args.train_component: final_lora})
                 if args.fuse_lora:
-                    pipe = StableDiffusionPipeline.from_pretrained(path, revision=rev, variant=var)
+                    pipe = StableDiffusionPipeline.from_pretrained(path, revision=rev, variant=var,
+                                                                   **cache)
                     pipe.load_lora_weights(str(tmp))
                     pipe.fuse_lora()
                     pipe.unload_lora_weights()
@@ -615,7 +712,8 @@ def main(argv=None):
                     del pipe
             else:
                 pipe = StableDiffusionPipeline.from_pretrained(
-                    path, revision=rev, variant=var, **{args.train_component: final.to(torch.float32)})
+                    path, revision=rev, variant=var, **cache,
+                    **{args.train_component: final.to(torch.float32)})
                 save_full_pipeline(pipe, tmp)
                 del pipe
             grid = None
@@ -638,7 +736,11 @@ def main(argv=None):
                                  retained=sorted(set(retain_src.captions))[:10],
                                  hparams=vars(args), metrics=card_metrics, image_grid=grid,
                                  lora=args.use_lora and not args.fuse_lora,
-                                 repo_id=args.hub_model_id, objective=objective_text(args))
+                                 repo_id=args.hub_model_id, objective=objective_text(args),
+                                 model_name=(args.hub_model_id.split("/")[-1] if args.hub_model_id
+                                             else f"{Path(path).name}-munba"),
+                                 forget_data=args.forget_data_dir or args.forget_dataset_name,
+                                 retain_data=args.retain_data_dir or args.retain_dataset_name)
             card.save(str(tmp / "README.md"))
             (tmp / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
             commit_staged(tmp, out)

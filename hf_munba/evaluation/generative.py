@@ -288,5 +288,9 @@ def evaluate_generation(cfg: GenerativeEvalConfig) -> Dict:
     section = section.replace("\n## ", "\n### ")
     for n in cfg.model_card:
         spec = next(m for m in cfg.models if m.name == n)
-        update_model_card(spec.lora_dir or spec.model_dir, section)
+        numbers = {family: m["table"][n] for family, m in metrics.items()
+                   if isinstance(m, dict) and n in m.get("table", {})}
+        prompts = results["prompt_set"]
+        update_model_card(spec.lora_dir or spec.model_dir, section, eval_results=numbers,
+                          dataset_name=f"images generated from the {prompts} prompts")
     return results

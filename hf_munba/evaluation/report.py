@@ -118,11 +118,16 @@ def image_grid(rows: Mapping[str, Sequence], path, cell: int = 128, label_width:
     return grid
 
 
-def update_model_card(model_dir, section_markdown: str, title: Optional[str] = None) -> str:
+def update_model_card(model_dir, section_markdown: str, title: Optional[str] = None,
+                      eval_results: Optional[Mapping] = None,
+                      dataset_name: str = "generated images (evaluation)") -> str:
     """Put ``section_markdown`` into ``model_dir/README.md`` between hf_munba markers.
 
     A section from an earlier evaluation is replaced, everything else in the card is kept; a
-    missing card is created. Returns the card path.
+    missing card is created. ``eval_results`` (numbers, nested dicts flattened with ``/``) also go
+    into the card's YAML ``model-index`` (see
+    :func:`hf_munba.model_card.card_text_with_eval_results`), so the Hub shows them. Returns the
+    card path.
     """
     card = Path(model_dir) / "README.md"
     if not Path(model_dir).is_dir():
@@ -135,5 +140,10 @@ def update_model_card(model_dir, section_markdown: str, title: Optional[str] = N
         text = head + block + tail
     else:
         text = text.rstrip("\n") + "\n\n" + block
+    if eval_results:
+        from ..model_card import card_text_with_eval_results
+
+        text = card_text_with_eval_results(text, eval_results, dataset_name=dataset_name,
+                                           model_name=Path(model_dir).resolve().name)
     atomic_write_text(card, text)
     return str(card)
