@@ -4,8 +4,9 @@ Unlearning data (D_f, D_r) and evaluation images are both "N images per prompt f
 Doing it here once means three promises hold everywhere:
 
 * every image has its own ``torch.Generator`` seeded from its position in the job list, created on
-  the CPU, so an image depends on (prompt, seed, settings) only, not on the batch size, the batch
-  it fell into, or the device;
+  the CPU, so an image's noise depends on (prompt, seed, settings) only, not on the batch size, the
+  batch it fell into, or the device (batched kernels round differently, so pixels can still differ
+  by one 8-bit level between batch sizes);
 * the folder is a ``datasets`` imagefolder: ``metadata.jsonl`` lines carry ``file_name``, ``text``,
   ``seed``, ``guidance_scale``, ``num_inference_steps`` (+ ``height``, ``width``, ``prompt_index``),
   which the training script and ``load_dataset("imagefolder", data_dir=...)`` read directly;
@@ -156,7 +157,8 @@ def generate_from_plan(pipe, plan: Sequence[Dict], output_dir: str | os.PathLike
 
     Each line names its ``file_name``, ``text``, ``seed``, ``guidance_scale``,
     ``num_inference_steps``, ``height``, ``width`` and optionally ``negative_prompt``; extra keys
-    are kept in the manifest. One CPU generator per image, so images do not depend on batching;
+    are kept in the manifest. One CPU generator per image, so images do not depend on batching (up to
+    float rounding: at most one 8-bit level);
     batches are cut where the per-call settings change.
     """
     if batch_size < 1:

@@ -7,7 +7,8 @@ and are written into the manifest; the folder layout and the manifest keys (``fi
 ``text``, ``seed``, ``guidance_scale``, ``num_inference_steps``, ``height``, ``width``,
 ``prompt_index``) are the same, plus ``image_index``, ``case_number``, ``categories``, ``label``.
 
-Promises: one CPU ``torch.Generator`` per image, so an image does not depend on the batch size;
+Promises: one CPU ``torch.Generator`` per image, so an image does not depend on the batch size
+(up to float rounding in batched kernels: at most one 8-bit level);
 a killed run resumes (finished images are skipped, images and manifest are written atomically);
 a folder made with other prompts or settings is refused rather than mixed.
 """
