@@ -25,8 +25,8 @@ FLOORS: dict[str, tuple[str, str]] = {
                             "LoRA adapter metadata in save_lora_weights (0.34)"),
     "transformers": ("5.0.0", "diffusers >= 0.40 needs huggingface_hub >= 1.23, which every transformers 4.x refuses; "
                               "Trainer.training_step(..., num_items_in_batch) (4.56)"),
-    "accelerate": ("1.2.0", "diffusers 0.40's pipelines import get_module_size_with_ties (new in 1.2); "
-                            "transformers 5.0's Trainer refuses < 1.1"),
+    "accelerate": ("1.3.0", "transformers 5.0's Trainer calls unwrap_model(keep_torch_compile=...) (new in "
+                            "1.3); diffusers 0.40's pipelines import get_module_size_with_ties (1.2)"),
     "peft": ("0.18.0", "the oldest peft that transformers 5.0 accepts for text-encoder LoRA"),
     "datasets": ("3.0.0", "load_dataset('imagefolder'), Features with Array3D"),
     "safetensors": ("0.8.0", "required by diffusers 0.40"),

@@ -102,7 +102,9 @@ def split_forget_retain(dataset, spec: ForgetSpec, label_column: str = "labels")
         raise ValueError(f"dataset has no {label_column!r} column (columns: {dataset.column_names})")
     feature = dataset.features[label_column]
     num_classes = getattr(feature, "num_classes", None)
-    idx = forget_indices(dataset[label_column], spec, num_classes)
+    # the plain column: a dataset with a transform (e.g. image preprocessing) would otherwise run
+    # it on a batch holding only the labels (datasets < 4 does)
+    idx = forget_indices(dataset.with_format(None)[label_column], spec, num_classes)
     mask = np.ones(len(dataset), dtype=bool)
     mask[idx] = False
     return dataset.select(idx.tolist()), dataset.select(np.flatnonzero(mask).tolist())
