@@ -45,7 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # [1e-4, 1e-1]) unless --recipes fixes it.
 _TRAIN = dict(lr=0.1, epochs=30)
 RECIPES = {"class": dict(epochs=3), "random": dict(epochs=3)}
-LR_GRID = (0.01, 0.03, 0.1)
+LR_GRID = (0.003, 0.01, 0.03, 0.1)
 WEIGHTS = (0.1, 0.3, 1, 3)
 ALL_METHODS = ["munba", *[f"weighted-{w:g}" for w in WEIGHTS], "ft", "ga", "salun", "l1"]
 CLASS_THRESHOLD = 5.0     # class-wise: Acc(D_f) <= 5 % counts as forgotten
@@ -82,7 +82,7 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--lr_grid", default=",".join(f"{x:g}" for x in LR_GRID),
                    help="learning rates searched per row and setting on the first seed (one value: no search)")
-    p.add_argument("--eval_every", type=int, default=3, help="optimizer steps between curve points")
+    p.add_argument("--eval_every", type=int, default=2, help="optimizer steps between curve points")
     p.add_argument("--class_threshold", type=float, default=CLASS_THRESHOLD,
                    help="class-wise forget criterion: Acc(D_f) <= this (percent)")
     p.add_argument("--match_tolerance", type=float, default=MATCH_TOLERANCE,
@@ -127,7 +127,7 @@ def parse_args(argv=None):
 def train(model, row, retain, forget, recipe, batch_size, seed, workdir, callbacks=()):
     """One MunbaTrainer run; returns (model, training seconds without curve evaluation)."""
     import torch
-    from transformers import TrainingArguments
+    from transformers import PrinterCallback, TrainingArguments
 
     from hf_munba.trainer import MunbaTrainer
 
@@ -140,6 +140,7 @@ def train(model, row, retain, forget, recipe, batch_size, seed, workdir, callbac
         logging_strategy="no", disable_tqdm=True, use_cpu=True, dataloader_num_workers=0)
     trainer = MunbaTrainer(model=model, args=args, train_dataset=retain, forget_dataset=forget,
                            method=method, callbacks=list(callbacks), **extra)
+    trainer.remove_callback(PrinterCallback)  # its per-run metrics dict would drown the summary lines
     t0 = time.perf_counter()
     trainer.train()
     runtime = time.perf_counter() - t0 - sum(getattr(c, "eval_seconds", 0.0) for c in callbacks)
@@ -273,7 +274,7 @@ def write_setting(a, setting, table, per_seed_runs, search, criteria, title, cri
                "best_weighted": {w: best_weighted(table, w) for w in ("first", "best")},
                "table": table, "runs": per_seed_runs, "lr_search": search}
     with open(os.path.join(a.output_dir, name + ".json"), "w") as f:
-        json.dump(payload, f, indent=1)
+        json.dump(payload, f, separators=(",", ":"))  # compact: every point of every run
     refs = {n: {k: table[n]["end"][k]["mean"] for k in ("acc_forget", "acc_retain", "acc_test")}
             for n in ("retrain", "original") if n in table}
     plot_tradeoff_curves({n: r["curve"] for n, r in table.items() if "curve" in r},

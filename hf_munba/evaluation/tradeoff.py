@@ -217,7 +217,7 @@ def plot_tradeoff_curves(curves: Mapping[str, Sequence[Mapping[str, object]]], p
                          title: str = "", criterion_band: Optional[Sequence[float]] = None,
                          references: Optional[Mapping[str, Mapping[str, float]]] = None) -> str:
     """A PNG with Acc(D_t) and Acc(D_r) against Acc(D_f), one line per method (seed means from
-    :func:`aggregate_curves`, start to end), plus a third panel of Acc(D_f) over steps.
+    :func:`aggregate_curves`, start to end), and Acc(D_f) and Acc(D_t) over optimizer steps.
     ``criterion_band`` = (low, high) Acc(D_f) shaded as "forgotten"; ``references`` are single
     points (e.g. retrain, original) drawn as stars."""
     import matplotlib
@@ -225,38 +225,40 @@ def plot_tradeoff_curves(curves: Mapping[str, Sequence[Mapping[str, object]]], p
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(17, 5.2))
-    cmap = plt.get_cmap("tab20")
+    fig, grid = plt.subplots(2, 2, figsize=(13, 10))
+    axes = grid.flat
+    cmap = plt.get_cmap("tab10")  # distinct hues; line styles separate families
     mean = lambda p, k: p[k]["mean"] if isinstance(p[k], Mapping) else p[k]  # noqa: E731
     for i, (name, pts) in enumerate(curves.items()):
-        color = cmap(i % 20)
+        color = cmap(i % 10)
         style = "-" if name.startswith("munba") else ("--" if name.startswith("weighted") else ":")
         width = 2.2 if name.startswith("munba") else 1.3
         xf = [mean(p, "acc_forget") for p in pts]
+        steps = [p["step"] for p in pts]
         for ax, key in ((axes[0], "acc_test"), (axes[1], "acc_retain")):
             ax.plot(xf, [mean(p, key) for p in pts], style, color=color, lw=width, marker=".",
                     ms=4, label=name)
             ax.plot(xf[-1:], [mean(pts[-1], key)], "o", color=color, ms=6)
-        axes[2].plot([p["step"] for p in pts], xf, style, color=color, lw=width, label=name)
+        axes[2].plot(steps, xf, style, color=color, lw=width, label=name)
+        axes[3].plot(steps, [mean(p, "acc_test") for p in pts], style, color=color, lw=width, label=name)
     for name, ref in (references or {}).items():
         for ax, key in ((axes[0], "acc_test"), (axes[1], "acc_retain")):
             ax.plot([ref["acc_forget"]], [ref[key]], "*", ms=14, color="k" if name == "retrain" else "grey",
                     label=name, zorder=5)
-    for ax, ylabel in ((axes[0], "Acc(D_t) %"), (axes[1], "Acc(D_r) %"), (axes[2], "Acc(D_f) %")):
-        if criterion_band is not None:
-            if ax is axes[2]:
-                ax.axhspan(*criterion_band, color="green", alpha=0.12)
-            else:
-                ax.axvspan(*criterion_band, color="green", alpha=0.12)
+        if name == "retrain":
+            axes[3].axhline(ref["acc_test"], color="k", lw=0.8, ls="-.", label="retrain")
+    labels = (("Acc(D_f) %  (start -> end, o = end)", "Acc(D_t) %"), ("Acc(D_f) %", "Acc(D_r) %"),
+              ("optimizer step", "Acc(D_f) %"), ("optimizer step", "Acc(D_t) %"))
+    for j, (ax, (xlabel, ylabel)) in enumerate(zip(axes, labels)):
+        if criterion_band is not None and j < 3:
+            (ax.axhspan if j == 2 else ax.axvspan)(*criterion_band, color="green", alpha=0.12)
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    axes[0].set_xlabel("Acc(D_f) %  (start -> end, o = end)")
-    axes[1].set_xlabel("Acc(D_f) %")
-    axes[2].set_xlabel("optimizer step")
     axes[1].legend(fontsize=7, ncol=2)
     if title:
-        fig.suptitle(title + "  (green: forget criterion)")
+        fig.suptitle(title + "  (green: forget criterion; lines: mean over seeds)")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
