@@ -104,33 +104,39 @@ def _same(a, b):
     return a == b
 
 
-def _tiny_run(callbacks, max_steps=5):
-    from transformers import TrainingArguments
-
+@pytest.fixture(scope="module")
+def digit_sets():
     from hf_munba.classification_data import InMemoryDataset, digits_dataset
     from hf_munba.forget_sets import ForgetSpec, split_forget_retain
-    from hf_munba.testing import tiny_resnet_classifier
-    from hf_munba.trainer import MunbaTrainer
 
     data = digits_dataset()
     f, r = split_forget_retain(data["train"], ForgetSpec(classes=[3]))
-    f, r = InMemoryDataset.from_dataset(f), InMemoryDataset.from_dataset(r)
+    return {"forget": InMemoryDataset.from_dataset(f), "retain": InMemoryDataset.from_dataset(r),
+            "test": InMemoryDataset.from_dataset(data["test"])}
+
+
+def _tiny_run(sets, callbacks, max_steps=5):
+    from transformers import TrainingArguments
+
+    from hf_munba.testing import tiny_resnet_classifier
+    from hf_munba.trainer import MunbaTrainer
+
     model = tiny_resnet_classifier(seed=0)
     args = TrainingArguments(output_dir="unused", per_device_train_batch_size=32, learning_rate=0.1,
                              max_steps=max_steps, optim="sgd", max_grad_norm=1.0, seed=0,
                              save_strategy="no", report_to=[], logging_strategy="no",
                              disable_tqdm=True, use_cpu=True)
-    MunbaTrainer(model=model, args=args, train_dataset=r, forget_dataset=f, method="munba",
-                 callbacks=list(callbacks)).train()
-    return model, {"forget": f, "test": InMemoryDataset.from_dataset(data["test"])}
+    MunbaTrainer(model=model, args=args, train_dataset=sets["retain"], forget_dataset=sets["forget"],
+                 method="munba", callbacks=list(callbacks)).train()
+    return model
 
 
-def test_curve_callback_points_and_no_effect_on_training(tmp_path, monkeypatch):
+def test_curve_callback_points_and_no_effect_on_training(tmp_path, monkeypatch, digit_sets):
     monkeypatch.chdir(tmp_path)
-    _, sets = _tiny_run([])
+    sets = {"forget": digit_sets["forget"], "test": digit_sets["test"]}
     cb = AccuracyCurveCallback(sets, eval_every=2)
-    with_cb, _ = _tiny_run([cb])
-    without, _ = _tiny_run([])
+    with_cb = _tiny_run(digit_sets, [cb])
+    without = _tiny_run(digit_sets, [])
     # steps 0 (the start), every 2nd, and the last one; in order; every accuracy a percentage
     assert [p["step"] for p in cb.points] == [0, 2, 4, 5]
     for p in cb.points:
