@@ -89,6 +89,7 @@ __all__ = [
     "NashWeighting",
     "DEFAULT_FORGET_TARGETS",
     "default_forget_target",
+    "build_forget_rule",
     "BargainingSolution",
     "InfeasibleBargainingError",
     "solve_nash_bargaining",
@@ -594,6 +595,36 @@ def default_forget_target(objective: str) -> Optional[Tuple[float, str]]:
         raise ValueError(f"no default forget target for objective {objective!r}; known: "
                          f"{sorted(DEFAULT_FORGET_TARGETS)}")
     return DEFAULT_FORGET_TARGETS[objective]
+
+
+# Objectives whose loss is negated (unbounded below, negative): a relative target is meaningless.
+NEGATED_OBJECTIVES = ("ga", "neg_ce")
+
+
+def build_forget_rule(objective: str, *, target: Optional[float] = None,
+                      mode: Optional[str] = None, ema: float = 0.9, hysteresis: float = 1.5,
+                      reference_steps: int = 1, satisfied_power: float = 0.0,
+                      power: float = 1.0) -> Optional["SatisfactionRule"]:
+    """The forget player's :class:`SatisfactionRule` as both front ends configure it, or None.
+
+    ``target``/``mode`` None take the objective's default (:data:`DEFAULT_FORGET_TARGETS`); an
+    objective without a default gets no rule unless a target is given. A relative target on a
+    negated loss (``ga``, ``neg_ce``) is refused with one clear error.
+    """
+    default = default_forget_target(objective)
+    if target is None:
+        if default is None:
+            return None
+        target = default[0]
+        mode = mode or default[1]
+    mode = mode or (default[1] if default is not None else "absolute")
+    if mode == "relative" and objective in NEGATED_OBJECTIVES:
+        raise ValueError(f"a relative forget target needs a positive loss, but the {objective!r} "
+                         "forget loss is negated (unbounded below); give an absolute target "
+                         "(mode 'absolute') or none")
+    return SatisfactionRule(target, mode=mode, ema=ema, hysteresis=hysteresis,
+                            reference_steps=reference_steps, satisfied_power=satisfied_power,
+                            power=power)
 
 
 class SatisfactionRule:

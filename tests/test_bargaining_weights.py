@@ -427,3 +427,16 @@ def test_default_targets_per_objective():
     assert default_forget_target("random_label") is None
     with pytest.raises(ValueError, match="objective"):
         default_forget_target("nope")
+
+
+def test_build_forget_rule_takes_the_objectives_default():
+    from hf_munba import build_forget_rule
+
+    rule = build_forget_rule("remap")
+    assert (rule.target, rule.mode, rule.ema, rule.hysteresis) == (0.25, "relative", 0.9, 1.5)
+    assert build_forget_rule("ga") is None and build_forget_rule("random_label") is None
+    absolute = build_forget_rule("random_label", target=2.4)
+    assert absolute.mode == "absolute" and absolute.target == 2.4
+    assert build_forget_rule("remap", target=0.1, power=2.0).base_power == 2.0
+    with pytest.raises(ValueError, match="negated"):
+        build_forget_rule("neg_ce", target=0.5, mode="relative")
