@@ -47,27 +47,58 @@ _TRAIN = dict(lr=0.1, epochs=30)
 RECIPES = {"class": dict(epochs=3), "random": dict(epochs=3)}
 LR_GRID = (0.003, 0.01, 0.03, 0.1)
 WEIGHTS = (0.1, 0.3, 1, 3)
-ALL_METHODS = ["munba", *[f"weighted-{w:g}" for w in WEIGHTS], "ft", "ga", "salun", "l1"]
+ALL_METHODS = ["munba", "munba-paper", *[f"weighted-{w:g}" for w in WEIGHTS], "ft", "ga", "salun", "l1"]
 CLASS_THRESHOLD = 5.0     # class-wise: Acc(D_f) <= 5 % counts as forgotten
 MATCH_TOLERANCE = 2.0     # random: |Acc(D_f) - retrain's| <= 2 points counts as equal forgetting
 
 
 def row_spec(name: str):
-    """Row name -> (MunbaTrainer method, extra MunbaTrainer keywords)."""
+    """Row name -> (MunbaTrainer method, extra MunbaTrainer keywords).
+
+    ``munba`` is what ``MunbaTrainer(method="munba")`` does with no other option (the
+    recommended configuration); ``munba-paper`` is the paper's plain rule: bargaining power 1
+    and no satisfaction target. ``MunbaArguments`` has no explicit "no target" switch (a None
+    target means "the forget loss's default"), so the row checks that its configuration builds
+    no forget rule and refuses to run otherwise rather than report another rule under that name.
+    ``munba-target-<T>`` (absolute target T on the forget loss) and ``munba-power-<w>``
+    (forget bargaining power w) are for exploring the bargaining options.
+    """
+    from hf_munba.trainer import MunbaArguments
     from hf_munba.unlearning_methods import get_method
 
-    if name.startswith("weighted-"):
+    def number(prefix):
         try:
-            lam = float(name.split("-", 1)[1])
+            value = float(name[len(prefix):])
         except ValueError:
-            raise ValueError(f"row {name!r}: expected weighted-<lambda>, e.g. weighted-0.3") from None
-        if not (math.isfinite(lam) and lam > 0):
-            raise ValueError(f"row {name!r}: lambda must be a positive number")
-        return "weighted", {"forget_weight": lam}
+            raise ValueError(f"row {name!r}: expected {prefix}<number>, e.g. {prefix}0.3") from None
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"row {name!r}: the number must be positive")
+        return value
+
+    if name.startswith("weighted-"):
+        return "weighted", {"forget_weight": number("weighted-")}
+    if name == "munba-paper":
+        extra = {"bargaining_power_forget": 1.0, "forget_target": None}
+        if MunbaArguments(method="munba", **extra).make_forget_rule() is not None:
+            raise ValueError("munba-paper: the default forget loss now has a satisfaction target and "
+                             "MunbaArguments cannot switch it off; the paper's plain rule is not expressible")
+        return "munba", extra
+    if name.startswith("munba-target-"):
+        return "munba", {"forget_target": number("munba-target-"), "forget_target_mode": "absolute"}
+    if name.startswith("munba-power-"):
+        return "munba", {"bargaining_power_forget": number("munba-power-")}
     if name == "retrain":
         raise ValueError("retrain always runs (it is the reference); leave it out of --methods")
     get_method(name)  # raises with the list of methods
     return name, {}
+
+
+def config_key(row: str) -> str:
+    """The full MunbaTrainer configuration a row runs (two rows with the same key are one run)."""
+    from hf_munba.trainer import MunbaArguments
+
+    method, extra = row_spec(row)
+    return json.dumps(MunbaArguments(method=method, **extra).to_dict(), sort_keys=True)
 
 
 def parse_args(argv=None):
@@ -129,7 +160,7 @@ def train(model, row, retain, forget, recipe, batch_size, seed, workdir, callbac
     import torch
     from transformers import PrinterCallback, TrainingArguments
 
-    from hf_munba.trainer import MunbaTrainer
+    from hf_munba.trainer import MunbaArguments, MunbaTrainer
 
     method, extra = ("ft", {}) if row == "original" else (("retrain", {}) if row == "retrain" else row_spec(row))
     args = TrainingArguments(
@@ -139,7 +170,7 @@ def train(model, row, retain, forget, recipe, batch_size, seed, workdir, callbac
         max_grad_norm=1.0, seed=seed, data_seed=seed, save_strategy="no", report_to=[],
         logging_strategy="no", disable_tqdm=True, use_cpu=True, dataloader_num_workers=0)
     trainer = MunbaTrainer(model=model, args=args, train_dataset=retain, forget_dataset=forget,
-                           method=method, callbacks=list(callbacks), **extra)
+                           munba_args=MunbaArguments(method=method, **extra), callbacks=list(callbacks))
     trainer.remove_callback(PrinterCallback)  # its per-run metrics dict would drown the summary lines
     t0 = time.perf_counter()
     trainer.train()
@@ -196,6 +227,8 @@ def summarise(setting_runs, methods):
             row["lr"] = per_seed[0]["lr"]
             row["at_forgetting"] = aggregate_first_best([r["at_forgetting"] for r in per_seed])
             row["curve"] = aggregate_curves([r["curve"] for r in per_seed])
+            if per_seed[0].get("same_run_as"):
+                row["same_run_as"] = per_seed[0]["same_run_as"]
         table[name] = row
     return table
 
@@ -235,7 +268,9 @@ def markdown_table(table, title, criterion_text):
         else:
             curve, lr = ["–"] * 4, "–"
         lines.append(f"| {name} | {lr} | " + " | ".join(cells + curve) + " |")
-    return "\n".join(lines) + "\n"
+    notes = [f"`{n}` runs exactly the configuration of `{r['same_run_as']}` (identical MunbaArguments and "
+             "recipe), so one run serves both rows." for n, r in table.items() if r.get("same_run_as")]
+    return "\n".join(lines) + "\n" + "".join(f"\n{x}\n" for x in notes)
 
 
 def comparison_text(table, subject="munba"):
@@ -329,7 +364,18 @@ def main(argv=None):
                 criterion = (ForgetCriterion.at_most(a.class_threshold) if setting == "class" else
                              ForgetCriterion.match(results["retrain"]["end"]["acc_forget"], a.match_tolerance))
                 criteria[setting][seed] = criterion.to_dict()
+                done = {}  # configuration -> the row that ran it (identical configurations run once)
                 for row in a.methods:
+                    key = (config_key(row), json.dumps(a.recipes[setting][row], sort_keys=True))
+                    if key in done:
+                        first = done[key]
+                        results[row] = {**copy.deepcopy(results[first]), "same_run_as": first}
+                        a.chosen[setting][row] = a.chosen[setting][first]
+                        if first in search[setting] and seed == a.seeds[0]:
+                            search[setting][row] = {"same_run_as": first,
+                                                    "chosen_lr": search[setting][first]["chosen_lr"]}
+                        continue
+                    done[key] = row
                     results[row], row_search = run_row(a, row, setting, seed, original, sets, criterion, work)
                     if row_search is not None:
                         search[setting][row] = {"chosen_lr": a.chosen[setting][row], "runs": row_search}

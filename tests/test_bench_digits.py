@@ -162,7 +162,18 @@ def test_row_names_and_arguments():
     bench = _bench()
     assert bench.row_spec("weighted-0.3") == ("weighted", {"forget_weight": 0.3})
     assert bench.row_spec("ft") == ("ft", {})
-    for bad in ("weighted-x", "weighted--1", "retrain", "nope"):
+    assert bench.row_spec("munba") == ("munba", {})
+    assert bench.row_spec("munba-target-2.5") == ("munba", {"forget_target": 2.5, "forget_target_mode": "absolute"})
+    assert bench.row_spec("munba-power-0.5") == ("munba", {"bargaining_power_forget": 0.5})
+    # the paper's plain rule: power 1, no satisfaction rule built for the classifiers' forget loss
+    method, extra = bench.row_spec("munba-paper")
+    from hf_munba.trainer import MunbaArguments
+
+    paper = MunbaArguments(method=method, **extra)
+    assert paper.make_forget_rule() is None and paper.bargaining_power_forget == 1.0
+    assert bench.config_key("munba-target-2.5") != bench.config_key("munba")
+    assert bench.config_key("weighted-1") != bench.config_key("weighted-0.3")
+    for bad in ("weighted-x", "weighted--1", "munba-power-0", "munba-target-", "retrain", "nope"):
         with pytest.raises(ValueError):
             bench.row_spec(bad)
     with pytest.raises(SystemExit):
@@ -172,7 +183,7 @@ def test_row_names_and_arguments():
     a = bench.parse_args(["--recipes", '{"random:munba": {"lr": 0.02}}'])
     assert a.recipes["random"]["munba"] == {"epochs": 3, "lr": 0.02} and "lr" not in a.recipes["class"]["munba"]
     # the default rows: munba, the lambda sweep (at least 0.1, 0.3, 1, 3), the baselines
-    assert {"munba", "weighted-0.1", "weighted-0.3", "weighted-1", "weighted-3"} <= set(a.methods)
+    assert {"munba", "munba-paper", "weighted-0.1", "weighted-0.3", "weighted-1", "weighted-3"} <= set(a.methods)
     assert len(a.lr_grid) >= 3 and all(1e-4 <= lr <= 1e-1 for lr in a.lr_grid)
 
 
@@ -194,15 +205,20 @@ def test_tiny_benchmark_end_to_end(tmp_path):
     bench = _bench()
     out = tmp_path / "out"
     recipes = {"original": {"epochs": 4}, "retrain": {"epochs": 1}, "munba": {"max_steps": 5},
-               "weighted-1": {"max_steps": 5}}
-    bench.main(["--seeds", "0", "--methods", "munba,weighted-1", "--settings", "class",
+               "munba-paper": {"max_steps": 5}, "weighted-1": {"max_steps": 5}}
+    bench.main(["--seeds", "0", "--methods", "munba,munba-paper,weighted-1", "--settings", "class",
                 "--lr_grid", "0.1,0.03", "--eval_every", "2", "--output_dir", str(out),
                 "--recipes", json.dumps(recipes)])
     res = json.loads((out / "digits_class.json").read_text())
     assert (out / "digits_class.png").stat().st_size > 0
     md = (out / "digits_class.md").read_text()
     assert "| munba | " in md and "| weighted-1 | " in md and "D_t @first" in md
-    assert set(res["table"]) == {"original", "retrain", "munba", "weighted-1"}
+    assert set(res["table"]) == {"original", "retrain", "munba", "munba-paper", "weighted-1"}
+    # munba-paper is the default munba configuration for the classifiers' forget loss: one run, two rows
+    if bench.config_key("munba-paper") == bench.config_key("munba"):
+        assert res["table"]["munba-paper"]["same_run_as"] == "munba"
+        assert res["runs"]["munba-paper"][0]["curve"] == res["runs"]["munba"][0]["curve"]
+        assert "`munba-paper` runs exactly the configuration of `munba`" in md
     criterion = ForgetCriterion(**res["criteria_per_seed"]["0"])
     for row in ("munba", "weighted-1"):
         (run,) = res["runs"][row]
