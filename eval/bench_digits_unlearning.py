@@ -120,6 +120,8 @@ def parse_args(argv=None):
                    help="random forget criterion: |Acc(D_f) - retrain's Acc(D_f)| <= this (points)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--output_dir", default="bench_digits_out")
+    p.add_argument("--replot", action="store_true",
+                   help="only rewrite the markdown and PNGs in --output_dir from its JSON (no training)")
     p.add_argument("--recipes", default=None,
                    help="JSON overriding recipes per row, e.g. '{\"random:ga\": {\"lr\": 0.01}, \"munba\": "
                         "{\"epochs\": 5}, \"retrain\": {\"epochs\": 20}}'; a given lr skips the search")
@@ -296,13 +298,38 @@ def comparison_text(table, subject="munba"):
     return "\n".join(out) + "\n"
 
 
-def write_setting(a, setting, table, per_seed_runs, search, criteria, title, criterion_text, band):
+def criterion_band(criteria):
+    """The Acc(D_f) band shaded as "forgotten" in the plot (the seeds' mean target for 'match')."""
+    crits = list(criteria.values())
+    if crits[0]["kind"] == "at_most":
+        return (-1.0, crits[0]["threshold"])
+    mid = sum(c["target"] for c in crits) / len(crits)
+    return (mid - crits[0]["tolerance"], mid + crits[0]["tolerance"])
+
+
+def render(payload, output_dir, name):
+    """Markdown table + comparison and the trade-off PNG, from a setting's JSON payload."""
     from hf_munba.evaluation.tradeoff import plot_tradeoff_curves
 
-    name = f"digits_{setting}"
-    md = markdown_table(table, title, criterion_text) + "\n" + comparison_text(table)
-    with open(os.path.join(a.output_dir, name + ".md"), "w") as f:
+    table = payload["table"]
+    md = markdown_table(table, payload["title"], payload["criterion"]) + "\n" + comparison_text(table)
+    with open(os.path.join(output_dir, name + ".md"), "w") as f:
         f.write(md)
+    refs = {n: {k: table[n]["end"][k]["mean"] for k in ("acc_forget", "acc_retain", "acc_test")}
+            for n in ("retrain", "original") if n in table}
+    twins = {}
+    for n, r in table.items():
+        if r.get("same_run_as"):
+            twins.setdefault(r["same_run_as"], []).append(n)
+    curves = {" = ".join([n, *twins.get(n, [])]): r["curve"] for n, r in table.items()
+              if "curve" in r and not r.get("same_run_as")}  # one line per distinct run
+    plot_tradeoff_curves(curves, os.path.join(output_dir, name + ".png"), title=payload["title"],
+                         criterion_band=criterion_band(payload["criteria_per_seed"]), references=refs)
+    return md
+
+
+def write_setting(a, setting, table, per_seed_runs, search, criteria, title, criterion_text):
+    name = f"digits_{setting}"
     payload = {"title": title, "criterion": criterion_text, "criteria_per_seed": criteria,
                "seeds": a.seeds, "lr_grid": a.lr_grid, "eval_every": a.eval_every,
                "recipes": a.recipes[setting],
@@ -310,16 +337,29 @@ def write_setting(a, setting, table, per_seed_runs, search, criteria, title, cri
                "table": table, "runs": per_seed_runs, "lr_search": search}
     with open(os.path.join(a.output_dir, name + ".json"), "w") as f:
         json.dump(payload, f, separators=(",", ":"))  # compact: every point of every run
-    refs = {n: {k: table[n]["end"][k]["mean"] for k in ("acc_forget", "acc_retain", "acc_test")}
-            for n in ("retrain", "original") if n in table}
-    plot_tradeoff_curves({n: r["curve"] for n, r in table.items() if "curve" in r},
-                         os.path.join(a.output_dir, name + ".png"), title=title, criterion_band=band,
-                         references=refs)
-    return md
+    return render(payload, a.output_dir, name)
+
+
+def replot(a):
+    """--replot: rewrite the markdown and PNGs of --output_dir from its JSON, without training."""
+    report = []
+    for setting in a.settings:
+        with open(os.path.join(a.output_dir, f"digits_{setting}.json")) as f:
+            report.append(render(json.load(f), a.output_dir, f"digits_{setting}"))
+    path = os.path.join(a.output_dir, "digits_benchmark.md")
+    footer = ""
+    if os.path.exists(path):
+        with open(path) as f:
+            old = f.read()
+        footer = old[old.rfind("\nOriginal model training:"):] if "\nOriginal model training:" in old else ""
+    with open(path, "w") as f:
+        f.write("\n".join(report) + footer)
 
 
 def main(argv=None):
     a = parse_args(argv)
+    if a.replot:
+        return replot(a)
     import numpy as np
     import torch
     from transformers.utils import logging as hf_logging
@@ -397,14 +437,13 @@ def main(argv=None):
         table = summarise(runs[setting], a.methods)
         title = f"{titles[setting]}, {a.model}, seeds {a.seeds}"
         if setting == "class":
-            text, band = f"Acc(D_f) <= {a.class_threshold:g}%", (-1.0, a.class_threshold)
+            text = f"Acc(D_f) <= {a.class_threshold:g}%"
         else:
             targets = [c["target"] for c in criteria[setting].values()]
             text = (f"|Acc(D_f) - Acc_retrain(D_f)| <= {a.match_tolerance:g} points, retrain of the same seed "
                     f"(retrain's Acc(D_f): {', '.join(f'{t:.2f}' for t in targets)})")
-            band = (float(np.mean(targets)) - a.match_tolerance, float(np.mean(targets)) + a.match_tolerance)
         report.append(write_setting(a, setting, table, runs[setting], search[setting], criteria[setting],
-                                    title, text, band))
+                                    title, text))
     footer = (f"\nOriginal model training: {np.mean(originals):.1f} s per seed. Total benchmark wall "
               f"time: {total:.0f} s with {a.threads} thread(s). Learning rates searched on seed "
               f"{a.seeds[0]}: {a.lr_grid}; curve points every {a.eval_every} optimizer steps.\n"

@@ -212,6 +212,11 @@ def test_tiny_benchmark_end_to_end(tmp_path):
     res = json.loads((out / "digits_class.json").read_text())
     assert (out / "digits_class.png").stat().st_size > 0
     md = (out / "digits_class.md").read_text()
+    # --replot rebuilds the markdown and the PNG from the JSON alone
+    (out / "digits_class.md").unlink()
+    (out / "digits_class.png").unlink()
+    bench.main(["--replot", "--settings", "class", "--output_dir", str(out)])
+    assert (out / "digits_class.md").read_text() == md and (out / "digits_class.png").stat().st_size > 0
     assert "| munba | " in md and "| weighted-1 | " in md and "D_t @first" in md
     assert set(res["table"]) == {"original", "retrain", "munba", "munba-paper", "weighted-1"}
     # munba-paper is the default munba configuration for the classifiers' forget loss: one run, two rows
