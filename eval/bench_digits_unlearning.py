@@ -279,6 +279,8 @@ def comparison_text(table, subject="munba"):
     """The plain statement: does ``subject`` keep at least the best weighted's test accuracy?"""
     if subject not in table or "at_forgetting" not in table[subject]:
         return ""
+    if not any(n.startswith("weighted-") for n in table):
+        return ""  # nothing to compare with
     out = []
     for which, label in (("first", "first point"), ("best", "best point")):
         bw = best_weighted(table, which)
