@@ -1,16 +1,28 @@
 #!/usr/bin/env python
-"""Real-data unlearning benchmark on scikit-learn digits: every method on one pipeline.
+"""Real-data unlearning benchmark on scikit-learn digits: every method, compared at equal forgetting.
 
 For each seed: train the original classifier on the digits training split; then for
 (a) forgetting one class and (b) forgetting a random 10% of the training samples, retrain from
 scratch on D_r (the gold reference) and run every unlearning method from the original weights
-through ``MunbaTrainer``. Prints and writes the mean ± std table (Acc D_f / D_r / D_t,
-MIA-efficacy, Avg. Gap vs retrain, run-time) as markdown, JSON and PNG.
+through ``MunbaTrainer``, recording Acc(D_f), Acc(D_r) and Acc(D_t) every ``--eval_every``
+optimizer steps (``hf_munba.evaluation.tradeoff.AccuracyCurveCallback``).
 
-    python eval/bench_digits_unlearning.py --output_dir bench_out            # full (3 seeds)
-    python eval/bench_digits_unlearning.py --seeds 0 --methods munba,ft       # quick look
+Each method row gets the same small learning-rate search (``--lr_grid``), decided on the first
+seed by a rule fixed in advance (``select_run``: best test accuracy at equal forgetting, then
+the first point's, then the earliest). Forget criterion: class-wise Acc(D_f) <= 5 %; random
+10 %: |Acc(D_f) - Acc_retrain(D_f)| <= 2 points (the same seed's retrained model). Per row it
+reports the test accuracy at the FIRST evaluation meeting the criterion and the BEST over such
+evaluations, beside the end-of-run table (Acc D_f / D_r / D_t, MIA-efficacy, Avg. Gap vs
+retrain, run-time), mean ± std over seeds; writes markdown, JSON (every curve point of every
+run) and a trade-off PNG per setting.
 
-Runs single-threaded (``--threads``) so timings are comparable on a shared machine.
+    python eval/bench_digits_unlearning.py --output_dir docs/bench_digits      # full (3 seeds)
+    python eval/bench_digits_unlearning.py --seeds 0 --methods munba,weighted-1  # quick look
+
+Rows: a method of ``hf_munba.unlearning_methods`` (``munba``, ``ft``, ``ga``, ``rl``, ``salun``,
+``l1``) or ``weighted-<lam>`` (``weighted`` with ``forget_weight=lam``). ``rl`` is exactly
+``weighted-1`` (same losses), so the default list runs it only under that name. Runs
+single-threaded (``--threads``) so timings are comparable on a shared machine.
 """
 
 from __future__ import annotations
@@ -18,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import sys
 import tempfile
@@ -27,92 +40,336 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Recipes: SGD (momentum 0.9, weight decay 5e-4), grad clip 1.0, batch 64, linear decay (the
 # paper's classification protocol, DESIGN.md §5, with epochs scaled to this tiny task). The
-# original and the retrained model train 30 epochs. Every method that uses D_r shares one
-# recipe per setting (lr and epochs picked on seed 0 for munba and ft); ga, which never sees
-# D_r, runs a fixed number of steps; weighted uses lam = 0.3 (with lam = 1 it is exactly rl).
+# original and the retrained model train 30 epochs at lr 0.1. Every unlearning row trains
+# 3 epochs; its learning rate comes from the search over LR_GRID (inside the paper's range
+# [1e-4, 1e-1]) unless --recipes fixes it.
 _TRAIN = dict(lr=0.1, epochs=30)
-_CLASS = dict(lr=0.1, epochs=3)
-_RANDOM = dict(lr=0.01, epochs=3)
-RECIPES = {
-    "class": {"original": _TRAIN, "retrain": _TRAIN, "ga": dict(lr=0.02, max_steps=20),
-              "weighted": dict(_CLASS, forget_weight=0.3),
-              **{m: _CLASS for m in ("munba", "ft", "rl", "salun", "l1")}},
-    "random": {"original": _TRAIN, "retrain": _TRAIN, "ga": dict(lr=0.01, max_steps=5),
-               "weighted": dict(_RANDOM, forget_weight=0.3),
-               **{m: _RANDOM for m in ("munba", "ft", "rl", "salun", "l1")}},
-}
-ALL_METHODS = ["munba", "weighted", "ft", "ga", "rl", "salun", "l1"]
+RECIPES = {"class": dict(epochs=3), "random": dict(epochs=3)}
+LR_GRID = (0.003, 0.01, 0.03, 0.1)
+WEIGHTS = (0.1, 0.3, 1, 3)
+ALL_METHODS = ["munba", "munba-paper", *[f"weighted-{w:g}" for w in WEIGHTS], "ft", "ga", "salun", "l1"]
+CLASS_THRESHOLD = 5.0     # class-wise: Acc(D_f) <= 5 % counts as forgotten
+MATCH_TOLERANCE = 2.0     # random: |Acc(D_f) - retrain's| <= 2 points counts as equal forgetting
+
+
+def row_spec(name: str):
+    """Row name -> (MunbaTrainer method, extra MunbaTrainer keywords).
+
+    ``munba`` is what ``MunbaTrainer(method="munba")`` does with no other option (the
+    recommended configuration); ``munba-paper`` is the paper's plain rule: bargaining power 1
+    and no satisfaction target. ``MunbaArguments`` has no explicit "no target" switch (a None
+    target means "the forget loss's default"), so the row checks that its configuration builds
+    no forget rule and refuses to run otherwise rather than report another rule under that name.
+    ``munba-target-<T>`` (absolute target T on the forget loss) and ``munba-power-<w>``
+    (forget bargaining power w) are for exploring the bargaining options.
+    """
+    from hf_munba.trainer import MunbaArguments
+    from hf_munba.unlearning_methods import get_method
+
+    def number(prefix):
+        try:
+            value = float(name[len(prefix):])
+        except ValueError:
+            raise ValueError(f"row {name!r}: expected {prefix}<number>, e.g. {prefix}0.3") from None
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"row {name!r}: the number must be positive")
+        return value
+
+    if name.startswith("weighted-"):
+        return "weighted", {"forget_weight": number("weighted-")}
+    if name == "munba-paper":
+        extra = {"bargaining_power_forget": 1.0, "forget_target": None}
+        if MunbaArguments(method="munba", **extra).make_forget_rule() is not None:
+            raise ValueError("munba-paper: the default forget loss now has a satisfaction target and "
+                             "MunbaArguments cannot switch it off; the paper's plain rule is not expressible")
+        return "munba", extra
+    if name.startswith("munba-target-"):
+        return "munba", {"forget_target": number("munba-target-"), "forget_target_mode": "absolute"}
+    if name.startswith("munba-power-"):
+        return "munba", {"bargaining_power_forget": number("munba-power-")}
+    if name == "retrain":
+        raise ValueError("retrain always runs (it is the reference); leave it out of --methods")
+    get_method(name)  # raises with the list of methods
+    return name, {}
+
+
+def config_key(row: str) -> str:
+    """The full MunbaTrainer configuration a row runs (two rows with the same key are one run)."""
+    from hf_munba.trainer import MunbaArguments
+
+    method, extra = row_spec(row)
+    return json.dumps(MunbaArguments(method=method, **extra).to_dict(), sort_keys=True)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-    p.add_argument("--methods", default=",".join(ALL_METHODS), help="comma-separated methods")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds; the first one runs the lr search")
+    p.add_argument("--methods", default=",".join(ALL_METHODS),
+                   help="comma-separated rows: methods or weighted-<lambda>")
     p.add_argument("--settings", default="class,random", help="class and/or random")
     p.add_argument("--forget_class", type=int, default=3)
     p.add_argument("--forget_fraction", type=float, default=0.1)
     p.add_argument("--model", default="tiny-resnet", choices=["tiny-resnet", "tiny-vit"])
     p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--lr_grid", default=",".join(f"{x:g}" for x in LR_GRID),
+                   help="learning rates searched per row and setting on the first seed (one value: no search)")
+    p.add_argument("--eval_every", type=int, default=2, help="optimizer steps between curve points")
+    p.add_argument("--class_threshold", type=float, default=CLASS_THRESHOLD,
+                   help="class-wise forget criterion: Acc(D_f) <= this (percent)")
+    p.add_argument("--match_tolerance", type=float, default=MATCH_TOLERANCE,
+                   help="random forget criterion: |Acc(D_f) - retrain's Acc(D_f)| <= this (points)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--output_dir", default="bench_digits_out")
-    p.add_argument("--recipes", default=None, help="JSON overriding RECIPES, e.g. '{\"munba\": {\"lr\": 0.02}, \"random:ga\": {\"max_steps\": 5}}'")
+    p.add_argument("--replot", action="store_true",
+                   help="only rewrite the markdown and PNGs in --output_dir from its JSON (no training)")
+    p.add_argument("--recipes", default=None,
+                   help="JSON overriding recipes per row, e.g. '{\"random:ga\": {\"lr\": 0.01}, \"munba\": "
+                        "{\"epochs\": 5}, \"retrain\": {\"epochs\": 20}}'; a given lr skips the search")
     a = p.parse_args(argv)
     a.seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
-    a.methods = [m for m in a.methods.split(",") if m.strip()]
-    a.settings = [s for s in a.settings.split(",") if s.strip()]
-    from hf_munba.unlearning_methods import get_method
-
+    a.methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    a.settings = [s.strip() for s in a.settings.split(",") if s.strip()]
+    a.lr_grid = [float(x) for x in a.lr_grid.split(",") if x.strip()]
+    if not a.seeds or not a.methods or not a.lr_grid:
+        p.error("--seeds, --methods and --lr_grid must not be empty")
+    if len(set(a.methods)) != len(a.methods):
+        p.error("--methods lists a row twice")
+    if a.eval_every < 1:
+        p.error("--eval_every must be >= 1")
     for m in a.methods:
-        get_method(m)
-        if m == "retrain":
-            p.error("retrain always runs (it is the reference); leave it out of --methods")
+        try:
+            row_spec(m)
+        except ValueError as e:
+            p.error(str(e))
     bad = [s for s in a.settings if s not in ("class", "random")]
-    if bad:
+    if bad or not a.settings:
         p.error(f"unknown settings {bad}")
     overrides = json.loads(a.recipes) if a.recipes else {}
-    a.recipes = {s: {k: dict(v) for k, v in RECIPES[s].items()} for s in ("class", "random")}
+    rows = ("original", "retrain", *a.methods)
+    a.recipes = {s: {r: dict(_TRAIN) if r in ("original", "retrain") else dict(RECIPES[s]) for r in rows}
+                 for s in ("class", "random")}
     for k, v in overrides.items():
         setting, _, name = k.rpartition(":")  # "munba" (both settings) or "random:munba"
-        if name not in RECIPES["class"] or setting not in ("", "class", "random"):
-            p.error(f"--recipes: unknown entry {k!r}")
+        if name not in rows or setting not in ("", "class", "random"):
+            p.error(f"--recipes: unknown entry {k!r} (rows: {list(rows)})")
         for s in ([setting] if setting else ["class", "random"]):
             a.recipes[s][name].update(v)
     return a
 
 
-def train(model, method, retain, forget, recipe, batch_size, seed, workdir):
+def train(model, row, retain, forget, recipe, batch_size, seed, workdir, callbacks=()):
+    """One MunbaTrainer run; returns (model, training seconds without curve evaluation)."""
     import torch
-    from transformers import TrainingArguments
+    from transformers import PrinterCallback, TrainingArguments
 
-    from hf_munba.trainer import MunbaTrainer
+    from hf_munba.trainer import MunbaArguments, MunbaTrainer
 
+    method, extra = ("ft", {}) if row == "original" else (("retrain", {}) if row == "retrain" else row_spec(row))
     args = TrainingArguments(
         output_dir=workdir, per_device_train_batch_size=batch_size, learning_rate=recipe["lr"],
         num_train_epochs=recipe.get("epochs", 1), max_steps=recipe.get("max_steps", -1),
         optim="sgd", optim_args="momentum=0.9", weight_decay=5e-4, lr_scheduler_type="linear",
         max_grad_norm=1.0, seed=seed, data_seed=seed, save_strategy="no", report_to=[],
         logging_strategy="no", disable_tqdm=True, use_cpu=True, dataloader_num_workers=0)
-    trainer = MunbaTrainer(model=model, args=args, train_dataset=retain,
-                           forget_dataset=forget, method=method,
-                           forget_weight=recipe.get("forget_weight"))
+    trainer = MunbaTrainer(model=model, args=args, train_dataset=retain, forget_dataset=forget,
+                           munba_args=MunbaArguments(method=method, **extra), callbacks=list(callbacks))
+    trainer.remove_callback(PrinterCallback)  # its per-run metrics dict would drown the summary lines
     t0 = time.perf_counter()
     trainer.train()
-    runtime = time.perf_counter() - t0
+    runtime = time.perf_counter() - t0 - sum(getattr(c, "eval_seconds", 0.0) for c in callbacks)
     model = trainer.accelerator.unwrap_model(trainer.model)
     torch.set_grad_enabled(True)
     return model, runtime
 
 
+def forget_distance(criterion, acc_forget: float) -> float:
+    """How many points an Acc(D_f) is from meeting the criterion (0 when it does)."""
+    if criterion.kind == "at_most":
+        return max(0.0, acc_forget - criterion.threshold)
+    return max(0.0, abs(acc_forget - criterion.target) - criterion.tolerance)
+
+
+def run_row(a, row, setting, seed, original, sets, criterion, work):
+    """One row on one seed: the lr search (first seed) or the chosen lr; curve + end metrics."""
+    from hf_munba.evaluation.classification import evaluate_unlearning
+    from hf_munba.evaluation.tradeoff import AccuracyCurveCallback, first_and_best, select_run
+
+    recipe = a.recipes[setting][row]
+    lrs = [recipe["lr"]] if "lr" in recipe else (a.lr_grid if seed == a.seeds[0] else [a.chosen[setting][row]])
+    runs = {}
+    for lr in lrs:
+        cb = AccuracyCurveCallback(sets, eval_every=a.eval_every)
+        model, rt = train(copy.deepcopy(original), row, sets["retain"], sets["forget"], {**recipe, "lr": lr},
+                          a.batch_size, seed, work, callbacks=[cb])
+        end = {**evaluate_unlearning(model, sets["forget"], sets["retain"], sets["test"]), "runtime_s": rt}
+        runs[lr] = {"lr": lr, "curve": cb.points, "end": end,
+                    "at_forgetting": first_and_best(cb.points, criterion)}
+    if len(runs) > 1:
+        chosen = select_run({lr: r["at_forgetting"] for lr, r in runs.items()},
+                            {lr: forget_distance(criterion, r["end"]["acc_forget"]) for lr, r in runs.items()})
+    else:
+        chosen = next(iter(runs))
+    a.chosen[setting][row] = chosen
+    search = None
+    if len(runs) > 1:
+        search = {f"{lr:g}": {"at_forgetting": r["at_forgetting"], "end": r["end"], "curve": r["curve"]}
+                  for lr, r in runs.items()}
+    return runs[chosen], search
+
+
+def summarise(setting_runs, methods):
+    """Per row: end-of-run mean ± std, first/best at equal forgetting, the aggregated curve."""
+    from hf_munba.evaluation.classification import aggregate_runs
+    from hf_munba.evaluation.tradeoff import aggregate_curves, aggregate_first_best
+
+    table = {}
+    for name, per_seed in setting_runs.items():
+        row = {"end": aggregate_runs([r["end"] for r in per_seed])}
+        if name in methods:
+            row["lr"] = per_seed[0]["lr"]
+            row["at_forgetting"] = aggregate_first_best([r["at_forgetting"] for r in per_seed])
+            row["curve"] = aggregate_curves([r["curve"] for r in per_seed])
+            if per_seed[0].get("same_run_as"):
+                row["same_run_as"] = per_seed[0]["same_run_as"]
+        table[name] = row
+    return table
+
+
+def best_weighted(table, which):
+    """The weighted-<lam> row with the highest mean ``which`` ('first'/'best') test accuracy among
+    those that met the criterion on every seed (None if none did)."""
+    ok = [(n, r) for n, r in table.items() if n.startswith("weighted-")
+          and r["at_forgetting"]["reached"] == r["at_forgetting"]["seeds"]]
+    if not ok:
+        return None
+    return max(ok, key=lambda nr: nr[1]["at_forgetting"][which]["mean"])[0]
+
+
+def _cell(stat, digits=2):
+    if stat is None or stat.get("n", 0) == 0 or not math.isfinite(stat["mean"]):
+        return "–"
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}" if stat["n"] > 1 else f"{stat['mean']:.{digits}f}"
+
+
+def markdown_table(table, title, criterion_text):
+    cols = ("acc_forget", "acc_retain", "acc_test", "mia_efficacy", "avg_gap", "runtime_s")
+    lines = [f"**{title}**", "", f"Forget criterion: {criterion_text}. Curve columns: test accuracy at "
+             "the first evaluation meeting it and the best over evaluations meeting it (seeds that "
+             "reached it), the step of the first, and how many seeds reached it.", "",
+             "| Method | lr | Acc D_f | Acc D_r | Acc D_t | MIA-efficacy | Avg. Gap | Run-time (s) | "
+             "reached | D_t @first | step @first | D_t @best |",
+             "|---|" + "---|" * 11]
+    for name, row in table.items():
+        end = row["end"]
+        cells = [_cell(end.get(c)) for c in cols]
+        if "at_forgetting" in row:
+            af = row["at_forgetting"]
+            curve = [f"{af['reached']}/{af['seeds']}", _cell(af["first"]), _cell(af["first_step"], 0),
+                     _cell(af["best"])]
+            lr = f"{row['lr']:g}"
+        else:
+            curve, lr = ["–"] * 4, "–"
+        lines.append(f"| {name} | {lr} | " + " | ".join(cells + curve) + " |")
+    notes = [f"`{n}` runs exactly the configuration of `{r['same_run_as']}` (identical MunbaArguments and "
+             "recipe), so one run serves both rows." for n, r in table.items() if r.get("same_run_as")]
+    return "\n".join(lines) + "\n" + "".join(f"\n{x}\n" for x in notes)
+
+
+def comparison_text(table, subject="munba"):
+    """The plain statement: does ``subject`` keep at least the best weighted's test accuracy?"""
+    if subject not in table or "at_forgetting" not in table[subject]:
+        return ""
+    if not any(n.startswith("weighted-") for n in table):
+        return ""  # nothing to compare with
+    out = []
+    for which, label in (("first", "first point"), ("best", "best point")):
+        bw = best_weighted(table, which)
+        s = table[subject]["at_forgetting"]
+        if bw is None:
+            out.append(f"- {label}: no weighted-<lam> row met the criterion on every seed.")
+            continue
+        w = table[bw]["at_forgetting"]
+        if s["reached"] < s["seeds"]:
+            out.append(f"- {label}: {subject} met the criterion on {s['reached']}/{s['seeds']} seeds only "
+                       f"(best weighted: {bw}, {_cell(w[which])}).")
+            continue
+        diff = s[which]["mean"] - w[which]["mean"]
+        verdict = "keeps at least" if diff >= 0 else "does NOT keep"
+        out.append(f"- {label}: {subject} {_cell(s[which])} vs best weighted ({bw}) {_cell(w[which])}: "
+                   f"{verdict} its test accuracy ({diff:+.2f} points).")
+    return "\n".join(out) + "\n"
+
+
+def criterion_band(criteria):
+    """The Acc(D_f) band shaded as "forgotten" in the plot (the seeds' mean target for 'match')."""
+    crits = list(criteria.values())
+    if crits[0]["kind"] == "at_most":
+        return (-1.0, crits[0]["threshold"])
+    mid = sum(c["target"] for c in crits) / len(crits)
+    return (mid - crits[0]["tolerance"], mid + crits[0]["tolerance"])
+
+
+def render(payload, output_dir, name):
+    """Markdown table + comparison and the trade-off PNG, from a setting's JSON payload."""
+    from hf_munba.evaluation.tradeoff import plot_tradeoff_curves
+
+    table = payload["table"]
+    md = markdown_table(table, payload["title"], payload["criterion"]) + "\n" + comparison_text(table)
+    with open(os.path.join(output_dir, name + ".md"), "w") as f:
+        f.write(md)
+    refs = {n: {k: table[n]["end"][k]["mean"] for k in ("acc_forget", "acc_retain", "acc_test")}
+            for n in ("retrain", "original") if n in table}
+    twins = {}
+    for n, r in table.items():
+        if r.get("same_run_as"):
+            twins.setdefault(r["same_run_as"], []).append(n)
+    curves = {" = ".join([n, *twins.get(n, [])]): r["curve"] for n, r in table.items()
+              if "curve" in r and not r.get("same_run_as")}  # one line per distinct run
+    plot_tradeoff_curves(curves, os.path.join(output_dir, name + ".png"), title=payload["title"],
+                         criterion_band=criterion_band(payload["criteria_per_seed"]), references=refs)
+    return md
+
+
+def write_setting(a, setting, table, per_seed_runs, search, criteria, title, criterion_text):
+    name = f"digits_{setting}"
+    payload = {"title": title, "criterion": criterion_text, "criteria_per_seed": criteria,
+               "seeds": a.seeds, "lr_grid": a.lr_grid, "eval_every": a.eval_every,
+               "recipes": a.recipes[setting],
+               "best_weighted": {w: best_weighted(table, w) for w in ("first", "best")},
+               "table": table, "runs": per_seed_runs, "lr_search": search}
+    with open(os.path.join(a.output_dir, name + ".json"), "w") as f:
+        json.dump(payload, f, separators=(",", ":"))  # compact: every point of every run
+    return render(payload, a.output_dir, name)
+
+
+def replot(a):
+    """--replot: rewrite the markdown and PNGs of --output_dir from its JSON, without training."""
+    report = []
+    for setting in a.settings:
+        with open(os.path.join(a.output_dir, f"digits_{setting}.json")) as f:
+            report.append(render(json.load(f), a.output_dir, f"digits_{setting}"))
+    path = os.path.join(a.output_dir, "digits_benchmark.md")
+    footer = ""
+    if os.path.exists(path):
+        with open(path) as f:
+            old = f.read()
+        footer = old[old.rfind("\nOriginal model training:"):] if "\nOriginal model training:" in old else ""
+    with open(path, "w") as f:
+        f.write("\n".join(report) + footer)
+
+
 def main(argv=None):
     a = parse_args(argv)
+    if a.replot:
+        return replot(a)
     import numpy as np
     import torch
     from transformers.utils import logging as hf_logging
 
     from hf_munba.classification_data import InMemoryDataset, digits_dataset
     from hf_munba.classifier_io import load_image_classifier
-    from hf_munba.evaluation.classification import (aggregate_runs, avg_gap, evaluate_unlearning,
-                                                    results_markdown, write_results)
+    from hf_munba.evaluation.classification import avg_gap, evaluate_unlearning
+    from hf_munba.evaluation.tradeoff import ForgetCriterion
     from hf_munba.forget_sets import ForgetSpec, split_forget_retain
 
     torch.set_num_threads(a.threads)
@@ -120,53 +377,84 @@ def main(argv=None):
     data = digits_dataset(seed=0)
     test = InMemoryDataset.from_dataset(data["test"])
     full = InMemoryDataset.from_dataset(data["train"])
-    runs = {s: {} for s in a.settings}  # setting -> name -> [metrics per seed]
+    a.chosen = {s: {} for s in a.settings}
+    runs = {s: {} for s in a.settings}      # setting -> row -> [per-seed record]
+    search = {s: {} for s in a.settings}    # setting -> row -> {lr: ...} (first seed)
+    criteria = {s: {} for s in a.settings}  # setting -> seed -> criterion
     originals = []
     t_start = time.perf_counter()
+    os.makedirs(a.output_dir, exist_ok=True)
     with tempfile.TemporaryDirectory() as work:
         for seed in a.seeds:
             base, _ = load_image_classifier(a.model, seed=seed)
-            original, t_orig = train(base, "ft", full, None, a.recipes["class"]["original"],
+            original, t_orig = train(base, "original", full, None, a.recipes["class"]["original"],
                                      a.batch_size, seed, work)
             originals.append(t_orig)
             for setting in a.settings:
                 spec = (ForgetSpec(classes=[a.forget_class]) if setting == "class"
                         else ForgetSpec(fraction=a.forget_fraction, seed=seed))
                 f_ds, r_ds = split_forget_retain(data["train"], spec)
-                forget, retain = InMemoryDataset.from_dataset(f_ds), InMemoryDataset.from_dataset(r_ds)
-                results = {}
-                m = evaluate_unlearning(original, forget, retain, test)
-                m["runtime_s"] = float("nan")
-                results["original"] = m
+                sets = {"forget": InMemoryDataset.from_dataset(f_ds),
+                        "retain": InMemoryDataset.from_dataset(r_ds), "test": test}
+                results = {"original": {"end": {**evaluate_unlearning(original, sets["forget"], sets["retain"],
+                                                                      test), "runtime_s": float("nan")}}}
                 fresh, _ = load_image_classifier(a.model, seed=seed + 1000)
-                model, rt = train(fresh, "retrain", retain, forget, a.recipes[setting]["retrain"], a.batch_size, seed, work)
-                results["retrain"] = {**evaluate_unlearning(model, forget, retain, test), "runtime_s": rt}
-                for method in a.methods:
-                    model, rt = train(copy.deepcopy(original), method, retain, forget, a.recipes[setting][method],
-                                      a.batch_size, seed, work)
-                    results[method] = {**evaluate_unlearning(model, forget, retain, test), "runtime_s": rt}
-                for name, m in results.items():
-                    m["avg_gap"] = avg_gap(m, results["retrain"])
-                    runs[setting].setdefault(name, []).append(m)
-                print(f"[seed {seed} {setting}] " + ", ".join(
-                    f"{n}: Df {m['acc_forget']:.1f} Dt {m['acc_test']:.1f} MIA {m['mia_efficacy']:.1f} "
-                    f"gap {m['avg_gap']:.2f}" for n, m in results.items()), flush=True)
+                model, rt = train(fresh, "retrain", sets["retain"], sets["forget"], a.recipes[setting]["retrain"],
+                                  a.batch_size, seed, work)
+                results["retrain"] = {"end": {**evaluate_unlearning(model, sets["forget"], sets["retain"], test),
+                                              "runtime_s": rt}}
+                criterion = (ForgetCriterion.at_most(a.class_threshold) if setting == "class" else
+                             ForgetCriterion.match(results["retrain"]["end"]["acc_forget"], a.match_tolerance))
+                criteria[setting][seed] = criterion.to_dict()
+                done = {}  # configuration -> the row that ran it (identical configurations run once)
+                for row in a.methods:
+                    key = (config_key(row), json.dumps(a.recipes[setting][row], sort_keys=True))
+                    if key in done:
+                        first = done[key]
+                        results[row] = {**copy.deepcopy(results[first]), "same_run_as": first}
+                        a.chosen[setting][row] = a.chosen[setting][first]
+                        if first in search[setting] and seed == a.seeds[0]:
+                            search[setting][row] = {"same_run_as": first,
+                                                    "chosen_lr": search[setting][first]["chosen_lr"]}
+                        continue
+                    done[key] = row
+                    results[row], row_search = run_row(a, row, setting, seed, original, sets, criterion, work)
+                    if row_search is not None:
+                        search[setting][row] = {"chosen_lr": a.chosen[setting][row], "runs": row_search}
+                for name, r in results.items():
+                    r["end"]["avg_gap"] = avg_gap(r["end"], results["retrain"]["end"])
+                    r["seed"] = seed
+                    runs[setting].setdefault(name, []).append(r)
+                print(f"[seed {seed} {setting}, {criterion.describe()}] " + ", ".join(
+                    f"{n}: Df {r['end']['acc_forget']:.1f} Dt {r['end']['acc_test']:.1f}"
+                    + (f" lr {r['lr']:g} first {r['at_forgetting']['first']:.1f}"
+                       f"@{r['at_forgetting']['first_step']} best {r['at_forgetting']['best']:.1f}"
+                       if "at_forgetting" in r else "")
+                    for n, r in results.items()), flush=True)
     total = time.perf_counter() - t_start
-    os.makedirs(a.output_dir, exist_ok=True)
-    report = []
     titles = {"class": f"Class-wise forgetting (digit {a.forget_class})",
               "random": f"Random {a.forget_fraction:.0%} forgetting"}
+    report = []
     for setting in a.settings:
-        table = {name: aggregate_runs(ms) for name, ms in runs[setting].items()}
+        table = summarise(runs[setting], a.methods)
         title = f"{titles[setting]}, {a.model}, seeds {a.seeds}"
-        write_results(table, a.output_dir, name=f"digits_{setting}", title=title)
-        report.append(results_markdown(table, title=title))
+        if setting == "class":
+            text = f"Acc(D_f) <= {a.class_threshold:g}%"
+        else:
+            targets = [c["target"] for c in criteria[setting].values()]
+            text = (f"|Acc(D_f) - Acc_retrain(D_f)| <= {a.match_tolerance:g} points, retrain of the same seed "
+                    f"(retrain's Acc(D_f): {', '.join(f'{t:.2f}' for t in targets)})")
+        report.append(write_setting(a, setting, table, runs[setting], search[setting], criteria[setting],
+                                    title, text))
     footer = (f"\nOriginal model training: {np.mean(originals):.1f} s per seed. Total benchmark wall "
-              f"time: {total:.0f} s with {a.threads} thread(s).\nRecipes: {json.dumps(a.recipes)}\n")
+              f"time: {total:.0f} s with {a.threads} thread(s). Learning rates searched on seed "
+              f"{a.seeds[0]}: {a.lr_grid}; curve points every {a.eval_every} optimizer steps.\n"
+              f"Recipes: {json.dumps(a.recipes)}\n")
     text = "\n".join(report) + footer
     with open(os.path.join(a.output_dir, "digits_benchmark.md"), "w") as f:
         f.write(text)
     print(text)
+    return runs
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 
-from .bargaining import DEFAULT_OPPOSED_TOL, BargainingStatus, NashBargainer
+from .bargaining import (DEFAULT_OPPOSED_TOL, BargainingStatus, NashBargainer, SatisfactionRule,
+                         build_forget_rule)
 from .classification_objectives import FORGET_LOSSES
 from .unlearning_methods import UnlearningMethod, available_methods, get_method
 
@@ -88,6 +89,24 @@ class MunbaArguments:
         "help": "player followed when no direction helps both (0 retain, 1 forget, None skip)"})
     max_consecutive_skips: int = field(default=10, metadata={
         "help": "stop with an error after this many consecutive non-finite steps"})
+    bargaining_power_forget: float = field(default=1.0, metadata={
+        "help": "method 'munba': the forget player's bargaining power (retain has 1) while it is "
+                "not satisfied; 1 = the paper's symmetric game"})
+    forget_target: Optional[float] = field(default=None, metadata={
+        "help": "method 'munba': the forget player leaves the game once an EMA of its loss is at "
+                "or below this target; default per forget loss (none for random_label and "
+                "neg_ce: see hf_munba.bargaining.DEFAULT_FORGET_TARGETS)"})
+    forget_target_mode: Optional[str] = field(default=None, metadata={
+        "help": "'relative' (a fraction of the first steps' mean loss; scale-free) or "
+                "'absolute' (a loss value); default: the forget loss's default, else absolute"})
+    forget_target_ema: float = field(default=0.9, metadata={
+        "help": "smoothing of the forget loss before the comparison, in [0, 1)"})
+    forget_target_hysteresis: float = field(default=1.5, metadata={
+        "help": "a satisfied forget player comes back above this factor times the target"})
+    forget_target_reference_steps: int = field(default=1, metadata={
+        "help": "relative targets: the number of first optimizer steps averaged as reference"})
+    satisfied_power_forget: float = field(default=0.0, metadata={
+        "help": "the forget player's power while satisfied (0: it leaves the game)"})
 
     def __post_init__(self):
         get_method(self.method)  # raises with the list of methods
@@ -107,6 +126,21 @@ class MunbaArguments:
             raise ValueError(f"fallback_player must be 0, 1 or None, got {self.fallback_player}")
         if self.max_consecutive_skips < 1:
             raise ValueError("max_consecutive_skips must be >= 1")
+        if not (math.isfinite(self.bargaining_power_forget) and self.bargaining_power_forget > 0):
+            raise ValueError(f"bargaining_power_forget must be positive, got "
+                             f"{self.bargaining_power_forget}")
+        self.make_forget_rule()  # validates the target options (one clear ValueError)
+
+    def make_forget_rule(self) -> Optional[SatisfactionRule]:
+        """The forget player's satisfaction rule for a bargaining method, or None."""
+        if not get_method(self.method).bargains:
+            return None
+        loss = self.forget_loss or get_method(self.method).default_forget_loss
+        return build_forget_rule(
+            loss, target=self.forget_target, mode=self.forget_target_mode,
+            ema=self.forget_target_ema, hysteresis=self.forget_target_hysteresis,
+            reference_steps=self.forget_target_reference_steps,
+            satisfied_power=self.satisfied_power_forget, power=self.bargaining_power_forget)
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -214,6 +248,7 @@ class MunbaTrainer(Trainer):
         self.method: UnlearningMethod = method_cls(munba_args)
         self.forget_dataset = forget_dataset
         self.bargainer: Optional[NashBargainer] = None
+        self.forget_rule: Optional[SatisfactionRule] = None
         self._forget_stream: Optional[ForgetStream] = None
         self.num_nonfinite_steps = 0
         self._consecutive_skips = 0
@@ -262,6 +297,7 @@ class MunbaTrainer(Trainer):
             self.bargainer = NashBargainer(trainable, num_players=2,
                                            opposed_tol=self.munba_args.opposed_tol,
                                            fallback_player=self.munba_args.fallback_player)
+            self.forget_rule = self.munba_args.make_forget_rule()
         if resume_from_checkpoint is True or resume_from_checkpoint == "latest":
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
@@ -299,6 +335,8 @@ class MunbaTrainer(Trainer):
         if self.bargainer is not None:
             for k in ("num_steps", "num_skipped", "num_fallbacks"):
                 setattr(self.bargainer, k, int(state.get("bargainer", {}).get(k, 0)))
+        if self.forget_rule is not None and state.get("forget_rule"):
+            self.forget_rule.load_state_dict(state["forget_rule"])
 
     def _reload_renamed_weights(self, checkpoint: str, model=None) -> None:
         """The Trainer restores ``model.safetensors`` with a plain ``load_state_dict(strict=False)``,
@@ -331,6 +369,8 @@ class MunbaTrainer(Trainer):
         if self.bargainer is not None:
             state["bargainer"] = {k: getattr(self.bargainer, k)
                                   for k in ("num_steps", "num_skipped", "num_fallbacks")}
+        if self.forget_rule is not None:
+            state["forget_rule"] = self.forget_rule.state_dict()
         return state
 
     def _save_checkpoint(self, model, trial):
@@ -454,10 +494,23 @@ class MunbaTrainer(Trainer):
             logs["loss_retain"] = float(self._step_losses[0])
         if self.method.uses_forget:
             logs["loss_forget"] = float(self._step_losses[1])
+        step_forget_loss = self._step_losses[1]  # this rank's mean over the micro-batches
         self._step_losses = [0.0, 0.0]
         if self.bargainer is not None:
-            stats = self.bargainer.combine(grad_scale=scaler.get_scale() if scaler is not None else None)
+            powers = None
+            if self.forget_rule is not None:
+                # one decision per optimizer step, on the loss averaged over ranks too
+                if not isinstance(step_forget_loss, torch.Tensor):
+                    step_forget_loss = torch.tensor(float(step_forget_loss), device=self.args.device)
+                powers = [1.0, self.forget_rule.update(step_forget_loss,
+                                                       all_reduce=self.args.world_size > 1)]
+            elif self.munba_args.bargaining_power_forget != 1.0:
+                powers = [1.0, self.munba_args.bargaining_power_forget]
+            stats = self.bargainer.combine(grad_scale=scaler.get_scale() if scaler is not None else None,
+                                           powers=powers)
             logs.update(stats.to_log_dict())
+            if self.forget_rule is not None:
+                logs.update(self.forget_rule.log_dict())
             skipped = stats.skipped
             nonfinite = stats.status is BargainingStatus.NONFINITE
         else:

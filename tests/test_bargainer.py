@@ -278,3 +278,114 @@ def test_sharded_gradients_all_reduce_the_gram(tmp_path):
     assert torch.allclose(r0["weights"], a, rtol=1e-5)
     assert torch.equal(r0["weights"], r1["weights"])
     assert torch.allclose(torch.cat([r0["grad"], r1["grad"]]), a @ g, atol=1e-6)
+
+
+# ---------------------------------------------------------------- bargaining powers, satisfied player
+
+from hf_munba import SatisfactionRule  # noqa: E402
+
+
+def _two_player_bargainer(model, xr, yr, xf, yf, **kwargs):
+    bargainer = NashBargainer(model.parameters(), **kwargs)
+    with bargainer.player(0):
+        retain_loss(model, xr, yr).backward()
+    with bargainer.player(1):
+        forget_loss(model, xf, yf).backward()
+    return bargainer
+
+
+def test_combine_with_powers_is_the_asymmetric_direction_and_unit_powers_are_bitwise_today():
+    xr, yr = make_batch(8, 1)
+    xf, yf = make_batch(8, 2)
+    model = make_model()
+    gr, gf = map(flat, reference_grads(model, xr, yr, xf, yf))
+    g = torch.stack([gr, gf]).double()
+    results = {}
+    for name, kw, powers in [("plain", {}, None), ("ones", {}, [1.0, 1.0]),
+                             ("ctor", {"powers": [1.0, 0.2]}, None), ("asym", {}, [1.0, 0.2]),
+                             ("out", {}, [1.0, 0.0])]:
+        model = make_model()
+        stats = _two_player_bargainer(model, xr, yr, xf, yf, **kw).combine(powers=powers)
+        results[name] = (flat(p.grad for p in model.parameters()), stats)
+    assert torch.equal(results["plain"][0], results["ones"][0])
+    assert results["plain"][1].weights == results["ones"][1].weights
+    assert torch.equal(results["ctor"][0], results["asym"][0])
+    a = nash_bargaining_weights(g @ g.T, powers=[1.0, 0.2])
+    d, stats = results["asym"]
+    assert torch.allclose(d.double(), a @ g, atol=1e-6)
+    assert stats.status is BargainingStatus.OK
+    assert stats.to_log_dict()["munba/power_forget"] == 0.2
+    assert results["plain"][1].to_log_dict()["munba/power_forget"] == 1.0
+    d_out, stats_out = results["out"]
+    assert stats_out.status is BargainingStatus.OK and stats_out.weights[1] == 0.0
+    assert torch.allclose(d_out, gr / gr.norm(), atol=1e-6)  # retain's unit gradient alone
+    with pytest.raises(ValueError, match=">= 0"):
+        _two_player_bargainer(make_model(), xr, yr, xf, yf).combine(powers=[1.0, -1.0])
+
+
+def test_gram_creates_no_float64_tensor_on_the_device(monkeypatch):
+    """Apple MPS has no float64: the device part of the Gram must stay in float32.
+
+    Meta tensors stand in for an accelerator: every op on them is recorded, and any float64
+    result there fails the test. (The solve then runs on the host in float64.)"""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class NoDeviceFloat64(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else [out]):
+                if isinstance(t, torch.Tensor) and t.device.type != "cpu":
+                    assert t.dtype != torch.float64, f"{func} made a float64 tensor on {t.device}"
+            return out
+
+    params = [torch.nn.Parameter(torch.empty(5, 3, device="meta")),
+              torch.nn.Parameter(torch.empty(7, device="meta"))]
+    bargainer = NashBargainer(params)
+    for i in range(2):
+        bargainer._grads[i] = [torch.empty(5, 3, device="meta"), torch.empty(7, device="meta")]
+    with NoDeviceFloat64():
+        terms, segments = bargainer._device_gram_terms()
+    assert terms.device.type == "meta" and terms.dtype == torch.float32
+    assert segments == [(0, 0, 2), (0, 1, 2), (1, 1, 2)]
+    # the same on real (CPU) tensors gives the float64 Gram of the flattened gradients
+    model = make_model()
+    xr, yr = make_batch(8, 1)
+    xf, yf = make_batch(8, 2)
+    gr, gf = map(flat, reference_grads(model, xr, yr, xf, yf))
+    g = torch.stack([gr, gf]).double()
+    gram = _two_player_bargainer(model, xr, yr, xf, yf)._gram()
+    assert torch.allclose(torch.tensor(gram, dtype=torch.float64), g @ g.T, rtol=1e-6)
+
+
+def _rule_worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        gen = torch.Generator().manual_seed(100 + rank)  # every rank sees different local losses
+        rule = SatisfactionRule(target=0.25, ema=0.8, hysteresis=1.5)
+        decisions = []
+        for n in range(80):
+            shape = 1.0 if n < 5 else (0.05 if n < 50 else 0.6)
+            local = shape * (0.2 + 1.6 * torch.rand((), generator=gen, dtype=torch.float32))
+            decisions.append(rule.update(local, all_reduce=True))
+        torch.save({"decisions": decisions, "state": rule.state_dict()},
+                   Path(out_dir) / f"rule{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_satisfaction_rule_decides_the_same_on_every_rank(tmp_path):
+    mp.spawn(_rule_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0 = torch.load(tmp_path / "rule0.pt", weights_only=False)
+    r1 = torch.load(tmp_path / "rule1.pt", weights_only=False)
+    assert r0["decisions"] == r1["decisions"] and r0["state"] == r1["state"]
+    assert 0.0 in r0["decisions"] and r0["decisions"][-1] == 1.0  # it left and came back
+    # = one process fed the global mean of the two ranks' losses
+    gens = [torch.Generator().manual_seed(100 + r) for r in range(2)]
+    rule = SatisfactionRule(target=0.25, ema=0.8, hysteresis=1.5)
+    single = []
+    for n in range(80):
+        shape = 1.0 if n < 5 else (0.05 if n < 50 else 0.6)
+        local = [shape * (0.2 + 1.6 * torch.rand((), generator=g, dtype=torch.float32)) for g in gens]
+        single.append(rule.update((local[0] + local[1]) / 2))
+    assert single == r0["decisions"]

@@ -103,9 +103,10 @@ def parse_args(argv=None):
     a("--dataloader_num_workers", type=int, default=0,
       help="DataLoader worker processes (0: load in the main process)")
     # unlearning
-    a("--method", choices=("munba", "weighted"), default="munba",
-      help="munba: Nash bargaining of the two players' gradients (two backward passes); "
-           "weighted: L_r + forget_weight * L_f (one backward)")
+    a("--method", choices=("munba", "munba-paper", "weighted"), default="munba",
+      help="munba: Nash bargaining with the satisfied-forget-player rule (the recommended "
+           "configuration; see --forget_target); munba-paper: the paper's plain rule (equal "
+           "powers, no target); weighted: L_r + lambda L_f")
     a("--forget_weight", type=float, default=1.0, help="lambda of --method weighted: L_r + lambda L_f")
     a("--forget_objective", choices=FORGET_OBJECTIVES, default="remap",
       help="remap: the forget prompts' prediction onto the anchor's; ga: gradient ascent on the "
@@ -126,6 +127,25 @@ def parse_args(argv=None):
     a("--opposed_tol", type=float, default=1e-4,
       help="MUNBa: when 1 + cos(g_r, g_f) is below this, no direction helps both players and the "
            "step follows the retain gradient")
+    # bargaining power and the satisfied forget player (--method munba)
+    a("--bargaining_power_forget", type=float, default=1.0,
+      help="the forget player's bargaining power w_f (retain has 1) while it is not satisfied; "
+           "only the ratio matters (hf_munba.bargaining)")
+    a("--forget_target", type=float, default=None,
+      help="the forget player is satisfied (and leaves the game) once an EMA of its loss is at or "
+           "below this target; default per objective: 0.25 relative for remap and esd, none for ga")
+    a("--forget_target_mode", choices=("relative", "absolute"), default=None,
+      help="relative: the target is a fraction of the mean loss of the first "
+           "--forget_target_reference_steps steps (scale-free; the default); absolute: a loss value")
+    a("--forget_target_ema", type=float, default=0.9,
+      help="smoothing of the forget loss before it is compared with the target, in [0, 1)")
+    a("--forget_target_hysteresis", type=float, default=1.5,
+      help="a satisfied forget player comes back when the EMA exceeds this factor times the target")
+    a("--forget_target_reference_steps", type=int, default=1,
+      help="relative targets: how many first steps' losses make the reference")
+    a("--satisfied_power_forget", type=float, default=0.0,
+      help="the forget player's power while satisfied: 0 = it leaves the game and the step "
+           "follows the retain gradient alone")
     a("--max_consecutive_skips", type=int, default=10,
       help="stop the run after this many optimizer steps in a row were skipped for non-finite "
            "losses or gradients")
@@ -245,6 +265,7 @@ def check_args(args):
         fail(f"--forget_weight must be >= 0, got {args.forget_weight}")
     if args.resolution < 1:
         fail(f"--resolution must be positive, got {args.resolution}")
+    check_bargaining_args(args)
     import importlib.util
 
     if args.report_to is None:
@@ -330,6 +351,31 @@ def check_args(args):
         except HubAccessError as e:
             fail(str(e))
     return sources["forget"], sources["retain"]
+
+
+def check_bargaining_args(args):
+    """Bargaining power and satisfied-player options; builds ``args.forget_rule`` (or None)."""
+    from hf_munba.bargaining import build_forget_rule
+
+    args.forget_rule = None
+    if args.method != "munba":
+        changed = [f for f, d in (("bargaining_power_forget", 1.0), ("forget_target", None),
+                                  ("forget_target_mode", None)) if getattr(args, f) != d]
+        if changed:
+            fail(f"--{changed[0]} applies to --method munba only (munba-paper is the paper's "
+                 f"plain rule, weighted has no bargaining)")
+        return
+    try:
+        args.forget_rule = build_forget_rule(
+            args.forget_objective, target=args.forget_target, mode=args.forget_target_mode,
+            ema=args.forget_target_ema, hysteresis=args.forget_target_hysteresis,
+            reference_steps=args.forget_target_reference_steps,
+            satisfied_power=args.satisfied_power_forget, power=args.bargaining_power_forget)
+    except ValueError as e:
+        fail(f"forget target options: {e}")
+    if args.forget_rule is None and not (math.isfinite(args.bargaining_power_forget)
+                                         and args.bargaining_power_forget > 0):
+        fail(f"--bargaining_power_forget must be positive, got {args.bargaining_power_forget}")
 
 
 def main(argv=None):
@@ -485,7 +531,9 @@ def main(argv=None):
         frozen_text_encoder=None if on_unet else frozen_copy, weight_dtype=weight_dtype,
         num_processes=accelerator.num_processes, process_index=accelerator.process_index)
     bargainer = (NashBargainer(params, num_players=2, fallback_player=0,
-                               opposed_tol=args.opposed_tol) if args.method == "munba" else None)
+                               opposed_tol=args.opposed_tol)
+                 if args.method in ("munba", "munba-paper") else None)
+    forget_rule = args.forget_rule  # None: equal (or fixed) powers every step
     guard = SkippedStepGuard(args.max_consecutive_skips)
     history = []
 
@@ -504,7 +552,8 @@ def main(argv=None):
                      "guard": guard.state_dict(), "history": history, "metrics": metrics,
                      "bargainer": None if bargainer is None else {
                          "num_steps": bargainer.num_steps, "num_skipped": bargainer.num_skipped,
-                         "num_fallbacks": bargainer.num_fallbacks}}
+                         "num_fallbacks": bargainer.num_fallbacks},
+                     "forget_rule": None if forget_rule is None else forget_rule.state_dict()}
             Path(output_dir, "munba_state.json").write_text(json.dumps(state))
 
     def load_model_hook(models, input_dir):
@@ -531,6 +580,8 @@ def main(argv=None):
         if bargainer is not None and state["bargainer"]:
             for k, v in state["bargainer"].items():
                 setattr(bargainer, k, v)
+        if forget_rule is not None and state.get("forget_rule"):
+            forget_rule.load_state_dict(state["forget_rule"])
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
@@ -639,9 +690,19 @@ def main(argv=None):
                         logs = {}
                         nonfinite = not all(math.isfinite(v) for v in acc.values())
                         if bargainer is not None:
+                            # one decision per optimizer step, on the loss averaged over
+                            # micro-batches and ranks (acc): every rank decides the same
+                            powers = None
+                            if forget_rule is not None:
+                                powers = [1.0, forget_rule.update(acc["loss/forget"])]
+                            elif args.bargaining_power_forget != 1.0:
+                                powers = [1.0, args.bargaining_power_forget]
                             stats = bargainer.combine(
-                                grad_scale=scaler.get_scale() if scaler is not None else None)
+                                grad_scale=scaler.get_scale() if scaler is not None else None,
+                                powers=powers)
                             logs.update(stats.to_log_dict())
+                            if forget_rule is not None:
+                                logs.update(forget_rule.log_dict())
                             nonfinite = nonfinite or stats.status is BargainingStatus.NONFINITE
                             skip = stats.skipped or nonfinite
                         else:
@@ -695,6 +756,9 @@ def main(argv=None):
     metrics["skipped_steps"] = guard.total
     if bargainer is not None:
         metrics["bargaining_fallback_steps"] = bargainer.num_fallbacks
+    if forget_rule is not None:
+        metrics["forget_times_satisfied"] = forget_rule.times_satisfied
+        metrics["forget_satisfied_at_end"] = forget_rule.satisfied
     log.info(f"after unlearning: {metrics}")
     if accelerator.is_main_process:
         final = unwrap(trained)
@@ -757,8 +821,10 @@ def objective_text(args):
     what = {"remap": f"remap the forget prompts onto `{args.anchor_prompt}`",
             "ga": "gradient ascent on the denoising loss of the forget set",
             "esd": f"ESD negative guidance (eta = {args.negative_guidance})"}[args.forget_objective]
-    how = ("MUNBa (Nash bargaining of the retain and forget gradients)" if args.method == "munba"
-           else f"weighted sum L_r + {args.forget_weight} L_f")
+    how = ("MUNBa (Nash bargaining of the retain and forget gradients)"
+           if args.method in ("munba", "munba-paper") else f"weighted sum L_r + {args.forget_weight} L_f")
+    if getattr(args, "forget_rule", None) is not None:
+        how += f"; the forget player leaves once satisfied ({args.forget_rule!r})"
     trained = (f"LoRA rank {args.rank} on the {args.train_component} ({args.train_params})"
                if args.use_lora else f"{args.train_component} parameters: {args.train_params}")
     return f"{what}; {how}; {trained}; target model: {args.target_model}."
