@@ -60,22 +60,24 @@ def parse_args(argv=None):
     p.add_argument("--train_params", default="xattn",
                    help="UNet subset trained (full variant) / carrying LoRA (lora variant); "
                         "xattn = the paper's class-wise setting")
-    p.add_argument("--max_train_steps", type=int, default=60)
-    p.add_argument("--eval_every", type=int, default=10,
+    p.add_argument("--max_train_steps", type=int, default=100)
+    p.add_argument("--eval_every", type=int, default=20,
                    help="evaluate every so many training steps (and at the end)")
     p.add_argument("--train_batch_size", type=int, default=8)
     p.add_argument("--learning_rate", type=float, default=3e-4, help="full variant")
     p.add_argument("--lora_learning_rate", type=float, default=3e-3, help="lora variant")
-    p.add_argument("--munba_flags", nargs="*", default=[],
-                   help="extra training-script flags for the munba method only (to explore the "
-                        "satisfied-player rule, e.g. --munba_flags=--forget_target=0.1)")
+    p.add_argument("--munba_flags", default="",
+                   help="extra training-script flags for the munba method only, one string (to "
+                        "explore the satisfied-player rule, e.g. --munba_flags \"--forget_target "
+                        "0.1 --forget_target_hysteresis 2\")")
     p.add_argument("--forget_threshold", type=float, default=FORGET_THRESHOLD,
                    help="forget accuracy (%%) at or below which the digit counts as forgotten")
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--guidance_scale", type=float, default=2.0,
                    help="moderate on purpose: at >= 3 a class's samples are nearly identical")
     p.add_argument("--num_images_per_prompt", type=int, default=10)
-    p.add_argument("--num_inference_steps", type=int, default=25)
+    p.add_argument("--num_inference_steps", type=int, default=10,
+                   help="DDIM steps of the evaluation images (10 keeps a curve point cheap)")
     p.add_argument("--num_workers", type=int, default=2)
     p.add_argument("--grid_images", type=int, default=6,
                    help="images of the forgotten digit per grid row (plus one per other digit)")
@@ -90,6 +92,9 @@ def parse_args(argv=None):
     if not 0 <= remap <= 9 or remap == args.forget_digit:
         p.error("--remap_digit must be a digit 0..9 other than --forget_digit")
     args.remap_digit = remap
+    import shlex
+
+    args.munba_flags = shlex.split(args.munba_flags)
     if args.models_dir is not None and not (Path(args.models_dir) / "build_info.json").is_file():
         p.error(f"--models_dir {args.models_dir} is not a finished digits build (no build_info.json)")
     if len(set(args.seeds)) != len(args.seeds):
