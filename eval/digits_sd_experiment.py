@@ -172,12 +172,15 @@ def train_job(args, arts, data, out, method, variant, seed):
     history = [json.loads(l) for l in (run_dir / "history.jsonl").read_text().splitlines() if l]
     left = [h["step"] for h in history if h.get("munba/power_forget", 1.0) == 0.0]
     final = points[-1]
-    return {"name": name, "method": method, "variant": variant, "seed": seed,
+    result = {"name": name, "method": method, "variant": variant, "seed": seed,
             "seconds": secs, "eval_seconds": eval_secs, "training_metrics": metrics,
             "forget_accuracy": final["forget_accuracy"],
             "retain_accuracy": final["retain_accuracy"], "per_class": final["per_class"],
             "forget_player_out_steps": len(left), "forget_player_first_out": left[0] if left else None,
             "images_dir": grid_dir, "points": points}
+    # each run's numbers on disk as soon as it ends, so a long experiment that is stopped keeps them
+    (out / "runs" / f"{name}.result.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 def main(argv=None):
