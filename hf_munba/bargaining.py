@@ -90,6 +90,7 @@ __all__ = [
     "DEFAULT_FORGET_TARGETS",
     "default_forget_target",
     "build_forget_rule",
+    "DEFAULT_SATISFIED_POWER",
     "BargainingSolution",
     "InfeasibleBargainingError",
     "solve_nash_bargaining",
@@ -597,13 +598,22 @@ def default_forget_target(objective: str) -> Optional[Tuple[float, str]]:
     return DEFAULT_FORGET_TARGETS[objective]
 
 
+# The front ends' power for a satisfied forget player. Not 0 (leaving): on the digits testbed a
+# forget player that left regressed (forget "seven", LoRA: 0% -> 30% forget accuracy by the end,
+# its loss still inside the hysteresis band), while a small power kept forgetting at 0% with the
+# same retained accuracy (docs/digits.md). With cos(g_r, g_f) < 0 and w_f -> 0 the step tends to
+# the retain direction with the forget player held at zero first-order gain (t -> |c|): it
+# follows retain without undoing the forgetting; with cos > 0 it is retain's direction alone.
+DEFAULT_SATISFIED_POWER = 0.01
+
 # Objectives whose loss is negated (unbounded below, negative): a relative target is meaningless.
 NEGATED_OBJECTIVES = ("ga", "neg_ce")
 
 
 def build_forget_rule(objective: str, *, target: Optional[float] = None,
                       mode: Optional[str] = None, ema: float = 0.9, hysteresis: float = 1.5,
-                      reference_steps: int = 1, satisfied_power: float = 0.0,
+                      reference_steps: int = 1,
+                      satisfied_power: float = DEFAULT_SATISFIED_POWER,
                       power: float = 1.0) -> Optional["SatisfactionRule"]:
     """The forget player's :class:`SatisfactionRule` as both front ends configure it, or None.
 

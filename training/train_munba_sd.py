@@ -104,9 +104,10 @@ def parse_args(argv=None):
       help="a satisfied forget player comes back when the EMA exceeds this factor times the target")
     a("--forget_target_reference_steps", type=int, default=1,
       help="relative targets: how many first steps' losses make the reference")
-    a("--satisfied_power_forget", type=float, default=0.0,
-      help="the forget player's power while satisfied: 0 = it leaves the game and the step "
-           "follows the retain gradient alone")
+    a("--satisfied_power_forget", type=float, default=0.01,
+      help="the forget player's power while satisfied (default 0.01: the step follows retain "
+           "without undoing the forgetting to first order; 0 = it leaves the game and the step "
+           "follows the retain gradient alone)")
     a("--max_consecutive_skips", type=int, default=10)
     # optimisation
     a("--train_batch_size", type=int, default=4)
