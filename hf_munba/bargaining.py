@@ -61,8 +61,11 @@ of the game (it is not bargained with and gets weight 0); it is not a fallback.
 A satisfied player (:class:`SatisfactionRule`): once a smoothed forget loss reaches its target
 the forget player has what it came for, yet scale-free bargaining would keep giving it an equal
 say (and half of every unit step) while its shrinking gradient turns against retaining. The rule
-lowers its power (default: to 0, it leaves; the step follows the retain player's unit gradient,
-the same step length as the conflict fallback) and gives it back when the loss rises again.
+lowers its power (class default 0: it leaves, and the step follows the retain player's unit
+gradient, the same step length as the conflict fallback; the front ends' default
+``DEFAULT_SATISFIED_POWER`` = 0.01 keeps it in the game at a small power, so with opposed
+gradients the step follows retain without undoing the forgetting) and gives it back when the
+loss rises again.
 
 Scale: all math runs on the cosine matrix C = D^-1 G D^-1 (D = diag |g_i|) in float64 on the
 host, then a_i = b_i / |g_i|. There are no absolute epsilons, so the weights are right at any

@@ -93,8 +93,9 @@ def parse_args(argv=None):
       help="the forget player's bargaining power w_f (retain has 1) while it is not satisfied; "
            "only the ratio matters (hf_munba.bargaining)")
     a("--forget_target", type=float, default=None,
-      help="the forget player is satisfied (and leaves the game) once an EMA of its loss is at or "
-           "below this target; default per objective: 0.25 relative for remap and esd, none for ga")
+      help="the forget player is satisfied (its power drops to --satisfied_power_forget) once an "
+           "EMA of its loss is at or below this target; default per objective: 0.25 relative for "
+           "remap and esd, none for ga")
     a("--forget_target_mode", choices=("relative", "absolute"), default=None,
       help="relative: the target is a fraction of the mean loss of the first "
            "--forget_target_reference_steps steps (scale-free; the default); absolute: a loss value")
