@@ -5,12 +5,16 @@
 
 1. builds (or reuses from the cache) the digits pipeline + classifier (hf_munba.digits);
 2. writes D_f (real images of the forgotten digit) and D_r (the other digits) as imagefolders;
-3. per method (munba, weighted, ga, retain) x variant (full cross-attention, LoRA) x seed, runs
+3. per method (munba = the recommended configuration, munba-paper, weighted-<lambda> for each
+   lambda of the sweep, ga, retain) x variant (full cross-attention, LoRA) x seed, runs
    ``training/train_munba_sd.py`` (the forgotten digit's prompt remapped to the next digit, as the
-   paper does with Imagenette classes), then ``eval/evaluate_generation.py`` (generate every digit
-   prompt, classify the images);
-4. writes results.md / results.json (forgetting and retained accuracy, mean +- std over seeds,
-   before and after) and grid.png.
+   paper does with Imagenette classes) with a checkpoint every ``--eval_every`` steps, then
+   evaluates the original model and every checkpoint in one process
+   (``hf_munba.digits_unlearning.evaluate_checkpoints``: generate every digit prompt, classify);
+4. writes results.md / results.json (every curve point; end-of-run forgetting and retained
+   accuracy and, beside them, the retained accuracy at the first evaluation with forget accuracy
+   <= 5% and the best one among those, mean +- std over seeds; the best lambda named; the
+   verdict munba vs the best-lambda weighted sum), curves.png and grid.png.
 
 Runs go ``--num_workers`` at a time, each single-threaded: on a small CPU that beats one job
 with several threads (the tiny models are too small to split well across threads).
@@ -18,18 +22,19 @@ with several threads (the tiny models are too small to split well across threads
 
 import argparse
 import json
+import multiprocessing
 import os
 import shutil
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from hf_munba.digits_unlearning import METHODS  # noqa: E402
+from hf_munba.digits_unlearning import FORGET_THRESHOLD, METHODS  # noqa: E402
 
 VARIANTS = ("full", "lora")
 
@@ -56,20 +61,29 @@ def parse_args(argv=None):
                    help="UNet subset trained (full variant) / carrying LoRA (lora variant); "
                         "xattn = the paper's class-wise setting")
     p.add_argument("--max_train_steps", type=int, default=100)
+    p.add_argument("--eval_every", type=int, default=20,
+                   help="evaluate every so many training steps (and at the end)")
     p.add_argument("--train_batch_size", type=int, default=8)
-    p.add_argument("--learning_rate", type=float, default=1e-3, help="full variant")
-    p.add_argument("--lora_learning_rate", type=float, default=1e-2, help="lora variant")
+    p.add_argument("--learning_rate", type=float, default=3e-4, help="full variant")
+    p.add_argument("--lora_learning_rate", type=float, default=3e-3, help="lora variant")
+    p.add_argument("--munba_flags", default="",
+                   help="extra training-script flags for the munba method only, one string (to "
+                        "explore the satisfied-player rule, e.g. --munba_flags \"--forget_target "
+                        "0.1 --forget_target_hysteresis 2\")")
+    p.add_argument("--forget_threshold", type=float, default=FORGET_THRESHOLD,
+                   help="forget accuracy (%%) at or below which the digit counts as forgotten")
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--guidance_scale", type=float, default=2.0,
                    help="moderate on purpose: at >= 3 a class's samples are nearly identical")
-    p.add_argument("--num_images_per_prompt", type=int, default=20)
-    p.add_argument("--num_inference_steps", type=int, default=25)
+    p.add_argument("--num_images_per_prompt", type=int, default=10)
+    p.add_argument("--num_inference_steps", type=int, default=10,
+                   help="DDIM steps of the evaluation images (10 keeps a curve point cheap)")
     p.add_argument("--num_workers", type=int, default=2)
     p.add_argument("--grid_images", type=int, default=6,
                    help="images of the forgotten digit per grid row (plus one per other digit)")
     args = p.parse_args(argv)
     for name in ("max_train_steps", "train_batch_size", "num_images_per_prompt",
-                 "num_inference_steps", "num_workers", "rank"):
+                 "num_inference_steps", "num_workers", "rank", "eval_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
     if not 0 <= args.forget_digit <= 9:
@@ -78,6 +92,9 @@ def parse_args(argv=None):
     if not 0 <= remap <= 9 or remap == args.forget_digit:
         p.error("--remap_digit must be a digit 0..9 other than --forget_digit")
     args.remap_digit = remap
+    import shlex
+
+    args.munba_flags = shlex.split(args.munba_flags)
     if args.models_dir is not None and not (Path(args.models_dir) / "build_info.json").is_file():
         p.error(f"--models_dir {args.models_dir} is not a finished digits build (no build_info.json)")
     if len(set(args.seeds)) != len(args.seeds):
@@ -103,29 +120,76 @@ def run(cmd, log_path):
     return time.perf_counter() - t
 
 
-def evaluate(args, name, model_dir, lora_dir, prompts_csv, classifier, out_dir):
-    cmd = [ROOT / "eval/evaluate_generation.py", "--model", f"{name}={model_dir}",
-           "--prompts", prompts_csv, "--metrics", "classification", "--classifier", classifier,
-           "--forget_classes", str(args.forget_digit),
-           "--num_images_per_prompt", args.num_images_per_prompt,
-           "--guidance_scale", args.guidance_scale, "--num_inference_steps", args.num_inference_steps,
-           "--batch_size", 100, "--grid_images", 0, "--output_dir", out_dir]
-    if lora_dir is not None:
-        cmd += ["--lora", f"{name}={lora_dir}"]
-    secs = run(cmd, Path(out_dir).parent / f"{Path(out_dir).name}.log")
-    res = json.loads((Path(out_dir) / "results.json").read_text())
-    table = res["metrics"]["classification"]["table"][name]
-    return {"forget_accuracy": table["forget_accuracy"], "retain_accuracy": table["retain_accuracy"],
-            "per_class": table["per_class"], "eval_seconds": secs,
-            "images_dir": str(Path(out_dir) / "images" / name)}
+def _single_thread():
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def eval_points(args, arts, checkpoints, lora, grid_dir=None):
+    """In a worker process: the curve points of one run (see evaluate_checkpoints)."""
+    from hf_munba.digits_unlearning import evaluate_checkpoints
+
+    t = time.perf_counter()
+    points = evaluate_checkpoints(
+        arts["pipeline"], arts["classifier"], checkpoints, lora=lora,
+        forget_digit=args.forget_digit, num_images_per_prompt=args.num_images_per_prompt,
+        guidance_scale=args.guidance_scale, num_inference_steps=args.num_inference_steps,
+        grid_dir=grid_dir, grid_images=args.grid_images)
+    return points, time.perf_counter() - t
+
+
+def base_job(args, arts, out):
+    (point,), secs = eval_points(args, arts, [(0, None)], lora=False,
+                                 grid_dir=str(out / "runs" / "original_grid"))
+    return {"name": "original", **point, "eval_seconds": secs,
+            "images_dir": str(out / "runs" / "original_grid")}
+
+
+def train_job(args, arts, data, out, method, variant, seed):
+    from hf_munba.digits_unlearning import train_script_args
+
+    name = f"{method}-{variant}-s{seed}"
+    run_dir = out / "runs" / name
+    lora = variant == "lora"
+    targs = train_script_args(
+        method=method, pretrained=arts["pipeline"], data=data, output_dir=str(run_dir),
+        forget_digit=args.forget_digit, remap_digit=args.remap_digit, seed=seed,
+        use_lora=lora, train_params=args.train_params, max_train_steps=args.max_train_steps,
+        train_batch_size=args.train_batch_size,
+        learning_rate=args.lora_learning_rate if lora else args.learning_rate, rank=args.rank,
+        checkpointing_steps=args.eval_every,
+        extra_args=args.munba_flags if method == "munba" else ())
+    secs = run([ROOT / "training/train_munba_sd.py", *targs], out / "runs" / f"{name}.train.log")
+    steps = list(range(args.eval_every, args.max_train_steps, args.eval_every))
+    checkpoints = [(s, str(run_dir / f"checkpoint-{s}")) for s in steps]
+    checkpoints.append((args.max_train_steps, str(run_dir)))  # the final model
+    grid_dir = str(out / "runs" / f"{name}_grid") if seed == args.seeds[0] else None
+    points, eval_secs = eval_points(args, arts, checkpoints, lora, grid_dir)
+    for s in steps + [args.max_train_steps]:  # the curve is kept; the checkpoints are not
+        shutil.rmtree(run_dir / f"checkpoint-{s}", ignore_errors=True)
+    metrics = json.loads((run_dir / "training_metrics.json").read_text())
+    history = [json.loads(l) for l in (run_dir / "history.jsonl").read_text().splitlines() if l]
+    left = [h["step"] for h in history if h.get("munba/power_forget", 1.0) == 0.0]
+    final = points[-1]
+    result = {"name": name, "method": method, "variant": variant, "seed": seed,
+            "seconds": secs, "eval_seconds": eval_secs, "training_metrics": metrics,
+            "forget_accuracy": final["forget_accuracy"],
+            "retain_accuracy": final["retain_accuracy"], "per_class": final["per_class"],
+            "forget_player_out_steps": len(left), "forget_player_first_out": left[0] if left else None,
+            "images_dir": grid_dir, "points": points}
+    # each run's numbers on disk as soon as it ends, so a long experiment that is stopped keeps them
+    (out / "runs" / f"{name}.result.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 def main(argv=None):
     args = parse_args(argv)
     t0 = time.perf_counter()
-    from hf_munba.digits import DigitsArtifacts, DigitsRecipe, load_or_build_digits_models
-    from hf_munba.digits_unlearning import (summarize_runs, summary_markdown, train_script_args,
-                                            write_digit_imagefolders, write_digit_prompt_csv)
+    from hf_munba.digits import DigitsArtifacts, DigitsRecipe, digit_prompt, load_or_build_digits_models
+    from hf_munba.digits_unlearning import (best_weighted, curve_markdown, plot_tradeoff_curves,
+                                            summarize_curves, summarize_runs, summary_markdown,
+                                            write_digit_imagefolders)
     from hf_munba.evaluation.report import atomic_write_text, image_grid
 
     out = Path(args.output_dir)
@@ -133,45 +197,26 @@ def main(argv=None):
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     if args.models_dir is not None:
-        arts = DigitsArtifacts.from_dir(args.models_dir)
+        built = DigitsArtifacts.from_dir(args.models_dir)
     else:
         recipe = DigitsRecipe(seed=args.build_seed)
         if args.build_unet_steps is not None:
             import dataclasses
 
             recipe = dataclasses.replace(recipe, unet_steps=args.build_unet_steps)
-        arts = load_or_build_digits_models(recipe, cache_dir=args.cache_dir)
+        built = load_or_build_digits_models(recipe, cache_dir=args.cache_dir)
+    arts = {"pipeline": str(built.pipeline_path), "classifier": str(built.classifier_path)}
     t_build = time.perf_counter() - t0
     data = write_digit_imagefolders(out / "data", args.forget_digit)
-    prompts = write_digit_prompt_csv(out / "data" / "prompts.csv")
     (out / "runs").mkdir(exist_ok=True)
 
-    def base_job():
-        return {"name": "original", **evaluate(args, "original", arts.pipeline_path, None, prompts,
-                                                arts.classifier_path, out / "runs" / "original_eval")}
-
-    def train_job(method, variant, seed):
-        name = f"{method}-{variant}-s{seed}"
-        run_dir = out / "runs" / name
-        lora = variant == "lora"
-        targs = train_script_args(
-            method=method, pretrained=arts.pipeline_path, data=data, output_dir=str(run_dir),
-            forget_digit=args.forget_digit, remap_digit=args.remap_digit, seed=seed,
-            use_lora=lora, train_params=args.train_params, max_train_steps=args.max_train_steps,
-            train_batch_size=args.train_batch_size,
-            learning_rate=args.lora_learning_rate if lora else args.learning_rate, rank=args.rank)
-        secs = run([ROOT / "training/train_munba_sd.py", *targs], out / "runs" / f"{name}.train.log")
-        model_dir, lora_dir = (arts.pipeline_path, run_dir) if lora else (run_dir, None)
-        res = evaluate(args, name, model_dir, lora_dir, prompts, arts.classifier_path,
-                       out / "runs" / f"{name}_eval")
-        metrics = json.loads((run_dir / "training_metrics.json").read_text())
-        return {"name": name, "method": method, "variant": variant, "seed": seed,
-                "seconds": secs, "training_metrics": metrics, **res}
-
-    jobs = [(base_job, ())] + [(train_job, (m, v, s)) for v in args.variants
-                               for m in args.methods for s in args.seeds]
+    jobs = [(base_job, (args, arts, out))] + [
+        (train_job, (args, arts, data, out, m, v, s))
+        for v in args.variants for m in args.methods for s in args.seeds]
     t1 = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=args.num_workers) as pool:
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=args.num_workers, mp_context=ctx,
+                             initializer=_single_thread) as pool:
         futures = [pool.submit(fn, *a) for fn, a in jobs]
         results = []
         for f in futures:
@@ -181,42 +226,76 @@ def main(argv=None):
                   f"{r['forget_accuracy']:.1f}%, retained acc {r['retain_accuracy']:.1f}%", flush=True)
     t_runs = time.perf_counter() - t1
     base, runs = results[0], results[1:]
+    base_point = {"step": 0, "forget_accuracy": base["forget_accuracy"],
+                  "retain_accuracy": base["retain_accuracy"]}
+    for r in runs:
+        r["curve"] = [base_point] + r.pop("points")
     rows = summarize_runs(runs, base)
+    curves = summarize_curves(runs, args.forget_threshold)
+    verdict = {}
+    for v in args.variants:
+        mine = next((c for c in curves if c["variant"] == v and c["method"] == "munba"), None)
+        entry = {}
+        for key in ("first_retain", "best_retain"):
+            best = best_weighted(curves, v, key)
+            entry[key] = {
+                "best_weighted": None if best is None else best["method"],
+                "best_weighted_value": None if best is None else best[key],
+                "munba": None if mine is None else mine[key],
+                "munba_reached": None if mine is None else f"{mine['reached']}/{mine['seeds']}",
+                "met": (None if mine is None or best is None else
+                        bool(mine["reached"] == mine["seeds"] and mine[key] is not None
+                             and mine[key] >= best[key]))}
+        verdict[v] = entry
 
-    # grid: one row per model (seed of the first run), forgotten digit first, then one image of
-    # every other digit
+    first_seed = args.seeds[0]
+
     def grid_files(images_dir):
         man = [json.loads(l) for l in (Path(images_dir) / "metadata.jsonl").read_text().splitlines()
                if l.strip()]
-        fg = [m for m in man if m["label"] == str(args.forget_digit)][:args.grid_images]
-        others = [next(m for m in man if m["label"] == str(d)) for d in range(10)
-                  if d != args.forget_digit]
-        return [Path(images_dir) / m["file_name"] for m in fg + others]
+        return [Path(images_dir) / m["file_name"] for m in man]
 
-    first_seed = args.seeds[0]
     grid_rows = {"original": grid_files(base["images_dir"])}
     for r in runs:
-        if r["seed"] == first_seed:
+        if r["seed"] == first_seed and r["images_dir"]:
             grid_rows[f"{r['method']} {r['variant']}"] = grid_files(r["images_dir"])
-    image_grid(grid_rows, out / "grid.png", cell=48, label_width=110)
+    image_grid(grid_rows, out / "grid.png", cell=48, label_width=130)
+    plot_tradeoff_curves(curves, base, out / "curves.png", args.forget_threshold,
+                         title=f"forget {args.forget_digit}")
 
     total = time.perf_counter() - t0
     settings = {k: v for k, v in vars(args).items() if k not in ("overwrite_output_dir",)}
-    summary = {"settings": settings, "build": {"root": arts.root, "metrics": arts.metrics},
-               "original": base, "runs": runs, "summary": rows,
+    summary = {"settings": settings, "build": {"root": built.root, "metrics": built.metrics},
+               "original": base, "runs": runs, "summary": rows, "curves": curves,
+               "verdict": verdict,
                "seconds": {"build_or_cache": t_build, "runs": t_runs, "total": total}}
     atomic_write_text(out / "results.json", json.dumps(summary, indent=2) + "\n")
-    from hf_munba.digits import digit_prompt
 
+    def fmt(x):
+        return "–" if x is None else f"{x:.1f}"
+
+    verdict_md = []
+    for v, e in verdict.items():
+        for key, what in (("first_retain", "first point"), ("best_retain", "best point")):
+            x = e[key]
+            verdict_md.append(
+                f"- {v}, {what} with forget ≤ {args.forget_threshold:g}%: munba {fmt(x['munba'])} "
+                f"({x['munba_reached']} seeds) vs best weighted {x['best_weighted']} "
+                f"{fmt(x['best_weighted_value'])}: "
+                f"{'met' if x['met'] else 'NOT met' if x['met'] is not None else 'n/a'}")
     md = [f"# Forgetting the digit {args.forget_digit} (prompt \"{digit_prompt(args.forget_digit)}\" "
           f"remapped to \"{digit_prompt(args.remap_digit)}\")", "",
           f"Forget acc: share of images generated from the forgotten prompt that the classifier "
           f"calls {args.forget_digit}; retained acc: the same for the other nine prompts (pooled). "
           f"{args.num_images_per_prompt} images per prompt, guidance {args.guidance_scale}, "
-          f"DDIM {args.num_inference_steps} steps; {args.max_train_steps} steps of batch "
-          f"{args.train_batch_size} on `{args.train_params}` (full: lr {args.learning_rate}, "
-          f"LoRA rank {args.rank}: lr {args.lora_learning_rate}); mean ± std over seeds "
-          f"{args.seeds}.", "", summary_markdown(rows, base),
+          f"DDIM {args.num_inference_steps} steps, evaluated every {args.eval_every} steps; "
+          f"{args.max_train_steps} steps of batch {args.train_batch_size} on `{args.train_params}` "
+          f"(full: lr {args.learning_rate}, LoRA rank {args.rank}: lr {args.lora_learning_rate}); "
+          f"mean ± std over seeds {args.seeds} (trade-off numbers: over the seeds that reach "
+          f"forget ≤ {args.forget_threshold:g}%).", "",
+          curve_markdown(curves, rows, base),
+          "Does recommended munba keep at least the best-lambda weighted sum's retained accuracy?",
+          "", *verdict_md, "", "End of run (today's summary):", "", summary_markdown(rows, base),
           f"Wall time: {total / 60:.1f} min (build/cache {t_build / 60:.1f} min, runs "
           f"{t_runs / 60:.1f} min, {args.num_workers} workers).", ""]
     atomic_write_text(out / "results.md", "\n".join(md))

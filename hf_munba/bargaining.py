@@ -61,8 +61,11 @@ of the game (it is not bargained with and gets weight 0); it is not a fallback.
 A satisfied player (:class:`SatisfactionRule`): once a smoothed forget loss reaches its target
 the forget player has what it came for, yet scale-free bargaining would keep giving it an equal
 say (and half of every unit step) while its shrinking gradient turns against retaining. The rule
-lowers its power (default: to 0, it leaves; the step follows the retain player's unit gradient,
-the same step length as the conflict fallback) and gives it back when the loss rises again.
+lowers its power (class default 0: it leaves, and the step follows the retain player's unit
+gradient, the same step length as the conflict fallback; the front ends' default
+``DEFAULT_SATISFIED_POWER`` = 0.01 keeps it in the game at a small power, so with opposed
+gradients the step follows retain without undoing the forgetting) and gives it back when the
+loss rises again.
 
 Scale: all math runs on the cosine matrix C = D^-1 G D^-1 (D = diag |g_i|) in float64 on the
 host, then a_i = b_i / |g_i|. There are no absolute epsilons, so the weights are right at any
@@ -90,6 +93,7 @@ __all__ = [
     "DEFAULT_FORGET_TARGETS",
     "default_forget_target",
     "build_forget_rule",
+    "DEFAULT_SATISFIED_POWER",
     "BargainingSolution",
     "InfeasibleBargainingError",
     "solve_nash_bargaining",
@@ -597,13 +601,22 @@ def default_forget_target(objective: str) -> Optional[Tuple[float, str]]:
     return DEFAULT_FORGET_TARGETS[objective]
 
 
+# The front ends' power for a satisfied forget player. Not 0 (leaving): on the digits testbed a
+# forget player that left regressed (forget "seven", LoRA: 0% -> 30% forget accuracy by the end,
+# its loss still inside the hysteresis band), while a small power kept forgetting at 0% with the
+# same retained accuracy (docs/digits.md). With cos(g_r, g_f) < 0 and w_f -> 0 the step tends to
+# the retain direction with the forget player held at zero first-order gain (t -> |c|): it
+# follows retain without undoing the forgetting; with cos > 0 it is retain's direction alone.
+DEFAULT_SATISFIED_POWER = 0.01
+
 # Objectives whose loss is negated (unbounded below, negative): a relative target is meaningless.
 NEGATED_OBJECTIVES = ("ga", "neg_ce")
 
 
 def build_forget_rule(objective: str, *, target: Optional[float] = None,
                       mode: Optional[str] = None, ema: float = 0.9, hysteresis: float = 1.5,
-                      reference_steps: int = 1, satisfied_power: float = 0.0,
+                      reference_steps: int = 1,
+                      satisfied_power: float = DEFAULT_SATISFIED_POWER,
                       power: float = 1.0) -> Optional["SatisfactionRule"]:
     """The forget player's :class:`SatisfactionRule` as both front ends configure it, or None.
 

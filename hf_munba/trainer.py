@@ -105,8 +105,9 @@ class MunbaArguments:
         "help": "a satisfied forget player comes back above this factor times the target"})
     forget_target_reference_steps: int = field(default=1, metadata={
         "help": "relative targets: the number of first optimizer steps averaged as reference"})
-    satisfied_power_forget: float = field(default=0.0, metadata={
-        "help": "the forget player's power while satisfied (0: it leaves the game)"})
+    satisfied_power_forget: float = field(default=0.01, metadata={
+        "help": "the forget player's power while satisfied (0: it leaves the game; the default "
+                "0.01 follows retain without undoing the forgetting to first order)"})
 
     def __post_init__(self):
         get_method(self.method)  # raises with the list of methods

@@ -457,3 +457,16 @@ def test_build_forget_rule_takes_the_objectives_default():
     assert build_forget_rule("remap", target=0.1, power=2.0).base_power == 2.0
     with pytest.raises(ValueError, match="negated"):
         build_forget_rule("neg_ce", target=0.5, mode="relative")
+
+
+def test_front_end_default_keeps_a_satisfied_forget_player_at_a_small_power():
+    from hf_munba import build_forget_rule
+    from hf_munba.bargaining import DEFAULT_SATISFIED_POWER
+
+    assert build_forget_rule("remap").satisfied_power == DEFAULT_SATISFIED_POWER == 0.01
+    rule = build_forget_rule("remap", ema=0.0)
+    assert run_rule(rule, [1.0, 0.2]) == [1.0, 0.01]
+    # at power 0.01 with opposed gradients the forget player is held at ~zero gain, not sacrificed
+    gram = two_player_gram(1.0, 1.0, -0.4, torch.float64)
+    a = nash_bargaining_weights(gram, powers=[1.0, 0.01])
+    assert float(a[1] / a[0]) > 0.4 and float((gram @ a)[1]) > 0

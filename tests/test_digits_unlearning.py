@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from hf_munba.digits import DigitsRecipe, build_digits_models, digit_prompt
-from hf_munba.digits_unlearning import (METHODS, summarize_runs, summary_markdown,
+from hf_munba.digits_unlearning import (METHODS, best_weighted, curve_markdown,
+                                        summarize_curves, summarize_runs, summary_markdown,
                                         train_script_args, write_digit_imagefolders,
                                         write_digit_prompt_csv)
 from hf_munba.sd_data import check_disjoint, load_imagefolder
@@ -81,27 +82,64 @@ def test_experiment_end_to_end_on_a_tiny_build(tmp_path):
                                 eval_guidance_scales=(), log=lambda *_: None)
     out = tmp_path / "exp"
     cmd = [sys.executable, str(ROOT / "eval/digits_sd_experiment.py"), "--output_dir", str(out),
-           "--models_dir", build.root, "--methods", "munba", "--variants", "lora", "--seeds", "0",
-           "--max_train_steps", "2", "--num_images_per_prompt", "1", "--num_inference_steps", "2",
-           "--forget_digit", "5"]
+           "--models_dir", build.root, "--methods", "munba", "weighted-1", "--variants", "lora",
+           "--seeds", "0", "--max_train_steps", "2", "--eval_every", "1",
+           "--num_images_per_prompt", "1", "--num_inference_steps", "2", "--forget_digit", "5"]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-2000:]
     res = json.loads((out / "results.json").read_text())
     assert res["original"]["name"] == "original"
-    (run,) = res["runs"]
+    run = res["runs"][0]
     assert run["name"] == "munba-lora-s0" and 0 <= run["forget_accuracy"] <= 100
     assert run["training_metrics"]["skipped_steps"] == 0
+    # every evaluation point is kept: the original (step 0), checkpoint 1, the final model (2)
+    assert [p["step"] for p in run["curve"]] == [0, 1, 2]
+    assert run["curve"][-1]["retain_accuracy"] == run["retain_accuracy"]
+    assert run["curve"][0]["forget_accuracy"] == res["original"]["forget_accuracy"]
     assert (out / "runs" / "munba-lora-s0" / "pytorch_lora_weights.safetensors").is_file()
-    assert (out / "grid.png").is_file() and "| munba | lora |" in (out / "results.md").read_text()
-    # 1 image per prompt: the forget digit's image + one per other digit, for original + munba
+    assert not list((out / "runs" / "munba-lora-s0").glob("checkpoint-*"))
+    assert {(c["method"], c["variant"]) for c in res["curves"]} == {("munba", "lora"),
+                                                                   ("weighted-1", "lora")}
+    assert set(res["verdict"]["lora"]) == {"first_retain", "best_retain"}
+    md = (out / "results.md").read_text()
+    assert "| munba | lora |" in md and "first point" in md and "End of run" in md
+    assert (out / "curves.png").is_file() and (out / "grid.png").is_file()
+    # 1 image per prompt: the forget digit's image + one per other digit, for original + 2 runs
     from PIL import Image
 
     with Image.open(out / "grid.png") as g:
-        assert g.size == (110 + 10 * 48, 2 * 48)
+        assert g.size == (130 + 10 * 48, 3 * 48)
     # a non-empty output dir is refused before any work
     again = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=60)
     assert again.returncode == 2 and "not empty" in again.stderr
 
 
+def test_curve_summary_first_and_best_points_over_seeds():
+    def run(seed, method, pts):
+        return {"method": method, "variant": "full", "seed": seed,
+                "curve": [{"step": 10 * i, "forget_accuracy": f, "retain_accuracy": r}
+                          for i, (f, r) in enumerate(pts)]}
+
+    runs = [run(0, "munba", [(100, 94), (4, 80), (0, 90), (10, 92)]),
+            run(1, "munba", [(100, 94), (50, 85), (5, 86), (0, 88)]),
+            run(0, "weighted-1", [(100, 94), (0, 70), (0, 75), (0, 76)]),
+            run(1, "weighted-1", [(100, 94), (0, 72), (0, 77), (0, 78)]),
+            run(0, "weighted-3", [(100, 94), (0, 95), (0, 95), (0, 95)]),
+            run(1, "weighted-3", [(100, 94), (20, 95), (20, 95), (20, 95)])]
+    rows = {r["method"]: r for r in summarize_curves(runs, threshold=5.0)}
+    m = rows["munba"]
+    assert m["first_retain"] == 83.0 and m["first_step"] == 15.0  # 80 at step 10, 86 at step 20
+    assert m["best_retain"] == 89.0 and m["reached"] == 2  # 90 (seed 0), 88 (seed 1)
+    assert m["curve"][1]["forget_accuracy"] == 27.0
+    assert rows["weighted-3"]["reached"] == 1
+    # weighted-3 missed the threshold in one seed: it cannot be the best lambda
+    assert best_weighted(list(rows.values()), "full", "best_retain")["method"] == "weighted-1"
+    md = curve_markdown(list(rows.values()), [], {"forget_accuracy": 100.0, "retain_accuracy": 94.0})
+    assert "| munba | full | – | – | 83.0 ± 4.2 | 15 | 89.0 ± 1.4 | 2/2 |" in md
+
+
 def test_methods_registry_is_what_the_docs_compare():
-    assert list(METHODS) == ["munba", "weighted", "ga", "retain"]
+    assert list(METHODS) == ["munba", "munba-paper", "weighted-0.1", "weighted-0.3", "weighted-1",
+                             "weighted-3", "ga", "retain"]
+    assert METHODS["munba"] == ["--method", "munba", "--forget_objective", "remap"]
+    assert METHODS["weighted-0.3"][:4] == ["--method", "weighted", "--forget_weight", "0.3"]

@@ -132,8 +132,9 @@ def parse_args(argv=None):
       help="the forget player's bargaining power w_f (retain has 1) while it is not satisfied; "
            "only the ratio matters (hf_munba.bargaining)")
     a("--forget_target", type=float, default=None,
-      help="the forget player is satisfied (and leaves the game) once an EMA of its loss is at or "
-           "below this target; default per objective: 0.25 relative for remap and esd, none for ga")
+      help="the forget player is satisfied (its power drops to --satisfied_power_forget) once an "
+           "EMA of its loss is at or below this target; default per objective: 0.25 relative for "
+           "remap and esd, none for ga")
     a("--forget_target_mode", choices=("relative", "absolute"), default=None,
       help="relative: the target is a fraction of the mean loss of the first "
            "--forget_target_reference_steps steps (scale-free; the default); absolute: a loss value")
@@ -143,9 +144,10 @@ def parse_args(argv=None):
       help="a satisfied forget player comes back when the EMA exceeds this factor times the target")
     a("--forget_target_reference_steps", type=int, default=1,
       help="relative targets: how many first steps' losses make the reference")
-    a("--satisfied_power_forget", type=float, default=0.0,
-      help="the forget player's power while satisfied: 0 = it leaves the game and the step "
-           "follows the retain gradient alone")
+    a("--satisfied_power_forget", type=float, default=0.01,
+      help="the forget player's power while satisfied (default 0.01: the step follows retain "
+           "without undoing the forgetting to first order; 0 = it leaves the game and the step "
+           "follows the retain gradient alone)")
     a("--max_consecutive_skips", type=int, default=10,
       help="stop the run after this many optimizer steps in a row were skipped for non-finite "
            "losses or gradients")
