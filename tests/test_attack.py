@@ -407,3 +407,48 @@ def test_non_empty_output_dir_is_refused(assets, tmp_path, monkeypatch):
               "--output_dir", str(out)])
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     shutil.rmtree(out)
+
+
+# ---------------------------------------------------------------------------------- digits driver
+
+
+def test_digits_attack_experiment_end_to_end_on_a_tiny_build(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from hf_munba.digits import DigitsRecipe, build_digits_models
+
+    build = build_digits_models(tmp_path / "build", DigitsRecipe(vae_steps=2, unet_steps=2,
+                                                                 classifier_epochs=1, num_images=60),
+                                eval_guidance_scales=(), log=lambda *_: None)
+    out = tmp_path / "exp"
+    cmd = [sys.executable, str(ROOT / "eval/digits_attack_experiment.py"), "--output_dir",
+           str(out), "--models_dir", build.root, "--methods", "munba", "--variants", "lora",
+           "--seeds", "0", "--max_train_steps", "2", "--train_images_per_prompt", "1",
+           "--num_inference_steps", "2", "--prompt_seeds", "2", "--num_blocks", "2",
+           "--steps_per_block", "2"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-2000:]
+    res = json.loads((out / "results.json").read_text())
+    by = {(s["method"], s["variant"]): s for s in res["summary"]}
+    assert set(by) == {("original", "–"), ("munba", "lora")}
+    for s in by.values():
+        assert s["n"] == 2 and s["models"] == 1 and 0 <= s["asr_pre"] <= s["asr_post"] <= 100
+    # the per-model run is an ordinary attack_unlearned output, with the LoRA on the base
+    cfg = json.loads((out / "attack" / "munba-lora-s0" / "attack_config.json").read_text())
+    assert cfg["models"][0]["lora_dir"].endswith("munba-lora-s0")
+    assert cfg["detector"] == {"detector": "classifier", "forget_classes": ["3"],
+                               "classifier": str(Path(build.root) / "classifier")}
+    assert "| munba | lora |" in (out / "results.md").read_text()
+    assert (out / "grid.png").is_file()
+    # rerunning continues: nothing is trained or attacked again, the table is the same
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads((out / "results.json").read_text())["summary"] == res["summary"]
+    # other settings in the same directory are refused
+    other = subprocess.run(cmd + ["--num_blocks", "3"], env=env, capture_output=True, text=True,
+                           timeout=60)
+    assert other.returncode != 0 and "other settings" in other.stderr
