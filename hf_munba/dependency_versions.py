@@ -23,11 +23,11 @@ FLOORS: dict[str, tuple[str, str]] = {
     "torch": ("2.4", "the oldest torch declared; CPU CI exercises 2.13.0, the only CPU build it can install"),
     "diffusers": ("0.40.0", "from_pretrained(dtype=...) (older releases silently ignore it, so fp16 runs in fp32); "
                             "LoRA adapter metadata in save_lora_weights (0.34)"),
-    "transformers": ("5.0.0", "diffusers >= 0.40 needs huggingface_hub >= 1.23, which every transformers 4.x refuses; "
-                              "Trainer.training_step(..., num_items_in_batch) (4.56)"),
-    "accelerate": ("1.3.0", "transformers 5.0's Trainer calls unwrap_model(keep_torch_compile=...) (new in "
+    "transformers": ("5.5.0", "diffusers >= 0.40 needs huggingface_hub >= 1.23, which every transformers 4.x refuses; "
+                              "under 5.0 a skipped MunbaTrainer step still moved SGD momentum (CI floor leg)"),
+    "accelerate": ("1.3.0", "transformers 5's Trainer calls unwrap_model(keep_torch_compile=...) (new in "
                             "1.3); diffusers 0.40's pipelines import get_module_size_with_ties (1.2)"),
-    "peft": ("0.18.0", "the oldest peft that transformers 5.0 accepts for text-encoder LoRA"),
+    "peft": ("0.18.0", "the oldest peft that transformers 5.x accepts for text-encoder LoRA"),
     "datasets": ("3.0.0", "load_dataset('imagefolder'), Features with Array3D"),
     "safetensors": ("0.8.0", "required by diffusers 0.40"),
     "huggingface_hub": ("1.23.0", "required by diffusers 0.40"),

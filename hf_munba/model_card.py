@@ -81,7 +81,8 @@ def is_hub_id(name: str) -> bool:
 
 
 # Run counters, not measurements: in the card's table but not in its model-index.
-COUNTER_KEYS = ("skipped_steps", "bargaining_fallback_steps")
+COUNTER_KEYS = ("skipped_steps", "bargaining_fallback_steps",  # run counters, not evaluations
+                "forget_times_satisfied", "forget_satisfied_at_end")
 
 
 def _flat_numbers(metrics: Mapping, prefix: str = "") -> Dict[str, float]:

@@ -81,7 +81,7 @@ def accelerate_launch_2_cpu(script, args, dump_dir, timeout=300):
                           env=script_env(RELIABILITY_DUMP_WEIGHTS=dump_dir),
                           timeout=timeout)
     if proc.returncode != 0:
-        raise AssertionError(f"2-process run failed ({proc.returncode}):\n{proc.stderr[-5000:]}")
+        raise AssertionError(f"2-process run failed ({proc.returncode}):\n{proc.stderr[-20000:]}")
     return proc
 
 

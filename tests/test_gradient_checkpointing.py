@@ -90,7 +90,11 @@ def test_munba_trainer_step_is_unchanged_by_checkpointing(tmp_path):
     for checkpointing in (False, True):
         model = tiny_vit_classifier(num_labels=4)
         calls = []
-        model.get_submodule("vit.layers.0.mlp").register_forward_pre_hook(lambda *_: calls.append(1))
+        # the first block's MLP inside layer 0 (vit.layers.0.mlp; transformers 5.0 names it
+        # vit.encoder.layer.0.intermediate)
+        inner = next(m for n, m in model.named_modules()
+                     if n in ("vit.layers.0.mlp", "vit.encoder.layer.0.intermediate"))
+        inner.register_forward_pre_hook(lambda *_: calls.append(1))
         tr = MunbaTrainer(model=model, args=targs(tmp_path / str(checkpointing), max_steps=2,
                                                   **{flag: checkpointing}),
                           train_dataset=retain, forget_dataset=forget, method="munba")

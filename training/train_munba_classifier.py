@@ -198,13 +198,14 @@ def main(argv=None):
             fail(str(e))
         targs.remove_unused_columns = False
 
-    # every rank validated above (so all stop together); only the main one touches the disk
-    ensure_output_dir(final_dir, script.overwrite_output_dir, allow_existing=resume is not None,
-                      check_only=targs.process_index != 0)
-    if targs.process_index == 0 and script.overwrite_output_dir and resume is None:
-        import shutil
+    # every rank validated above (so all stop together); only the main one touches the disk, and
+    # the others do not look again (they would race with it and find the folder it just made)
+    if targs.process_index == 0:
+        ensure_output_dir(final_dir, script.overwrite_output_dir, allow_existing=resume is not None)
+        if script.overwrite_output_dir and resume is None:
+            import shutil
 
-        shutil.rmtree(os.path.join(final_dir, CHECKPOINTS), ignore_errors=True)
+            shutil.rmtree(os.path.join(final_dir, CHECKPOINTS), ignore_errors=True)
     targs.output_dir = os.path.join(final_dir, CHECKPOINTS)
     trainer = MunbaTrainer(model=model, args=targs, train_dataset=retain_set, forget_dataset=forget_set,
                            munba_args=munba)
