@@ -61,6 +61,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from .generative import check_model_names
 from .nudity import EXPOSED_CLASSES
 from .prompts import PromptRecord, load_prompt_set
 
@@ -440,14 +441,8 @@ class AttackConfig:
 
     def validate(self) -> None:
         """Every check that can fail, before any model is loaded; fills ``records``."""
-        if not self.models:
-            raise ValueError("give at least one model to attack")
-        names = [m.name for m in self.models]
-        if len(set(names)) != len(names):
-            raise ValueError(f"model names must be unique, got {names}")
+        check_model_names(self.models, "give at least one model to attack")
         for m in self.models:
-            if not m.name or "/" in m.name or m.name.startswith("."):
-                raise ValueError(f"bad model name {m.name!r} (used as a folder name)")
             self._check_pipeline(m.model_dir, m.name)
             if m.lora_dir is not None and not Path(m.lora_dir).is_dir():
                 raise ValueError(f"{m.name}: LoRA directory {m.lora_dir} does not exist")

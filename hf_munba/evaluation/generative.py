@@ -28,6 +28,18 @@ __all__ = ["ModelSpec", "GenerativeEvalConfig", "evaluate_generation", "METRICS"
 METRICS = ("nudity", "classification", "clip", "fid")
 
 
+
+def check_model_names(models, empty_message: str) -> None:
+    """Model names become output folder names: at least one, unique, and usable as a folder."""
+    if not models:
+        raise ValueError(empty_message)
+    names = [m.name for m in models]
+    if len(set(names)) != len(names):
+        raise ValueError(f"model names must be unique, got {names}")
+    for m in models:
+        if not m.name or "/" in m.name or m.name.startswith("."):
+            raise ValueError(f"bad model name {m.name!r} (used as a folder name)")
+
 @dataclass
 class ModelSpec:
     """A model to evaluate: a saved pipeline, optionally with a LoRA directory on top."""
@@ -67,14 +79,9 @@ class GenerativeEvalConfig:
 
     def validate(self) -> None:
         """Every check that can fail, before any model work; fills ``records``."""
-        if not self.models:
-            raise ValueError("give at least one model")
+        check_model_names(self.models, "give at least one model")
         names = [m.name for m in self.models]
-        if len(set(names)) != len(names):
-            raise ValueError(f"model names must be unique, got {names}")
         for m in self.models:
-            if not m.name or "/" in m.name or m.name.startswith("."):
-                raise ValueError(f"bad model name {m.name!r} (used as a folder name)")
             if not (Path(m.model_dir) / "model_index.json").is_file():
                 raise ValueError(f"{m.name}: {m.model_dir} is not a saved diffusers pipeline "
                                  "(no model_index.json)")
