@@ -19,7 +19,7 @@ run) and a trade-off PNG per setting.
     python eval/bench_digits_unlearning.py --output_dir docs/bench_digits      # full (3 seeds)
     python eval/bench_digits_unlearning.py --seeds 0 --methods munba,weighted-1  # quick look
 
-Rows: a method of ``hf_munba.unlearning_methods`` (``munba``, ``ft``, ``ga``, ``rl``, ``salun``,
+Rows: a method of ``hf_munba.classification.methods`` (``munba``, ``ft``, ``ga``, ``rl``, ``salun``,
 ``l1``) or ``weighted-<lam>`` (``weighted`` with ``forget_weight=lam``). ``rl`` is exactly
 ``weighted-1`` (same losses), so the default list runs it only under that name. Runs
 single-threaded (``--threads``) so timings are comparable on a shared machine.
@@ -63,8 +63,8 @@ def row_spec(name: str):
     ``munba-target-<T>`` (absolute target T on the forget loss) and ``munba-power-<w>``
     (forget bargaining power w) are for exploring the bargaining options.
     """
-    from hf_munba.trainer import MunbaArguments
-    from hf_munba.unlearning_methods import get_method
+    from hf_munba.classification.trainer import MunbaArguments
+    from hf_munba.classification.methods import get_method
 
     def number(prefix):
         try:
@@ -95,7 +95,7 @@ def row_spec(name: str):
 
 def config_key(row: str) -> str:
     """The full MunbaTrainer configuration a row runs (two rows with the same key are one run)."""
-    from hf_munba.trainer import MunbaArguments
+    from hf_munba.classification.trainer import MunbaArguments
 
     method, extra = row_spec(row)
     return json.dumps(MunbaArguments(method=method, **extra).to_dict(), sort_keys=True)
@@ -162,7 +162,7 @@ def train(model, row, retain, forget, recipe, batch_size, seed, workdir, callbac
     import torch
     from transformers import PrinterCallback, TrainingArguments
 
-    from hf_munba.trainer import MunbaArguments, MunbaTrainer
+    from hf_munba.classification.trainer import MunbaArguments, MunbaTrainer
 
     method, extra = ("ft", {}) if row == "original" else (("retrain", {}) if row == "retrain" else row_spec(row))
     args = TrainingArguments(
@@ -366,11 +366,11 @@ def main(argv=None):
     import torch
     from transformers.utils import logging as hf_logging
 
-    from hf_munba.classification_data import InMemoryDataset, digits_dataset
-    from hf_munba.classifier_io import load_image_classifier
+    from hf_munba.classification.data import InMemoryDataset, digits_dataset
+    from hf_munba.classification.model_io import load_image_classifier
     from hf_munba.evaluation.classification import avg_gap, evaluate_unlearning
     from hf_munba.evaluation.tradeoff import ForgetCriterion
-    from hf_munba.forget_sets import ForgetSpec, split_forget_retain
+    from hf_munba.classification.forget_sets import ForgetSpec, split_forget_retain
 
     torch.set_num_threads(a.threads)
     hf_logging.set_verbosity_error()

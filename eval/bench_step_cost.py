@@ -19,7 +19,7 @@ the memory-hungry reference) let the SD v1.4-sized configurations run where memo
 even on a CPU.
 
 Every step includes clipping at 1.0 and an Adam step, as in training. The SD losses come from
-the training script's own per-step code (``hf_munba.sd_unlearning.SDUnlearner``, latents and
+the training script's own per-step code (``hf_munba.diffusion.unlearner.SDUnlearner``, latents and
 prompt embeddings cached as with ``--cache_latents``); the classifier losses those of
 ``MunbaTrainer`` (cross-entropy, random-label cross-entropy). Peak memory: on CUDA,
 ``torch.cuda.max_memory_allocated`` around each step; on CPU (``--memory``) the peak resident set
@@ -118,7 +118,7 @@ def _sd_workload(config: str, device: torch.device, autocast, batch: int,
     from diffusers import DDPMScheduler
 
     from hf_munba import sd_params, testing
-    from hf_munba.sd_unlearning import SDUnlearner
+    from hf_munba.diffusion.unlearner import SDUnlearner
 
     torch.manual_seed(0)
     if config.startswith("sd14"):

@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from hf_munba.digits_unlearning import METHODS  # noqa: E402
+from hf_munba.testing.digits_unlearning import METHODS  # noqa: E402
 
 
 def _experiment_script():
@@ -95,7 +95,7 @@ def main(argv=None):
         raise SystemExit(f"error: {out} is not empty and holds no attack experiment")
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    from hf_munba.digits import digit_prompt
+    from hf_munba.testing.digits import digit_prompt
     from hf_munba.evaluation.attack import pooled_asr
     from hf_munba.evaluation.report import atomic_write_text, image_grid, markdown_table
 

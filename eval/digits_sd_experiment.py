@@ -3,14 +3,14 @@
 
     python eval/digits_sd_experiment.py --output_dir runs/digits_forget3
 
-1. builds (or reuses from the cache) the digits pipeline + classifier (hf_munba.digits);
+1. builds (or reuses from the cache) the digits pipeline + classifier (hf_munba.testing.digits);
 2. writes D_f (real images of the forgotten digit) and D_r (the other digits) as imagefolders;
 3. per method (munba = the recommended configuration, munba-paper, weighted-<lambda> for each
    lambda of the sweep, ga, retain) x variant (full cross-attention, LoRA) x seed, runs
    ``training/train_munba_sd.py`` (the forgotten digit's prompt remapped to the next digit, as the
    paper does with Imagenette classes) with a checkpoint every ``--eval_every`` steps, then
    evaluates the original model and every checkpoint in one process
-   (``hf_munba.digits_unlearning.evaluate_checkpoints``: generate every digit prompt, classify);
+   (``hf_munba.testing.digits_unlearning.evaluate_checkpoints``: generate every digit prompt, classify);
 4. writes results.md / results.json (every curve point; end-of-run forgetting and retained
    accuracy and, beside them, the retained accuracy at the first evaluation with forget accuracy
    <= 5% and the best one among those, mean +- std over seeds; the best lambda named; the
@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from hf_munba.digits_unlearning import FORGET_THRESHOLD, METHODS  # noqa: E402
+from hf_munba.testing.digits_unlearning import FORGET_THRESHOLD, METHODS  # noqa: E402
 
 VARIANTS = ("full", "lora")
 
@@ -128,7 +128,7 @@ def _single_thread():
 
 def eval_points(args, arts, checkpoints, lora, grid_dir=None):
     """In a worker process: the curve points of one run (see evaluate_checkpoints)."""
-    from hf_munba.digits_unlearning import evaluate_checkpoints
+    from hf_munba.testing.digits_unlearning import evaluate_checkpoints
 
     t = time.perf_counter()
     points = evaluate_checkpoints(
@@ -147,7 +147,7 @@ def base_job(args, arts, out):
 
 
 def train_job(args, arts, data, out, method, variant, seed):
-    from hf_munba.digits_unlearning import train_script_args
+    from hf_munba.testing.digits_unlearning import train_script_args
 
     name = f"{method}-{variant}-s{seed}"
     run_dir = out / "runs" / name
@@ -186,8 +186,8 @@ def train_job(args, arts, data, out, method, variant, seed):
 def main(argv=None):
     args = parse_args(argv)
     t0 = time.perf_counter()
-    from hf_munba.digits import DigitsArtifacts, DigitsRecipe, digit_prompt, load_or_build_digits_models
-    from hf_munba.digits_unlearning import (best_weighted, curve_markdown, plot_tradeoff_curves,
+    from hf_munba.testing.digits import DigitsArtifacts, DigitsRecipe, digit_prompt, load_or_build_digits_models
+    from hf_munba.testing.digits_unlearning import (best_weighted, curve_markdown, plot_tradeoff_curves,
                                             summarize_curves, summarize_runs, summary_markdown,
                                             write_digit_imagefolders)
     from hf_munba.evaluation.report import atomic_write_text, image_grid

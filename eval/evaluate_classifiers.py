@@ -53,8 +53,8 @@ def parse_args(argv=None):
         models[name] = path
     if a.retrain:
         models = {"retrain": a.retrain, **models}
-    from hf_munba.classification_data import require_sklearn
-    from hf_munba.classifier_io import validate_model_source
+    from hf_munba.classification.data import require_sklearn
+    from hf_munba.classification.model_io import validate_model_source
 
     try:
         require_sklearn("eval/evaluate_classifiers.py (MIA-efficacy)")
@@ -78,10 +78,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     a, parser = parse_args(argv)
-    from hf_munba.classification_data import digits_dataset, imagefolder_dataset, validate_imagefolder
-    from hf_munba.classifier_io import load_image_classifier
+    from hf_munba.classification.data import digits_dataset, imagefolder_dataset, validate_imagefolder
+    from hf_munba.classification.model_io import load_image_classifier
     from hf_munba.evaluation.classification import evaluate_models, results_markdown, write_results
-    from hf_munba.forget_sets import forget_spec_from_strings, split_forget_retain
+    from hf_munba.classification.forget_sets import forget_spec_from_strings, split_forget_retain
 
     try:
         if a.train_dir:

@@ -10,6 +10,7 @@ from .dependency_versions import check_dependency_versions
 
 check_dependency_versions()  # one clear line naming what to install, before any deep failure
 
+from . import _moved_modules  # noqa: E402  (old module paths, one release)
 from .bargaining import (  # noqa: E402
     BargainingSolution,
     BargainingStatus,
@@ -28,14 +29,19 @@ __version__ = "0.1.0"
 
 _LAZY = {
     # Stable Diffusion unlearning
-    "generate_images": ".generation",
-    "PairedUnlearningDataset": ".sd_data", "load_imagefolder": ".sd_data",
-    "SDUnlearner": ".sd_unlearning", "SkippedStepGuard": ".sd_unlearning",
-    # classification unlearning: the Trainer, its options, the method registry
-    "MunbaArguments": ".trainer", "MunbaTrainer": ".trainer", "NonFiniteTrainingError": ".trainer",
-    "UnlearningMethod": ".unlearning_methods", "available_methods": ".unlearning_methods",
-    "register_method": ".unlearning_methods", "ForgetSpec": ".forget_sets",
-    "split_forget_retain": ".forget_sets", "CLIPZeroShotClassifier": ".clip_zero_shot",
+    "generate_images": ".diffusion.generation",
+    "PairedUnlearningDataset": ".diffusion.data", "load_imagefolder": ".diffusion.data",
+    "SDUnlearner": ".diffusion.unlearner",
+    # the shared step and the method registry
+    "SkippedStepGuard": ".unlearning.step", "TooManySkippedSteps": ".unlearning.step",
+    "guarded_step": ".unlearning.step",
+    "available_methods": ".classification.methods", "register_method": ".classification.methods",
+    # classification unlearning: the Trainer, its options, the methods
+    "MunbaArguments": ".classification.trainer", "MunbaTrainer": ".classification.trainer",
+    "NonFiniteTrainingError": ".classification.trainer",
+    "UnlearningMethod": ".classification.methods", "ForgetSpec": ".classification.forget_sets",
+    "split_forget_retain": ".classification.forget_sets",
+    "CLIPZeroShotClassifier": ".classification.clip_zero_shot",
 }
 
 __all__ = [

@@ -11,7 +11,7 @@ import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from hf_munba.testing import tiny_vit_classifier  # noqa: E402
-from hf_munba.trainer import MunbaArguments, MunbaTrainer  # noqa: E402
+from hf_munba.classification.trainer import MunbaArguments, MunbaTrainer  # noqa: E402
 from trainer_helpers import targs, tiny_classification_data  # noqa: E402
 
 

@@ -9,7 +9,7 @@ def save_tiny_lora(sd_dir, lora_dir):
     from diffusers import StableDiffusionPipeline
     from peft import LoraConfig
 
-    from hf_munba.sd_export import save_lora
+    from hf_munba.diffusion.export import save_lora
 
     pipe = StableDiffusionPipeline.from_pretrained(str(sd_dir))
     torch.manual_seed(0)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from hf_munba.atomic_save import ensure_output_dir, staged_output
+from hf_munba.utils.atomic_save import ensure_output_dir, staged_output
 
 
 def test_ensure_output_dir(tmp_path):

@@ -417,7 +417,7 @@ def test_digits_attack_experiment_end_to_end_on_a_tiny_build(tmp_path):
     import subprocess
     import sys
 
-    from hf_munba.digits import DigitsRecipe, build_digits_models
+    from hf_munba.testing.digits import DigitsRecipe, build_digits_models
 
     build = build_digits_models(tmp_path / "build", DigitsRecipe(vae_steps=2, unet_steps=2,
                                                                  classifier_epochs=1, num_images=60),

@@ -106,8 +106,8 @@ def _same(a, b):
 
 @pytest.fixture(scope="module")
 def digit_sets():
-    from hf_munba.classification_data import InMemoryDataset, digits_dataset
-    from hf_munba.forget_sets import ForgetSpec, split_forget_retain
+    from hf_munba.classification.data import InMemoryDataset, digits_dataset
+    from hf_munba.classification.forget_sets import ForgetSpec, split_forget_retain
 
     data = digits_dataset()
     f, r = split_forget_retain(data["train"], ForgetSpec(classes=[3]))
@@ -119,7 +119,7 @@ def _tiny_run(sets, callbacks, max_steps=5):
     from transformers import TrainingArguments
 
     from hf_munba.testing import tiny_resnet_classifier
-    from hf_munba.trainer import MunbaTrainer
+    from hf_munba.classification.trainer import MunbaTrainer
 
     model = tiny_resnet_classifier(seed=0)
     args = TrainingArguments(output_dir="unused", per_device_train_batch_size=32, learning_rate=0.1,
@@ -167,7 +167,7 @@ def test_row_names_and_arguments():
     assert bench.row_spec("munba-power-0.5") == ("munba", {"bargaining_power_forget": 0.5})
     # the paper's plain rule: power 1, no satisfaction rule built for the classifiers' forget loss
     method, extra = bench.row_spec("munba-paper")
-    from hf_munba.trainer import MunbaArguments
+    from hf_munba.classification.trainer import MunbaArguments
 
     paper = MunbaArguments(method=method, **extra)
     assert paper.make_forget_rule() is None and paper.bargaining_power_forget == 1.0

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from hf_munba.trainer import last_complete_checkpoint
+from hf_munba.classification.trainer import last_complete_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "training" / "train_munba_classifier.py"

@@ -78,7 +78,7 @@ def test_steps_that_need_sklearn_say_what_to_install(tmp_path, capsys, monkeypat
 
 
 def test_library_calls_that_need_sklearn_raise_one_clear_error(monkeypatch):
-    from hf_munba.classification_data import digits_dataset
+    from hf_munba.classification.data import digits_dataset
     from hf_munba.evaluation.classification import mia_efficacy
 
     monkeypatch.setitem(sys.modules, "sklearn", None)

@@ -2,10 +2,10 @@
 
 import torch
 
-from hf_munba.classification_data import InMemoryDataset
-from hf_munba.clip_zero_shot import CLIPZeroShotClassifier
+from hf_munba.classification.data import InMemoryDataset
+from hf_munba.classification.clip_zero_shot import CLIPZeroShotClassifier
 from hf_munba.testing import tiny_clip_model, tiny_clip_tokenizer
-from hf_munba.trainer import MunbaTrainer
+from hf_munba.classification.trainer import MunbaTrainer
 from trainer_helpers import targs
 
 torch.set_num_threads(1)

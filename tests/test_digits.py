@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hf_munba.digits import (
+from hf_munba.testing.digits import (
     DigitsRecipe,
     build_digits_models,
     classify_digit_images,

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from hf_munba.digits import DigitsRecipe, build_digits_models, digit_prompt
-from hf_munba.digits_unlearning import (METHODS, best_weighted, curve_markdown,
+from hf_munba.testing.digits import DigitsRecipe, build_digits_models, digit_prompt
+from hf_munba.testing.digits_unlearning import (METHODS, best_weighted, curve_markdown,
                                         summarize_curves, summarize_runs, summary_markdown,
                                         train_script_args, write_digit_imagefolders,
                                         write_digit_prompt_csv)
-from hf_munba.sd_data import check_disjoint, load_imagefolder
+from hf_munba.diffusion.data import check_disjoint, load_imagefolder
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",

@@ -10,7 +10,7 @@ from PIL import Image
 from hf_munba.evaluation.generate import (evaluation_plan, generate_evaluation_images,
                                           load_pipeline)
 from hf_munba.evaluation.prompts import NUDITY_PROMPTS, load_prompt_set
-from hf_munba.generation import read_manifest
+from hf_munba.diffusion.generation import read_manifest
 from hf_munba.testing import save_tiny_sd_pipeline
 
 from eval_generation_helpers import assert_same_image, one_torch_thread, save_tiny_lora  # noqa: F401

@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from hf_munba.classification_data import digits_dataset
+from hf_munba.classification.data import digits_dataset
 from hf_munba.evaluation.classification import (aggregate_runs, avg_gap, mia_efficacy,
                                                 results_markdown, write_results)
-from hf_munba.forget_sets import ForgetSpec, parse_forget_classes, split_forget_retain
+from hf_munba.classification.forget_sets import ForgetSpec, parse_forget_classes, split_forget_retain
 
 
 @pytest.fixture(scope="module")

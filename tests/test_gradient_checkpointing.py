@@ -14,11 +14,11 @@ import torch
 from transformers import TrainingArguments
 
 from hf_munba import NashBargainer
-from hf_munba.sd_params import (add_lora_adapter, enable_gradient_checkpointing, freeze_all_but,
+from hf_munba.diffusion.params import (add_lora_adapter, enable_gradient_checkpointing, freeze_all_but,
                                 select_parameter_names)
-from hf_munba.sd_unlearning import SDUnlearner
+from hf_munba.diffusion.unlearner import SDUnlearner
 from hf_munba.testing import tiny_sd_pipeline, tiny_vit_classifier
-from hf_munba.trainer import MunbaTrainer
+from hf_munba.classification.trainer import MunbaTrainer
 from sd_helpers import paired_batch
 from trainer_helpers import params_vector, targs, tiny_classification_data
 

@@ -90,7 +90,7 @@ def test_vit_resume_restores_every_weight(tmp_path):
     """transformers 5 saves ViT under legacy parameter names that only from_pretrained renames:
     the Trainer's own resume would silently keep the fresh encoder weights."""
     from hf_munba.testing import tiny_vit_classifier
-    from hf_munba.trainer import MunbaTrainer
+    from hf_munba.classification.trainer import MunbaTrainer
     from trainer_helpers import params_vector, targs, tiny_classification_data
 
     forget, retain = tiny_classification_data()

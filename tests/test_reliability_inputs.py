@@ -114,7 +114,7 @@ def test_classifier_refuses_the_deepspeed_flag(tmp_path, capsys):
 def test_token_not_in_tracker_config_saved_args_or_card(data):
     """The SD script sends public_hparams(vars(args)) to init_trackers and training_args.json,
     and vars(args) to the model card."""
-    from hf_munba.model_card import public_hparams, sd_model_card
+    from hf_munba.utils.model_card import public_hparams, sd_model_card
 
     mod = sd()
     args = mod.parse_args(sd_argv(data, "--hub_token", TOKEN, "--push_to_hub", "--hub_model_id",

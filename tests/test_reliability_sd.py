@@ -19,7 +19,7 @@ from reliability_helpers import (LAUNCHER, ROOT, SD_SCRIPT, accelerate_launch_2_
 
 
 def _build_assets(root):
-    from hf_munba.generation import generate_images
+    from hf_munba.diffusion.generation import generate_images
     from hf_munba.testing import save_tiny_sd_pipeline, tiny_sd_pipeline
 
     save_tiny_sd_pipeline(root / "pipe")

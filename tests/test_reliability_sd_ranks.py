@@ -4,7 +4,7 @@ own rows, so N ranks x batch b compute exactly the per-sample losses of 1 proces
 import pytest
 import torch
 
-from hf_munba.sd_unlearning import SDUnlearner
+from hf_munba.diffusion.unlearner import SDUnlearner
 from hf_munba.testing import tiny_sd_pipeline
 
 

@@ -1,4 +1,4 @@
-"""hf_munba.sd_data as a new user meets it: unlisted images refused, the dataset pickles (spawn
+"""hf_munba.diffusion.data as a new user meets it: unlisted images refused, the dataset pickles (spawn
 workers), one permutation per epoch, a ``datasets`` dataset decoded lazily, and the diffusers-style
 crop / flip augmentation (seeded, exact under latent caching)."""
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-import hf_munba.sd_data as sd_data
-from hf_munba.sd_data import (DataValidationError, ImageCaptionSource, LatentCache,
+import hf_munba.diffusion.data as sd_data
+from hf_munba.diffusion.data import (DataValidationError, ImageCaptionSource, LatentCache,
                               PairedUnlearningDataset, dataset_source, load_imagefolder,
                               preprocess_image)
 from hf_munba.testing import tiny_clip_tokenizer, tiny_vae

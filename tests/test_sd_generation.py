@@ -1,4 +1,4 @@
-"""hf_munba.generation: per-image seeds, resumability, manifest checks, imagefolder compatibility."""
+"""hf_munba.diffusion.generation: per-image seeds, resumability, manifest checks, imagefolder compatibility."""
 
 import json
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hf_munba.generation import generate_images, generation_plan, read_manifest
+from hf_munba.diffusion.generation import generate_images, generation_plan, read_manifest
 from hf_munba.testing import tiny_sd_pipeline
 
 from eval_generation_helpers import assert_same_image

@@ -7,12 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
-from hf_munba.sd_data import (DataValidationError, ImageCaptionSource,
+from hf_munba.diffusion.data import (DataValidationError, ImageCaptionSource,
                               PairedUnlearningDataset, check_disjoint, class_prompts,
                               load_imagefolder, preprocess_image, remap_class)
-from hf_munba.sd_objectives import denoising_target, esd_target, forget_loss_from_preds
-from hf_munba.sd_params import add_lora_adapter, freeze_all_but, select_parameter_names
-from hf_munba.sd_unlearning import SDUnlearner, SkippedStepGuard, TooManySkippedSteps
+from hf_munba.diffusion.objectives import denoising_target, esd_target, forget_loss_from_preds
+from hf_munba.diffusion.params import add_lora_adapter, freeze_all_but, select_parameter_names
+from hf_munba.diffusion.unlearner import SDUnlearner
+from hf_munba.unlearning.step import SkippedStepGuard, TooManySkippedSteps
 from hf_munba.testing import tiny_clip_text_model, tiny_sd_pipeline, tiny_unet
 from sd_helpers import paired_batch
 
@@ -217,7 +218,7 @@ def test_skipped_step_guard():
 
 # ---- export, card, hub -----------------------------------------------------------------------------
 def test_commit_staged_moves_markers_last_and_replaces_old(tmp_path, monkeypatch):
-    from hf_munba import sd_export
+    from hf_munba.diffusion import export as sd_export
 
     out = tmp_path / "out"
     (out / "unet").mkdir(parents=True)
@@ -236,7 +237,7 @@ def test_commit_staged_moves_markers_last_and_replaces_old(tmp_path, monkeypatch
     assert order[-1] == "model_index.json"
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "checkpoint-1", "model_index.json", "unet"]
     assert [p.name for p in (out / "unet").iterdir()] == ["w.safetensors"]
-    from hf_munba.atomic_save import ensure_output_dir
+    from hf_munba.utils.atomic_save import ensure_output_dir
 
     with pytest.raises(ValueError, match="not empty"):
         ensure_output_dir(out, overwrite=False, check_only=True)
@@ -247,7 +248,7 @@ def test_commit_staged_moves_markers_last_and_replaces_old(tmp_path, monkeypatch
 def test_model_card_and_push(tmp_path, monkeypatch):
     import huggingface_hub
 
-    from hf_munba.model_card import public_hparams, push_folder_to_hub, sd_model_card
+    from hf_munba.utils.model_card import public_hparams, push_folder_to_hub, sd_model_card
 
     hp = {"learning_rate": 1e-5, "hub_token": "hf_secret", "train_params": "noxattn"}
     assert "hub_token" not in public_hparams(hp)
@@ -271,7 +272,7 @@ def test_model_card_and_push(tmp_path, monkeypatch):
 
 
 def test_training_plot(tmp_path):
-    from hf_munba.training_plot import plot_training_history
+    from hf_munba.utils.training_plot import plot_training_history
 
     hist = [{"step": i, "loss/retain": 1.0 / i, "loss/forget": 0.1, "munba/cos": -0.1,
              "munba/weight_retain": 1.0, "munba/weight_forget": 2.0,

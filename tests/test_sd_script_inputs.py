@@ -1,6 +1,6 @@
 """What a new user of training/train_munba_sd.py trips over, refused before any model work with one
 line and nothing written: --help, the base-model path, the schedule, the checkpoint, the Hub; plus
-the library pieces behind them (hf_munba.sd_inputs, model_card, sd_unlearning.guarded_step)."""
+the library pieces behind them (hf_munba.diffusion.inputs, model_card, sd_unlearning.guarded_step)."""
 
 import json
 import os
@@ -133,7 +133,7 @@ def test_a_missing_local_looking_path_fails_at_once_without_the_hub(data, capsys
 
 
 def test_partly_existing_path_is_local_and_a_repo_id_stays_a_hub_id(data, capsys, monkeypatch):
-    from hf_munba.sd_inputs import check_pretrained_pipeline, looks_like_local_path
+    from hf_munba.diffusion.inputs import check_pretrained_pipeline, looks_like_local_path
 
     monkeypatch.chdir(data)
     assert looks_like_local_path("forget/pipe")  # forget/ exists here: a mistyped local path
@@ -207,7 +207,7 @@ def test_resume_from_a_folder_that_is_no_checkpoint(data, pipe_dir, tmp_path, ca
 
 
 def test_checkpoint_step_is_read_from_the_checkpoint(tmp_path):
-    from hf_munba.sd_inputs import checkpoint_step, resolve_checkpoint
+    from hf_munba.diffusion.inputs import checkpoint_step, resolve_checkpoint
 
     a = tmp_path / "best"
     a.mkdir()
@@ -246,7 +246,7 @@ def test_check_hub_access_answers(monkeypatch):
     import huggingface_hub
     from huggingface_hub import errors
 
-    from hf_munba.model_card import HubAccessError, check_hub_access
+    from hf_munba.utils.model_card import HubAccessError, check_hub_access
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     who = {"name": "me", "orgs": [{"name": "lab"}], "auth": {"accessToken": {"role": "write"}}}
@@ -275,7 +275,7 @@ def _card_yaml(card):
 def test_card_has_a_model_index_and_no_local_paths(tmp_path):
     from huggingface_hub import ModelCard
 
-    from hf_munba.model_card import public_hparams, sd_model_card
+    from hf_munba.utils.model_card import public_hparams, sd_model_card
 
     base = tmp_path / "models" / "tiny-pipe"
     base.mkdir(parents=True)
@@ -336,7 +336,7 @@ def _same(a, b):
 def test_a_skipped_step_leaves_weights_adam_state_and_schedule_untouched(case):
     from diffusers.optimization import get_scheduler
 
-    from hf_munba.sd_unlearning import guarded_step
+    from hf_munba.unlearning.step import guarded_step
 
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
@@ -397,7 +397,7 @@ def test_evaluation_numbers_join_the_training_losses_in_the_model_index(tmp_path
     """evaluate_generation --model_card: its numbers go into the same model-index, replacing an
     earlier evaluation's and keeping the run's losses, the other metadata and the text."""
     from hf_munba.evaluation.report import CARD_BEGIN, update_model_card
-    from hf_munba.model_card import sd_model_card
+    from hf_munba.utils.model_card import sd_model_card
 
     card = sd_model_card(base_model="CompVis/stable-diffusion-v1-4", forgotten=["nudity"],
                          retained=["a person"], hparams={}, repo_id="me/sd-munba",

@@ -42,7 +42,7 @@ def _run(script, args, expect_ok=True, extra_pythonpath=None, **env):
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """A saved tiny pipeline and tiny D_f (4 nudity prompts x 1) / D_r (4 images)."""
-    from hf_munba.generation import generate_images
+    from hf_munba.diffusion.generation import generate_images
     from hf_munba.testing import save_tiny_sd_pipeline, tiny_sd_pipeline
 
     torch.set_num_threads(1)
@@ -200,7 +200,7 @@ def _recorder(tmp_path):
     log = tmp_path / "recorded.json"
     (d / "sitecustomize.py").write_text(textwrap.dedent(f"""
         import json, os, torch, accelerate
-        import hf_munba.sd_unlearning as su
+        import hf_munba.diffusion.unlearner as su
         _init = accelerate.Accelerator.init_trackers
         def init_trackers(self, project_name, *a, **kw):
             open({str(log)!r}, "w").write(json.dumps({{"project_name": project_name}}))

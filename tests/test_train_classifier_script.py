@@ -65,7 +65,7 @@ def test_script_end_to_end(tmp_path):
     # round trip: the saved model reproduces the recorded test accuracy
     from transformers import AutoModelForImageClassification
 
-    from hf_munba.classification_data import digits_dataset
+    from hf_munba.classification.data import digits_dataset
     from hf_munba.evaluation.classification import predict_confidences
 
     model = AutoModelForImageClassification.from_pretrained(out, use_safetensors=True)
@@ -94,7 +94,7 @@ def _check_card_metadata(card, metrics, tmp_path):
 def test_model_card_base_model_only_for_hub_ids(tmp_path):
     from transformers import TrainingArguments
 
-    from hf_munba.classifier_io import classifier_model_card
+    from hf_munba.classification.model_io import classifier_model_card
     import yaml
 
     local = tmp_path / "my-classifier"
@@ -258,7 +258,7 @@ def test_imagefolder_with_image_processor_and_class_names(tmp_path):
 
 def test_clip_zero_shot_through_the_script(tmp_path):
     """A CLIPModel folder + --clip_zero_shot: class prompts from folder names, text encoder trained."""
-    from hf_munba.clip_zero_shot import CLIPZeroShotClassifier
+    from hf_munba.classification.clip_zero_shot import CLIPZeroShotClassifier
     from hf_munba.testing import tiny_clip_model, tiny_clip_processor
 
     _write_imagefolder(tmp_path / "imgs", per_class=4, size=32)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hf_munba.testing import tiny_resnet_classifier
-from hf_munba.trainer import MunbaArguments, MunbaTrainer
+from hf_munba.classification.trainer import MunbaArguments, MunbaTrainer
 from trainer_helpers import params_vector, targs, tiny_classification_data
 
 # satisfied from the second step on: 10x the mean of the first two losses, no smoothing

@@ -7,8 +7,8 @@ import torch
 
 from hf_munba import NashBargainer  # noqa: F401  (the trainer must use the shared core)
 from hf_munba.testing import tiny_resnet_classifier, tiny_vit_classifier
-from hf_munba.trainer import MunbaArguments, MunbaTrainer, NonFiniteTrainingError
-from hf_munba.unlearning_methods import available_methods
+from hf_munba.classification.trainer import MunbaArguments, MunbaTrainer, NonFiniteTrainingError
+from hf_munba.classification.methods import available_methods
 from trainer_helpers import params_vector, targs, tiny_classification_data
 
 

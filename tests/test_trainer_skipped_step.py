@@ -8,7 +8,7 @@ import torch
 from transformers import TrainerCallback
 
 from hf_munba.testing import tiny_resnet_classifier
-from hf_munba.trainer import MunbaTrainer
+from hf_munba.classification.trainer import MunbaTrainer
 from trainer_helpers import params_vector, targs, tiny_classification_data
 
 BAD = 3  # the third optimizer step sees a NaN forget batch
@@ -69,8 +69,8 @@ def test_skipped_step_under_a_grad_scaler_does_not_step_the_optimizer(tmp_path):
     cos = -1) with ``fallback_player=None``: every step is skipped with *finite* gradients.
     A GradScaler finds nothing to skip in them, so an ``optimizer.step()`` would let AdamW's
     weight decay and moments move the weights; none may run, and the scale stays."""
-    from hf_munba.classification_data import InMemoryDataset
-    from hf_munba.trainer import MunbaArguments
+    from hf_munba.classification.data import InMemoryDataset
+    from hf_munba.classification.trainer import MunbaArguments
 
     _, retain = tiny_classification_data(n=32)
     data = InMemoryDataset({k: v[:8] for k, v in retain.columns.items()})

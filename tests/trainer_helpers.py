@@ -3,7 +3,7 @@
 import torch
 from transformers import TrainingArguments
 
-from hf_munba.classification_data import InMemoryDataset
+from hf_munba.classification.data import InMemoryDataset
 
 torch.set_num_threads(1)
 

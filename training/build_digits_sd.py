@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hf_munba.digits import DigitsRecipe  # noqa: E402
+from hf_munba.testing.digits import DigitsRecipe  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -56,7 +56,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from hf_munba.digits import build_digits_models, load_or_build_digits_models
+    from hf_munba.testing.digits import build_digits_models, load_or_build_digits_models
 
     kwargs = dict(eval_guidance_scales=args.eval_guidance_scales,
                   eval_images_per_digit=args.eval_images_per_digit)
@@ -71,7 +71,7 @@ def main(argv=None):
             shutil.rmtree(out)
             os.replace(staging, out)
             staging.parent.rmdir()
-            from hf_munba.digits import DigitsArtifacts
+            from hf_munba.testing.digits import DigitsArtifacts
 
             arts = DigitsArtifacts.from_dir(out)
         else:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from hf_munba.generation import generate_images
-from hf_munba.sd_data import class_prompts, remap_class
+from hf_munba.diffusion.generation import generate_images
+from hf_munba.diffusion.data import class_prompts, remap_class
 
 DEFAULT_FORGET = ["nudity", "naked", "erotic", "sexual"]
 DEFAULT_RETAIN = ["a person wearing clothes"]
@@ -77,7 +77,7 @@ def main(argv=None):
     if args.mixed_precision == "fp16" and not torch.cuda.is_available() and args.device != "mps":
         sys.exit("error: --mixed_precision fp16 needs a GPU")
 
-    from hf_munba.sd_inputs import check_pretrained_pipeline
+    from hf_munba.diffusion.inputs import check_pretrained_pipeline
 
     try:  # before loading: no Hub retries for a mistyped local path, no half-made output
         check_pretrained_pipeline(args.pretrained_model_name_or_path)

@@ -78,7 +78,7 @@ def main(argv=None):
     import torch
     from diffusers import DiffusionPipeline
 
-    from hf_munba.generation import generate_images
+    from hf_munba.diffusion.generation import generate_images
     from hf_munba.testing import save_tiny_sd_pipeline
 
     torch.set_num_threads(1)

@@ -30,11 +30,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from transformers import HfArgumentParser, TrainingArguments  # noqa: E402
 
-from hf_munba.atomic_save import ensure_output_dir, staged_output  # noqa: E402
-from hf_munba.classifier_io import (has_image_processor, load_image_classifier, validate_model_source,
+from hf_munba.utils.atomic_save import ensure_output_dir, staged_output  # noqa: E402
+from hf_munba.classification.model_io import (has_image_processor, load_image_classifier, validate_model_source,
                                     write_model_card)  # noqa: E402
-from hf_munba.forget_sets import ForgetSpec, forget_spec_from_strings, split_forget_retain  # noqa: E402
-from hf_munba.trainer import MunbaArguments, MunbaTrainer, last_complete_checkpoint  # noqa: E402
+from hf_munba.classification.forget_sets import ForgetSpec, forget_spec_from_strings, split_forget_retain  # noqa: E402
+from hf_munba.classification.trainer import MunbaArguments, MunbaTrainer, last_complete_checkpoint  # noqa: E402
 
 CHECKPOINTS = "checkpoints"
 DEEPSPEED_MESSAGE = ("DeepSpeed is not supported: its backward pass also steps the optimizer, but MUNBa "
@@ -133,8 +133,8 @@ def main(argv=None):
     # ---- every check before any model is loaded; nothing is written until they all pass
     import torch
 
-    from hf_munba.classification_data import require_sklearn, sklearn_available
-    from hf_munba.unlearning_methods import get_method
+    from hf_munba.classification.data import require_sklearn, sklearn_available
+    from hf_munba.classification.methods import get_method
 
     try:
         validate_model_source(script.model_name_or_path)
@@ -153,7 +153,7 @@ def main(argv=None):
                              "classes, forget fraction or forget indices (--forget_classes, "
                              "--forget_fraction, --forget_indices)")
         if script.dataset == "digits":
-            from hf_munba.classification_data import digits_dataset
+            from hf_munba.classification.data import digits_dataset
 
             require_sklearn("--dataset digits")
             data = digits_dataset(test_size=script.test_size, seed=script.split_seed)
@@ -161,7 +161,7 @@ def main(argv=None):
             names = data["train"].features["labels"].names
             forget_set, retain_set, spec = split_data(script, data["train"], names)
         else:
-            from hf_munba.classification_data import imagefolder_class_names, validate_imagefolder
+            from hf_munba.classification.data import imagefolder_class_names, validate_imagefolder
 
             validate_imagefolder(script.train_dir)
             data, num_channels = None, 3
@@ -187,7 +187,7 @@ def main(argv=None):
         clip_zero_shot=script.clip_zero_shot, clip_train_encoder=script.clip_train_encoder,
         clip_template=script.clip_template, seed=targs.seed)
     if data is None:
-        from hf_munba.classification_data import imagefolder_dataset
+        from hf_munba.classification.data import imagefolder_dataset
 
         data = imagefolder_dataset(script.train_dir, processor, test_size=script.test_size, seed=script.split_seed)
         if data["train"].features["labels"].names != names:

@@ -25,14 +25,14 @@ from pathlib import Path
 
 import torch
 
-from hf_munba.sd_data import (DataValidationError, PairedUnlearningDataset, LatentCache,
+from hf_munba.diffusion.data import (DataValidationError, PairedUnlearningDataset, LatentCache,
                               check_cacheable, check_disjoint, class_prompts, load_hub_dataset,
                               load_imagefolder, remap_class)
-from hf_munba.sd_objectives import FORGET_OBJECTIVES, TARGET_MODELS
-from hf_munba.atomic_save import ensure_output_dir
-from hf_munba.sd_inputs import (CHECKPOINT_RE, LR_SCHEDULERS, check_pretrained_pipeline,
+from hf_munba.diffusion.objectives import FORGET_OBJECTIVES, TARGET_MODELS
+from hf_munba.utils.atomic_save import ensure_output_dir
+from hf_munba.diffusion.inputs import (CHECKPOINT_RE, LR_SCHEDULERS, check_pretrained_pipeline,
                                 checkpoint_step, resolve_checkpoint)
-from hf_munba.sd_params import TEXT_ENCODER_SUBSETS, UNET_SUBSETS
+from hf_munba.diffusion.params import TEXT_ENCODER_SUBSETS, UNET_SUBSETS
 
 logger = logging.getLogger("train_munba_sd")
 DEFAULT_FORGET_PROMPTS = ["nudity", "naked", "erotic", "sexual"]
@@ -346,7 +346,7 @@ def check_args(args):
         fail(f"--resolution {args.resolution} is not divisible by the VAE down-sampling factor "
              f"{factor}")
     if args.push_to_hub:  # last: the only check that needs the network
-        from hf_munba.model_card import HubAccessError, check_hub_access
+        from hf_munba.utils.model_card import HubAccessError, check_hub_access
 
         try:
             check_hub_access(args.hub_model_id, args.hub_token)
@@ -401,14 +401,14 @@ def main(argv=None):
 
     from hf_munba import NashBargainer
     from hf_munba.bargaining import BargainingStatus
-    from hf_munba.model_card import (public_hparams, push_folder_to_hub, sd_model_card,
+    from hf_munba.utils.model_card import (public_hparams, push_folder_to_hub, sd_model_card,
                                      tracker_hparams)
-    from hf_munba.sd_export import commit_staged, save_full_pipeline, save_lora, staged_output
-    from hf_munba.sd_params import (add_lora_adapter, enable_gradient_checkpointing, freeze_all_but,
+    from hf_munba.diffusion.export import commit_staged, save_full_pipeline, save_lora, staged_output
+    from hf_munba.diffusion.params import (add_lora_adapter, enable_gradient_checkpointing, freeze_all_but,
                                     select_parameter_names)
-    from hf_munba.sd_unlearning import (SDUnlearner, SkippedStepGuard, TooManySkippedSteps,
-                                        guarded_step, unwrap)
-    from hf_munba.training_plot import plot_training_history
+    from hf_munba.diffusion.unlearner import SDUnlearner, unwrap
+    from hf_munba.unlearning.step import SkippedStepGuard, TooManySkippedSteps, guarded_step
+    from hf_munba.utils.training_plot import plot_training_history
 
     log = get_logger("train_munba_sd", log_level="INFO")
     accelerator = Accelerator(
@@ -635,7 +635,7 @@ def main(argv=None):
             dtype=weight_dtype).to(accelerator.device)
 
     def run_validation(step):
-        from hf_munba.generation import generate_images
+        from hf_munba.diffusion.generation import generate_images
 
         folder = out / "validation" / f"step-{step:06d}"
         pipe = validation_pipeline()

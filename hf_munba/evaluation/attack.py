@@ -256,7 +256,7 @@ def generate_from_ids(pipe, ids: torch.Tensor, seed: int, guidance_scale: float,
                       num_inference_steps: int, height: Optional[int] = None,
                       width: Optional[int] = None):
     """One PIL image for token ``ids`` with the prompt's seed (one CPU generator, as
-    :func:`hf_munba.generation.generate_from_plan` seeds images): for the ids of a plain prompt
+    :func:`hf_munba.diffusion.generation.generate_from_plan` seeds images): for the ids of a plain prompt
     it is the same image as generating from the prompt's text."""
     device = pipe.text_encoder.device
     embeds = pipe.text_encoder(ids.to(device))[0]

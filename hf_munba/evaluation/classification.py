@@ -53,7 +53,7 @@ def predict_confidences(model, dataset, batch_size: int = 256, device=None):
 def mia_efficacy(retain_conf: Sequence[float], test_conf: Sequence[float],
                  forget_conf: Sequence[float], seed: int = 0) -> float:
     """Share (%) of D_f that an SVC membership attack on true-class confidence calls non-member."""
-    from ..classification_data import require_sklearn
+    from ..classification.data import require_sklearn
 
     require_sklearn("MIA-efficacy")
     from sklearn.svm import SVC

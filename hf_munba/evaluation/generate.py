@@ -1,6 +1,6 @@
 """Evaluation images from a prompt set: a pipeline (optionally + LoRA) -> an imagefolder.
 
-Unlike :func:`hf_munba.generation.generate_images` (one seed range and one guidance scale for the
+Unlike :func:`hf_munba.diffusion.generation.generate_images` (one seed range and one guidance scale for the
 whole job, the shape of unlearning data), evaluation sets such as I2P fix a seed and a guidance
 scale per prompt. Here the seeds come from :func:`~hf_munba.evaluation.prompts.load_prompt_set`
 and are written into the manifest; the folder layout and the manifest keys (``file_name``,
@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ..generation import generate_from_plan
+from ..diffusion.generation import generate_from_plan
 from .prompts import PromptRecord
 
 __all__ = ["load_pipeline", "evaluation_plan", "generate_evaluation_images"]

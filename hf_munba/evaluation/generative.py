@@ -129,7 +129,7 @@ class GenerativeEvalConfig:
             self._validate_resume(out)
 
     def _validate_resume(self, out: Path) -> None:
-        from ..generation import read_manifest
+        from ..diffusion.generation import read_manifest
         from .generate import evaluation_plan
 
         plan = {p["file_name"]: p for p in evaluation_plan(

@@ -126,7 +126,7 @@ def update_model_card(model_dir, section_markdown: str, title: Optional[str] = N
     A section from an earlier evaluation is replaced, everything else in the card is kept; a
     missing card is created. ``eval_results`` (numbers, nested dicts flattened with ``/``) also go
     into the card's YAML ``model-index`` (see
-    :func:`hf_munba.model_card.card_text_with_eval_results`), so the Hub shows them. Returns the
+    :func:`hf_munba.utils.model_card.card_text_with_eval_results`), so the Hub shows them. Returns the
     card path.
     """
     card = Path(model_dir) / "README.md"
@@ -141,7 +141,7 @@ def update_model_card(model_dir, section_markdown: str, title: Optional[str] = N
     else:
         text = text.rstrip("\n") + "\n\n" + block
     if eval_results:
-        from ..model_card import card_text_with_eval_results
+        from ..utils.model_card import card_text_with_eval_results
 
         text = card_text_with_eval_results(text, eval_results, dataset_name=dataset_name,
                                            model_name=Path(model_dir).resolve().name)

@@ -4,7 +4,7 @@ This is how the paper unlearns with CLIP (prompts "A photo of a {c}, a type of p
 100 * cos): the classifier has no head, so forgetting a class means moving either the image
 encoder or the text encoder. Only the chosen encoder's attention projections (q, k, v, out)
 are trained, as in the paper. The wrapper takes ``pixel_values`` (and ignores ``labels``), so
-it drops into :class:`~hf_munba.trainer.MunbaTrainer` and the classification evaluation like any
+it drops into :class:`~hf_munba.classification.trainer.MunbaTrainer` and the classification evaluation like any
 ``AutoModelForImageClassification``.
 """
 

@@ -44,7 +44,7 @@ def load_image_classifier(name_or_path: str, num_labels: int = 10,
     import torch
     from transformers import AutoConfig, AutoModelForImageClassification
 
-    from . import testing
+    from ..testing import factories as testing
     from .clip_zero_shot import DEFAULT_TEMPLATE, ZERO_SHOT_CONFIG_NAME, CLIPZeroShotClassifier
 
     validate_model_source(name_or_path)

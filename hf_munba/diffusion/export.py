@@ -17,8 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from .atomic_save import MARKER_FILES as LOADABLE_MARKERS
-from .atomic_save import commit_staged
+from ..utils.atomic_save import MARKER_FILES as LOADABLE_MARKERS
+from ..utils.atomic_save import commit_staged
 
 __all__ = ["LOADABLE_MARKERS", "staged_output", "commit_staged",
            "save_full_pipeline", "save_lora", "lora_state_and_metadata"]

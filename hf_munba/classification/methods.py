@@ -1,4 +1,4 @@
-"""Unlearning methods for :class:`~hf_munba.trainer.MunbaTrainer`: one short class each.
+"""Unlearning methods for :class:`~hf_munba.classification.trainer.MunbaTrainer`: one short class each.
 
 A method says which losses it uses (retain on D_r, forget on D_f), how they meet the
 gradient (summed by autograd, or bargained through :class:`~hf_munba.NashBargainer`), and
@@ -13,37 +13,18 @@ every method runs on exactly the same pipeline. Adding a method touches only thi
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Dict, List, Type
+from typing import TYPE_CHECKING, ClassVar, List
 
 import torch
 
-from .classification_objectives import get_forget_loss, retain_cross_entropy
+from .objectives import get_forget_loss, retain_cross_entropy
 
 if TYPE_CHECKING:  # pragma: no cover
     from .trainer import MunbaArguments, MunbaTrainer
 
 __all__ = ["UnlearningMethod", "METHODS", "register_method", "get_method", "available_methods"]
 
-METHODS: Dict[str, Type["UnlearningMethod"]] = {}
-
-
-def register_method(name: str):
-    def deco(cls):
-        cls.name = name
-        METHODS[name] = cls
-        return cls
-    return deco
-
-
-def available_methods() -> List[str]:
-    return sorted(METHODS)
-
-
-def get_method(name: str) -> Type["UnlearningMethod"]:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise ValueError(f"unknown unlearning method {name!r}; choose one of {available_methods()}") from None
+from ..unlearning.registry import METHODS, available_methods, get_method, register_method
 
 
 class UnlearningMethod:

@@ -32,7 +32,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .atomic_save import atomic_directory
+from ..utils.atomic_save import atomic_directory
 
 __all__ = [
     "DIGIT_WORDS",
@@ -415,7 +415,7 @@ def build_digits_models(output_dir: str | os.PathLike, recipe: DigitsRecipe = Di
     be empty). Written atomically: a temp dir next to the target is renamed into place."""
     from diffusers import StableDiffusionPipeline
 
-    from .testing import tiny_clip_tokenizer
+    from .factories import tiny_clip_tokenizer
 
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()):

@@ -1,7 +1,7 @@
 """Forget / retain data for diffusion unlearning: validated sources, deterministic pairing, caching.
 
 Sources are captioned image sets: a local imagefolder (images + ``metadata.jsonl`` with
-``file_name`` and ``text``, as written by :mod:`hf_munba.generation`) or a ``datasets`` dataset.
+``file_name`` and ``text``, as written by :mod:`hf_munba.diffusion.generation`) or a ``datasets`` dataset.
 Local folders are checked completely before any model is loaded, with one message per problem.
 
 Every image file in a local folder must be listed in ``metadata.jsonl``: an unlisted image is an

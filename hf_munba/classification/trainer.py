@@ -23,10 +23,10 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 
-from .bargaining import (DEFAULT_OPPOSED_TOL, BargainingStatus, NashBargainer, SatisfactionRule,
+from ..bargaining import (DEFAULT_OPPOSED_TOL, BargainingStatus, NashBargainer, SatisfactionRule,
                          build_forget_rule)
-from .classification_objectives import FORGET_LOSSES
-from .unlearning_methods import UnlearningMethod, available_methods, get_method
+from .objectives import FORGET_LOSSES
+from .methods import UnlearningMethod, available_methods, get_method
 
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR

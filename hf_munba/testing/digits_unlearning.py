@@ -3,7 +3,7 @@
 The paper forgets an Imagenette class c by remapping its prompt to class c+1 and reports the share
 of generated images a classifier assigns to the prompted class: for the forgotten prompt (should
 fall) and for the others (should stay). Here the classes are the ten digits of
-:mod:`hf_munba.digits`; this module holds the pieces an experiment needs besides the training
+:mod:`hf_munba.testing.digits`; this module holds the pieces an experiment needs besides the training
 script and the evaluation suite:
 
 * :func:`write_digit_imagefolders` - D_f / D_r as imagefolders of *real* digit images with their
@@ -29,7 +29,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .atomic_save import atomic_directory
+from ..utils.atomic_save import atomic_directory
 from .digits import DIGIT_WORDS, PROMPT_TEMPLATE, digit_prompt, load_digits
 
 __all__ = ["METHODS", "WEIGHTED_LAMBDAS", "FORGET_THRESHOLD", "write_digit_imagefolders",

@@ -1,0 +1,254 @@
+"""The in-place bargainer: per-player gradient buffers on the trained parameters, one combine per step."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+from .solver import DEFAULT_OPPOSED_TOL, BargainingStatus, _check_powers, solve_nash_bargaining
+
+
+@dataclass
+class BargainStats:
+    """What one bargaining step did; plain Python numbers, ready for a tracker."""
+
+    status: BargainingStatus
+    weights: List[float]
+    norms: List[float]
+    gram: List[List[float]] = field(repr=False)
+    powers: Optional[List[float]] = None  # None: every player had power 1
+
+    @property
+    def skipped(self) -> bool:
+        """True when the optimizer step must not move the weights."""
+        return self.status in (BargainingStatus.SKIPPED, BargainingStatus.NONFINITE)
+
+    @property
+    def cos(self) -> Optional[float]:
+        """cos(g_1, g_2) for a two-player game (None if a gradient is zero or non-finite)."""
+        if len(self.norms) != 2 or not all(n > 0 and math.isfinite(n) for n in self.norms):
+            return None
+        return self.gram[0][1] / (self.norms[0] * self.norms[1])
+
+    def to_log_dict(self, names: Sequence[str] = ("retain", "forget"), prefix: str = "munba/"):
+        out = {f"{prefix}skipped": float(self.skipped)}
+        for i, (w, n) in enumerate(zip(self.weights, self.norms)):
+            name = names[i] if i < len(names) else str(i)
+            out[f"{prefix}weight_{name}"] = w
+            out[f"{prefix}grad_norm_{name}"] = n
+        if self.cos is not None:
+            out[f"{prefix}cos"] = self.cos
+        out[f"{prefix}fallback"] = float(self.status is not BargainingStatus.OK)
+        for i, w in enumerate(self.powers or [1.0] * len(self.weights)):
+            name = names[i] if i < len(names) else str(i)
+            out[f"{prefix}power_{name}"] = w
+        return out
+
+
+class NashBargainer:
+    """Combines per-player gradients of ``params`` into their Nash bargaining direction, in place.
+
+    Usage, once per optimizer step (any number of micro-batches per player)::
+
+        with bargainer.player(0):
+            accelerator.backward(retain_loss)
+        with bargainer.player(1):
+            accelerator.backward(forget_loss)
+        if accelerator.sync_gradients:
+            stats = bargainer.combine(grad_scale=...)
+            ...clip, optimizer.step() unless stats.skipped and no GradScaler..., zero_grad
+
+    ``player(i)`` points each ``p.grad`` at player i's running gradient before the backward
+    pass, so autograd (and DDP's all-reduce of the accumulated gradient) accumulates into it
+    with no copy; gradient accumulation therefore bargains once, on the accumulated gradients.
+    ``combine`` forms the K x K Gram with fused norms and per-tensor dot products (no flattened
+    copy), solves it on the host (one device sync, which the logged statistics need anyway),
+    and writes sum_i a_i g_i into ``p.grad`` in place, reusing player 0's buffers.
+
+    ``grad_scale``: with fp16 loss scaling every player gradient carries the scale S while the
+    bargained direction is scale-free, so the result is multiplied by S again for the scaler's
+    unscale step. On non-finite gradients ``.grad`` receives the plain sum (so a GradScaler sees
+    the inf and backs off) and ``stats.skipped`` is True: callers without a scaler must not step.
+
+    ``all_reduce_gram``: for sharded gradients (each rank holds a slice of every gradient) the
+    Gram is summed over ``process_group`` with one all-reduce. With DDP, gradients are already
+    averaged during backward and this must stay False.
+
+    ``powers``: default bargaining powers (see the module docstring; None = all 1, the paper);
+    ``combine(powers=...)`` overrides them for one step (e.g. from a :class:`SatisfactionRule`).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.nn.Parameter],
+        num_players: int = 2,
+        *,
+        opposed_tol: float = DEFAULT_OPPOSED_TOL,
+        fallback_player: Optional[int] = 0,
+        all_reduce_gram: bool = False,
+        process_group=None,
+        powers: Optional[Sequence[float]] = None,
+    ):
+        self.params = [p for p in params if p.requires_grad]
+        if not self.params:
+            raise ValueError("NashBargainer got no parameters that require grad")
+        if num_players < 2:
+            raise ValueError(f"bargaining needs at least two players, got {num_players}")
+        if fallback_player is not None and not 0 <= fallback_player < num_players:
+            raise ValueError(f"fallback_player must be in [0, {num_players}) or None")
+        self.num_players = num_players
+        self.opposed_tol = opposed_tol
+        self.fallback_player = fallback_player
+        self.all_reduce_gram = all_reduce_gram
+        self.process_group = process_group
+        self.powers = _check_powers(powers, num_players)  # default for combine(); None = all 1
+        self._grads: List[List[Optional[torch.Tensor]]] = [
+            [None] * len(self.params) for _ in range(num_players)
+        ]
+        self._active: Optional[int] = None
+        self.num_steps = 0
+        self.num_skipped = 0
+        self.num_fallbacks = 0
+
+    @contextlib.contextmanager
+    def player(self, index: int) -> Iterator[None]:
+        """Backward passes inside this block accumulate into player ``index``'s gradient."""
+        if not 0 <= index < self.num_players:
+            raise ValueError(f"player index must be in [0, {self.num_players}), got {index}")
+        if self._active is not None:
+            raise RuntimeError("NashBargainer.player() blocks cannot be nested")
+        store = self._grads[index]
+        owned = {id(t) for buf in self._grads for t in buf if t is not None}
+        for j, p in enumerate(self.params):
+            if p.grad is not None and id(p.grad) not in owned:
+                raise RuntimeError(
+                    "a bargained parameter already has a .grad outside any player; call "
+                    "optimizer.zero_grad(set_to_none=True) after each optimizer step"
+                )
+            p.grad = store[j]
+        self._active = index
+        try:
+            yield
+        finally:
+            for j, p in enumerate(self.params):
+                store[j] = p.grad
+                p.grad = None
+            self._active = None
+
+    def _device_gram_terms(self) -> Tuple[torch.Tensor, List[Tuple[int, int, int]]]:
+        """Per-tensor norms (diagonal) and dot products (off-diagonal) of the player gradients,
+        concatenated into one vector on the device, in float32 (float64 only if the gradients
+        are); plus (i, j, length) for each Gram entry's segment. Nothing float64 is made on the
+        device for float32/bf16/fp16 gradients: Apple MPS has no float64. With
+        ``all_reduce_gram`` the diagonal terms are squared norms, so the vector can be summed
+        over ranks as is."""
+        k = self.num_players
+        parts: List[torch.Tensor] = []
+        segments: List[Tuple[int, int, int]] = []
+        for i in range(k):
+            present = [g for g in self._grads[i] if g is not None]
+            if present:
+                norms = torch.stack(torch._foreach_norm(present, 2, dtype=torch.float32))
+                parts.append(norms.square() if self.all_reduce_gram else norms)
+                segments.append((i, i, len(present)))
+            for j in range(i + 1, k):
+                dots = [
+                    torch.dot(_flat32(a), _flat32(b))
+                    for a, b in zip(self._grads[i], self._grads[j])
+                    if a is not None and b is not None
+                ]
+                if dots:
+                    parts.append(torch.stack(dots))
+                    segments.append((i, j, len(dots)))
+        if not parts:
+            return torch.zeros(0, device=self.params[0].device), segments
+        dtype = torch.promote_types(torch.float32, max((p.dtype for p in parts),
+                                                       key=lambda d: torch.finfo(d).bits))
+        return torch.cat([p.to(dtype) for p in parts]), segments
+
+    def _gram(self) -> List[List[float]]:
+        """The K x K Gram in float64 on the host (the step's one device -> host copy)."""
+        k = self.num_players
+        terms, segments = self._device_gram_terms()
+        if self.all_reduce_gram:
+            torch.distributed.all_reduce(terms, group=self.process_group)
+        host = terms.cpu()
+        gram = [[0.0] * k for _ in range(k)]
+        start = 0
+        for i, j, n in segments:
+            seg = host[start:start + n].double()
+            start += n
+            if i == j:
+                value = seg.sum() if self.all_reduce_gram else seg.square().sum()
+                gram[i][i] = float(value)
+            else:
+                gram[i][j] = gram[j][i] = float(seg.sum())
+        return gram
+
+    @torch.no_grad()
+    def combine(self, grad_scale: Optional[float | torch.Tensor] = None,
+                powers: Optional[Sequence[float]] = None) -> BargainStats:
+        """Write the bargained gradient into each parameter's ``.grad`` and return statistics.
+
+        ``powers`` overrides the bargainer's default powers for this step (validated first, so
+        a bad value raises before any buffer is touched)."""
+        if self._active is not None:
+            raise RuntimeError("combine() called inside a player() block")
+        powers = self.powers if powers is None else _check_powers(powers, self.num_players)
+        gram = self._gram()  # the step's one host sync
+        sol = solve_nash_bargaining(
+            gram, powers=powers, opposed_tol=self.opposed_tol, fallback_player=self.fallback_player
+        )
+        norms = [math.sqrt(gram[i][i]) if gram[i][i] >= 0 else float("nan")
+                 for i in range(self.num_players)]
+        scale = 1.0
+        if grad_scale is not None:
+            scale = float(grad_scale)
+        weights = sol.weights
+        if sol.status is BargainingStatus.NONFINITE:
+            apply = [1.0] * self.num_players  # the raw sum keeps the inf for a GradScaler
+        else:
+            apply = [w * scale for w in weights]
+        self._write(apply)
+        self.num_steps += 1
+        self.num_skipped += int(sol.skipped)
+        self.num_fallbacks += int(sol.status is not BargainingStatus.OK)
+        return BargainStats(sol.status, list(weights), norms, gram,
+                            None if powers is None else list(powers))
+
+    def _write(self, weights: Sequence[float]) -> None:
+        # Group parameters by which players have a gradient for them, then one foreach op each.
+        out: List[Optional[torch.Tensor]] = [None] * len(self.params)
+        for i, w in enumerate(weights):
+            idx = [j for j, g in enumerate(self._grads[i]) if g is not None]
+            if not idx:
+                continue
+            first = [j for j in idx if out[j] is None]
+            rest = [j for j in idx if out[j] is not None]
+            if first:
+                tensors = [self._grads[i][j] for j in first]
+                torch._foreach_mul_(tensors, w)
+                for j, t in zip(first, tensors):
+                    out[j] = t
+            if rest and w != 0.0:
+                torch._foreach_add_([out[j] for j in rest], [self._grads[i][j] for j in rest],
+                                    alpha=w)
+        for i in range(self.num_players):
+            self._grads[i] = [None] * len(self.params)
+        for p, g in zip(self.params, out):
+            p.grad = g
+
+    def reset(self) -> None:
+        """Drop any recorded player gradients (e.g. after an aborted step)."""
+        for i in range(self.num_players):
+            self._grads[i] = [None] * len(self.params)
+
+
+
+def _flat32(t: torch.Tensor) -> torch.Tensor:
+    t = t.reshape(-1)
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()

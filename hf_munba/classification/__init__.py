@@ -1,0 +1,7 @@
+"""Unlearning for image classifiers and CLIP zero-shot classes on the ``transformers.Trainer`` loop.
+
+:mod:`.trainer` holds :class:`MunbaTrainer` and :class:`MunbaArguments`, :mod:`.methods` the
+methods (one short class each), :mod:`.objectives` their losses, :mod:`.data` and
+:mod:`.forget_sets` the datasets and the forget/retain split, :mod:`.model_io` loading and
+saving models, :mod:`.clip_zero_shot` CLIP as a classifier. Submodules load on use.
+"""

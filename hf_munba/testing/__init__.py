@@ -1,0 +1,10 @@
+"""Tiny offline models for tests, benchmarks and the quickstart; never imported by the library.
+
+:mod:`.factories` builds random tiny SD pipelines, CLIP models and classifiers from configs in
+code. :mod:`.digits` is the digits testbed: a small SD pipeline and classifier trained on
+scikit-learn's digits (real data, offline), and :mod:`.digits_unlearning` the forgetting
+experiment run on it.
+"""
+
+from .factories import *  # noqa: F401,F403
+from .factories import __all__  # noqa: F401
