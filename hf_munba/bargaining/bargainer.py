@@ -9,7 +9,10 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+from .combiners import NashWeighting, Weighting
 from .solver import DEFAULT_OPPOSED_TOL, BargainingStatus, _check_powers, solve_nash_bargaining
+
+__all__ = ["BargainStats", "NashBargainer"]
 
 
 @dataclass
@@ -36,10 +39,11 @@ class BargainStats:
 
     def to_log_dict(self, names: Sequence[str] = ("retain", "forget"), prefix: str = "munba/"):
         out = {f"{prefix}skipped": float(self.skipped)}
-        for i, (w, n) in enumerate(zip(self.weights, self.norms)):
+        for i, w in enumerate(self.weights):
             name = names[i] if i < len(names) else str(i)
             out[f"{prefix}weight_{name}"] = w
-            out[f"{prefix}grad_norm_{name}"] = n
+            if i < len(self.norms):  # a constant weighting forms no Gram: no norms
+                out[f"{prefix}grad_norm_{name}"] = self.norms[i]
         if self.cos is not None:
             out[f"{prefix}cos"] = self.cos
         out[f"{prefix}fallback"] = float(self.status is not BargainingStatus.OK)
@@ -50,14 +54,14 @@ class BargainStats:
 
 
 class NashBargainer:
-    """Combines per-player gradients of ``params`` into their Nash bargaining direction, in place.
+    """Combines per-player gradients of ``params`` into one update direction, in place.
 
     Usage, once per optimizer step (any number of micro-batches per player)::
 
-        with bargainer.player(0):
-            accelerator.backward(retain_loss)
-        with bargainer.player(1):
-            accelerator.backward(forget_loss)
+        with bargainer.player(0) as scale:
+            accelerator.backward(scale * retain_loss)
+        with bargainer.player(1) as scale:
+            accelerator.backward(scale * forget_loss)
         if accelerator.sync_gradients:
             stats = bargainer.combine(grad_scale=...)
             ...clip, optimizer.step() unless stats.skipped and no GradScaler..., zero_grad
@@ -80,6 +84,15 @@ class NashBargainer:
 
     ``powers``: default bargaining powers (see the module docstring; None = all 1, the paper);
     ``combine(powers=...)`` overrides them for one step (e.g. from a :class:`SatisfactionRule`).
+
+    ``weighting`` (see :mod:`hf_munba.bargaining.combiners`): None is Nash bargaining with the
+    settings above, a :class:`NashWeighting` brings its own. Any other weighting that needs the
+    Gram matrix gets it and returns the weights. A weighting with ``needs_gram = False`` (the
+    weighted sum, :class:`ConstantWeighting`) keeps no per-player buffers: ``player(i)`` yields
+    its weight as the loss scale, so the front end's code is the same for every weighting
+    (``scale`` is 1.0 for a bargained player) and every backward accumulates straight into
+    ``.grad``. Such a step checks nothing itself: the shared step function skips it on non-finite
+    losses or a non-finite clipped norm.
     """
 
     def __init__(
@@ -92,11 +105,24 @@ class NashBargainer:
         all_reduce_gram: bool = False,
         process_group=None,
         powers: Optional[Sequence[float]] = None,
+        weighting: Optional[Weighting] = None,
     ):
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
             raise ValueError("NashBargainer got no parameters that require grad")
-        if num_players < 2:
+        if isinstance(weighting, NashWeighting):
+            powers, opposed_tol = weighting.powers, weighting.opposed_tol
+            fallback_player, weighting = weighting.fallback_player, None
+        if weighting is not None and not isinstance(weighting, Weighting):
+            raise TypeError(f"weighting must be a hf_munba Weighting, got {type(weighting).__name__}")
+        self.weighting = weighting  # None: Nash bargaining with the settings below
+        self.direct = weighting is not None and not weighting.needs_gram
+        if self.direct:
+            fixed = [float(x) for x in weighting()]
+            if len(fixed) != num_players:
+                raise ValueError(f"{weighting!r} has {len(fixed)} weights for {num_players} players")
+            self._fixed = fixed
+        if num_players < (1 if self.direct else 2):
             raise ValueError(f"bargaining needs at least two players, got {num_players}")
         if fallback_player is not None and not 0 <= fallback_player < num_players:
             raise ValueError(f"fallback_player must be in [0, {num_players}) or None")
@@ -115,12 +141,22 @@ class NashBargainer:
         self.num_fallbacks = 0
 
     @contextlib.contextmanager
-    def player(self, index: int) -> Iterator[None]:
-        """Backward passes inside this block accumulate into player ``index``'s gradient."""
+    def player(self, index: int) -> Iterator[float]:
+        """Backward passes inside this block accumulate into player ``index``'s gradient.
+
+        Yields the scale to multiply the player's loss by: 1.0 when the gradient is kept apart
+        and weighted in ``combine``, the player's weight for a constant weighting."""
         if not 0 <= index < self.num_players:
             raise ValueError(f"player index must be in [0, {self.num_players}), got {index}")
         if self._active is not None:
             raise RuntimeError("NashBargainer.player() blocks cannot be nested")
+        if self.direct:
+            self._active = index
+            try:
+                yield self._fixed[index]
+            finally:
+                self._active = None
+            return
         store = self._grads[index]
         owned = {id(t) for buf in self._grads for t in buf if t is not None}
         for j, p in enumerate(self.params):
@@ -132,7 +168,7 @@ class NashBargainer:
             p.grad = store[j]
         self._active = index
         try:
-            yield
+            yield 1.0
         finally:
             for j, p in enumerate(self.params):
                 store[j] = p.grad
@@ -199,10 +235,15 @@ class NashBargainer:
         if self._active is not None:
             raise RuntimeError("combine() called inside a player() block")
         powers = self.powers if powers is None else _check_powers(powers, self.num_players)
+        if self.direct:  # already summed, with the weights, by autograd
+            self.num_steps += 1
+            return BargainStats(BargainingStatus.OK, list(self._fixed), [], [], None)
         gram = self._gram()  # the step's one host sync
-        sol = solve_nash_bargaining(
-            gram, powers=powers, opposed_tol=self.opposed_tol, fallback_player=self.fallback_player
-        )
+        if self.weighting is None:
+            sol = solve_nash_bargaining(gram, powers=powers, opposed_tol=self.opposed_tol,
+                                        fallback_player=self.fallback_player)
+        else:
+            sol = self.weighting.solution(gram)
         norms = [math.sqrt(gram[i][i]) if gram[i][i] >= 0 else float("nan")
                  for i in range(self.num_players)]
         scale = 1.0
@@ -246,6 +287,18 @@ class NashBargainer:
         """Drop any recorded player gradients (e.g. after an aborted step)."""
         for i in range(self.num_players):
             self._grads[i] = [None] * len(self.params)
+        if self.direct:
+            for p in self.params:
+                p.grad = None
+
+    def state_dict(self) -> dict:
+        """The run counters, for checkpoints (the gradients never outlive a step)."""
+        return {"num_steps": self.num_steps, "num_skipped": self.num_skipped,
+                "num_fallbacks": self.num_fallbacks}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k in ("num_steps", "num_skipped", "num_fallbacks"):
+            setattr(self, k, int(state.get(k, 0)))
 
 
 

@@ -1,15 +1,124 @@
-"""The optimizer step every front end shares: clip, skip guard, step.
+"""The optimizer step every front end shares: player gradients -> combine -> clip -> guard -> step.
 
-A skipped step must leave weights, optimizer state and the learning-rate schedule bitwise
-untouched, and a run that only skips must stop with one clear error. Both rules live here once.
+:func:`unlearning_step` is the one function the SD training loop, :class:`MunbaTrainer` and the
+step-cost benchmark call once per optimizer step, after each player's backward passes went into
+its ``bargainer.player(i)`` block. It decides the players' bargaining powers (the satisfied forget
+player), combines the gradients, clips, and steps or skips. A skipped step leaves weights,
+optimizer state and the learning-rate schedule bitwise untouched (:func:`guarded_step`), and a run
+that only skips stops with one clear error (:class:`SkippedStepGuard`). Every rank must reach
+the same decision, so it is taken on values that are equal on every rank: losses averaged over
+ranks (``reduce``) and gradients that DDP already averaged.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["guarded_step", "SkippedStepGuard", "TooManySkippedSteps"]
+import torch
+
+__all__ = ["unlearning_step", "StepResult", "guarded_step", "SkippedStepGuard",
+           "TooManySkippedSteps"]
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step did: ready for ``accelerator.log`` / ``history.jsonl``."""
+
+    stepped: bool
+    nonfinite: bool
+    grad_norm: float  # NaN when no clipping ran (a skipped step, or no ``clip``)
+    losses: List[float]  # per player, as averaged for the decision
+    logs: Dict[str, float] = field(default_factory=dict)
+    stats: Optional[object] = None  # the bargainer's BargainStats
+
+    @property
+    def skipped(self) -> bool:
+        return not self.stepped
+
+
+def _grads_finite(params) -> bool:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return True
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+
+
+def unlearning_step(bargainer, optimizer, *, losses: torch.Tensor | Sequence[float],
+                    lr_scheduler=None, clip: Optional[Callable[[], object]] = None, scaler=None,
+                    reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                    forget_rule=None, forget_player: int = 1,
+                    powers: Optional[Sequence[float]] = None,
+                    edit_gradients: Optional[Callable[[List[torch.nn.Parameter]], None]] = None,
+                    guard: Optional["SkippedStepGuard"] = None, step: Optional[int] = None,
+                    zero_grad: bool = True,
+                    player_names: Sequence[str] = ("retain", "forget")) -> StepResult:
+    """One optimizer step of unlearning, after every player's backward passes of the step.
+
+    ``bargainer``: a :class:`~hf_munba.bargaining.NashBargainer` (any weighting: Nash, or the
+    weighted sum's :class:`~hf_munba.bargaining.ConstantWeighting`), or None when autograd
+    already summed the gradients into ``.grad``.
+    ``losses``: each player's loss for this step (mean over micro-batches; a tensor stays on the
+    device until the one host copy here). ``reduce`` averages it over ranks first (e.g.
+    ``lambda t: accelerator.reduce(t, "mean")``), so every rank takes the same decision.
+    ``forget_rule``: a :class:`~hf_munba.bargaining.SatisfactionRule` updated with the forget
+    player's loss; its power replaces ``powers[forget_player]`` (``powers`` default: all 1).
+    ``clip``: returns the pre-clip gradient norm (``accelerator.clip_grad_norm_``); a non-finite
+    norm skips the step. ``edit_gradients(params)``: a method's last change to the combined
+    gradient (e.g. SalUn's mask), before clipping. ``guard``: counts skips and raises
+    :class:`TooManySkippedSteps` after too many in a row. ``zero_grad``: clear ``.grad`` (set to
+    None) after the step; a skipped step always leaves no gradient behind.
+
+    The order is fixed: decide powers -> combine -> finiteness -> edit -> clip -> step (or skip)
+    -> scheduler -> zero_grad -> guard.
+    """
+    t = torch.as_tensor(losses, dtype=torch.float32) if not isinstance(losses, torch.Tensor) \
+        else losses.detach().float()
+    if reduce is not None:
+        t = reduce(t)
+    values = [float(v) for v in t.tolist()]  # the step's host sync for the losses
+    nonfinite = not all(math.isfinite(v) for v in values)
+    logs: Dict[str, float] = {f"loss/{player_names[i] if i < len(player_names) else i}": v
+                              for i, v in enumerate(values)}
+    stats = None
+    params = list(bargainer.params) if bargainer is not None else [
+        p for group in optimizer.param_groups for p in group["params"]]
+    if bargainer is not None:
+        if forget_rule is not None:
+            powers = list(powers) if powers is not None else [1.0] * bargainer.num_players
+            powers[forget_player] = forget_rule.update(values[forget_player])
+            logs.update(forget_rule.log_dict())
+        from ..bargaining.solver import BargainingStatus
+
+        stats = bargainer.combine(grad_scale=scaler.get_scale() if scaler is not None
+                                  and scaler.is_enabled() else None, powers=powers)
+        if not bargainer.direct:
+            logs.update(stats.to_log_dict(names=player_names))
+        nonfinite = nonfinite or stats.status is BargainingStatus.NONFINITE
+        skip = stats.skipped or nonfinite
+    else:
+        skip = nonfinite
+    if not skip and clip is None and (bargainer is None or bargainer.direct):
+        # nothing else looks at the summed gradient: a NaN there must not reach the weights
+        skip = nonfinite = not _grads_finite(params)
+    if not skip and edit_gradients is not None:
+        edit_gradients(params)
+    stepped, norm = guarded_step(optimizer, lr_scheduler, skip=skip, nonfinite=nonfinite,
+                                 clip=clip, scaler=scaler)
+    nonfinite = nonfinite or (not stepped and clip is not None and not math.isfinite(norm)
+                              and not skip)
+    if stepped:
+        logs["grad_norm"] = norm
+    if zero_grad or not stepped:
+        optimizer.zero_grad(set_to_none=True)
+        for p in params:  # parameters the optimizer does not hold (e.g. a bargainer's subset)
+            p.grad = None
+    logs["step_skipped"] = float(not stepped)
+    if guard is not None:
+        logs["skipped_steps"] = float(guard.total + int(not stepped))
+        guard.record(not stepped, step)
+    return StepResult(stepped, nonfinite, norm, values, logs, stats)
 
 
 def guarded_step(optimizer, lr_scheduler=None, *, skip: bool = False, nonfinite: bool = False,
