@@ -117,7 +117,8 @@ def _sd_workload(config: str, device: torch.device, autocast, batch: int,
     embeddings (``--cache_latents``) or, with ``work.encoded_inputs``, encoding them every step."""
     from diffusers import DDPMScheduler
 
-    from hf_munba import sd_params, testing
+    from hf_munba import testing
+    from hf_munba.diffusion import params as sd_params
     from hf_munba.diffusion.unlearner import SDUnlearner
 
     torch.manual_seed(0)

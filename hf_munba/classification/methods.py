@@ -1,108 +1,54 @@
-"""Unlearning methods for :class:`~hf_munba.classification.trainer.MunbaTrainer`: one short class each.
+"""Classifier-only unlearning methods, in the one method registry (:mod:`hf_munba.unlearning.methods`).
 
-A method says which losses it uses (retain on D_r, forget on D_f), how they meet the
-gradient (summed by autograd, or bargained through :class:`~hf_munba.NashBargainer`), and
-optionally prepares the model before training or edits the final gradient. Everything else
-(data, accumulation, precision, clipping, logging, checkpoints, DDP) belongs to the trainer, so
-every method runs on exactly the same pipeline. Adding a method touches only this file::
-
-    @register_method("my_method")
-    class MyMethod(UnlearningMethod):
-        forget_weight = 0.5
+``munba``, ``munba-paper``, ``weighted``, ``ft`` and ``ga`` are shared with the SD front end and
+live there; the methods here need a classifier: random labels (``rl``), an l1 penalty on the
+weights (``l1``), SalUn's saliency mask (``salun``) and retraining from scratch (``retrain``).
+The trainer computes the losses (cross-entropy on D_r; the forget loss named by
+``MunbaArguments.forget_loss`` or the method's default on D_f) and hands them to the method's
+hooks; a method sees the data only through :class:`ClassifierContext`, never the trainer.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, List
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator
 
 import torch
 
-from .objectives import get_forget_loss, retain_cross_entropy
+from ..unlearning.methods import (METHODS, UnlearningMethod, available_methods, get_method,
+                                  register_method)
+from .objectives import retain_cross_entropy
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .trainer import MunbaArguments, MunbaTrainer
+__all__ = ["ClassifierContext", "UnlearningMethod", "METHODS", "register_method", "get_method",
+           "available_methods", "reinitialise_"]
 
-__all__ = ["UnlearningMethod", "METHODS", "register_method", "get_method", "available_methods"]
-
-from ..unlearning.registry import METHODS, available_methods, get_method, register_method
-
-
-class UnlearningMethod:
-    """Base: fine-tuning on the retain set; subclasses switch pieces on or off."""
-
-    name: ClassVar[str] = ""
-    uses_retain: ClassVar[bool] = True
-    uses_forget: ClassVar[bool] = False
-    bargains: ClassVar[bool] = False
-    default_forget_loss: ClassVar[str] = "random_label"
-    summary: ClassVar[str] = ""
-
-    def __init__(self, config: "MunbaArguments"):
-        self.config = config
-        self.forget_loss_name = config.forget_loss or self.default_forget_loss
-        self._forget_loss = get_forget_loss(self.forget_loss_name)
-
-    @property
-    def forget_weight(self) -> float:
-        return 1.0
-
-    def setup(self, trainer: "MunbaTrainer", model: torch.nn.Module) -> None:
-        """Called once at the start of ``train()``, before any checkpoint is loaded."""
-
-    def retain_loss(self, model, logits, labels) -> torch.Tensor:
-        return retain_cross_entropy(logits, labels)
-
-    def forget_loss(self, model, logits, labels, generator=None) -> torch.Tensor:
-        return self.forget_weight * self._forget_loss(logits, labels, generator=generator)
-
-    def edit_gradients(self, trainer: "MunbaTrainer", params: List[torch.nn.Parameter]) -> None:
-        """Last chance to change the final gradient, before clipping and the optimizer step."""
+FRONT_END = "classification"
 
 
-@register_method("munba")
-class Munba(UnlearningMethod):
-    summary = "Nash bargaining between the retain and forget gradients (Wu & Harandi 2024)"
-    uses_forget = True
-    bargains = True
+@dataclass
+class ClassifierContext:
+    """What a classifier method's ``setup`` may use: the forget set once, logits, the seed."""
 
-
-@register_method("weighted")
-class Weighted(UnlearningMethod):
-    summary = "L_r + lam * L_f, one summed gradient"
-    uses_forget = True
-
-    @property
-    def forget_weight(self) -> float:
-        return self.config.forget_weight
-
-
-@register_method("ft")
-class FineTune(UnlearningMethod):
-    summary = "fine-tune on D_r only (catastrophic forgetting)"
-
-
-@register_method("ga")
-class GradientAscent(UnlearningMethod):
-    summary = "gradient ascent on D_f only"
-    uses_retain = False
-    uses_forget = True
-    default_forget_loss = "neg_ce"
+    forget_batches: Callable[[], Iterator[Dict[str, Any]]]  # every D_f sample once, on device
+    logits: Callable[[torch.nn.Module, Dict[str, Any]], torch.Tensor]
+    seed: int = 0
 
 
 @register_method("rl")
 class RandomLabel(UnlearningMethod):
     summary = "random labels on D_f plus cross-entropy on D_r"
     uses_forget = True
+    front_ends = (FRONT_END,)
 
 
 @register_method("l1")
 class L1Sparse(UnlearningMethod):
     summary = "fine-tune on D_r with an l1 penalty on the weights (Jia et al. 2023)"
+    front_ends = (FRONT_END,)
 
-    def retain_loss(self, model, logits, labels):
-        ce = retain_cross_entropy(logits, labels)
+    def retain_loss(self, loss, model):
         params = [p for p in model.parameters() if p.requires_grad]
-        return ce + self.config.l1_alpha * torch.stack([p.abs().sum() for p in params]).sum()
+        return loss + self.config.l1_alpha * torch.stack([p.abs().sum() for p in params]).sum()
 
 
 @register_method("salun")
@@ -116,15 +62,16 @@ class SalUn(UnlearningMethod):
 
     summary = "random labels, updates masked to the weights most salient for D_f"
     uses_forget = True
+    front_ends = (FRONT_END,)
 
-    def setup(self, trainer, model):
+    def setup(self, model, context: ClassifierContext):
         params = [p for p in model.parameters() if p.requires_grad]
         grads = [torch.zeros_like(p) for p in params]
         was_training = model.training
         model.eval()
-        for batch in trainer.iter_forget_batches_once():
+        for batch in context.forget_batches():
             labels = batch.pop("labels")
-            logits = trainer.model_logits(model, batch)
+            logits = context.logits(model, batch)
             g = torch.autograd.grad(retain_cross_entropy(logits, labels), params, allow_unused=True)
             for acc, gi in zip(grads, g):
                 if gi is not None:
@@ -140,7 +87,7 @@ class SalUn(UnlearningMethod):
             start += p.numel()
         self.mask_params = params
 
-    def edit_gradients(self, trainer, params):
+    def edit_gradients(self, params):
         by_id = {id(p): m for p, m in zip(self.mask_params, self.masks)}
         for p in params:
             if p.grad is not None and id(p) in by_id:
@@ -152,9 +99,10 @@ class Retrain(UnlearningMethod):
     """Train from freshly initialised weights on D_r: the gold reference (slow by design)."""
 
     summary = "retrain from scratch on D_r (gold reference)"
+    front_ends = (FRONT_END,)
 
-    def setup(self, trainer, model):
-        reinitialise_(model, trainer.args.seed)
+    def setup(self, model, context: ClassifierContext):
+        reinitialise_(model, context.seed)
 
 
 def reinitialise_(model: torch.nn.Module, seed: int) -> None:

@@ -13,7 +13,6 @@ GradScaler, clipping, logging, evaluation, saving, resuming.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import math
@@ -23,10 +22,10 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 
-from ..bargaining import (DEFAULT_OPPOSED_TOL, BargainingStatus, NashBargainer, SatisfactionRule,
-                         build_forget_rule)
-from .objectives import FORGET_LOSSES
-from .methods import UnlearningMethod, available_methods, get_method
+from ..bargaining import DEFAULT_OPPOSED_TOL, NashBargainer, SatisfactionRule
+from ..unlearning.step import SkippedStepGuard, TooManySkippedSteps, unlearning_step
+from .methods import FRONT_END, ClassifierContext, UnlearningMethod, available_methods, get_method
+from .objectives import FORGET_LOSSES, get_forget_loss, retain_cross_entropy
 
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -63,8 +62,8 @@ def last_complete_checkpoint(folder: str) -> Optional[str]:
     return max(found)[1] if found else None
 
 
-class NonFiniteTrainingError(RuntimeError):
-    """Too many consecutive optimizer steps had non-finite gradients."""
+#: Too many consecutive optimizer steps had non-finite gradients (the one skip-guard error).
+NonFiniteTrainingError = TooManySkippedSteps
 
 
 @dataclass
@@ -134,14 +133,12 @@ class MunbaArguments:
 
     def make_forget_rule(self) -> Optional[SatisfactionRule]:
         """The forget player's satisfaction rule for a bargaining method, or None."""
-        if not get_method(self.method).bargains:
-            return None
-        loss = self.forget_loss or get_method(self.method).default_forget_loss
-        return build_forget_rule(
-            loss, target=self.forget_target, mode=self.forget_target_mode,
-            ema=self.forget_target_ema, hysteresis=self.forget_target_hysteresis,
-            reference_steps=self.forget_target_reference_steps,
-            satisfied_power=self.satisfied_power_forget, power=self.bargaining_power_forget)
+        return get_method(self.method)(self).forget_rule(self.forget_loss_name)
+
+    @property
+    def forget_loss_name(self) -> str:
+        """The forget loss used: ``forget_loss``, or the method's default for classifiers."""
+        return self.forget_loss or get_method(self.method).default_forget_loss[FRONT_END]
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -225,6 +222,9 @@ class MunbaTrainer(Trainer):
         if overrides:
             munba_args = MunbaArguments(**{**munba_args.to_dict(), **overrides})
         method_cls = get_method(munba_args.method)
+        if FRONT_END not in method_cls.front_ends:
+            raise ValueError(f"method {munba_args.method!r} is not for classifiers; choose one of "
+                             f"{available_methods(FRONT_END)}")
         if method_cls.uses_forget:
             if forget_dataset is None:
                 raise ValueError(f"method {munba_args.method!r} needs a forget_dataset")
@@ -251,12 +251,17 @@ class MunbaTrainer(Trainer):
         self.bargainer: Optional[NashBargainer] = None
         self.forget_rule: Optional[SatisfactionRule] = None
         self._forget_stream: Optional[ForgetStream] = None
-        self.num_nonfinite_steps = 0
-        self._consecutive_skips = 0
+        self._forget_loss = get_forget_loss(munba_args.forget_loss_name)
+        self.skip_guard = SkippedStepGuard(munba_args.max_consecutive_skips)
         self._logs_acc: Dict[str, List[float]] = {}
-        self._step_losses = [0.0, 0.0]
-        self._step_skipped = False
-        self._step_nonfinite = False
+        self._step_losses: Optional[torch.Tensor] = None
+        self._stepped = True
+        self._grad_norm: Optional[float] = None
+
+    @property
+    def num_nonfinite_steps(self) -> int:
+        """Optimizer steps skipped so far (non-finite, or no direction helped any player)."""
+        return self.skip_guard.total
 
     # ------------------------------------------------------------------ data
     def _forget_collator(self):
@@ -287,18 +292,15 @@ class MunbaTrainer(Trainer):
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         # Method setup (SalUn's mask, retrain's re-initialisation) sees the weights the user
         # passed in, before any checkpoint is loaded, so a resumed run prepares identically.
-        self.method.setup(self, self.model)
+        self.method.setup(self.model, ClassifierContext(self.iter_forget_batches_once,
+                                                        self.model_logits, self.args.seed))
         if self.method.uses_forget:
             self._forget_stream = self._new_forget_stream()
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         if not trainable:
             raise ValueError("the model has no trainable parameters")
-        self.bargainer = None
-        if self.method.bargains:
-            self.bargainer = NashBargainer(trainable, num_players=2,
-                                           opposed_tol=self.munba_args.opposed_tol,
-                                           fallback_player=self.munba_args.fallback_player)
-            self.forget_rule = self.munba_args.make_forget_rule()
+        self.bargainer = self.method.make_bargainer(trainable)
+        self.forget_rule = self.munba_args.make_forget_rule()
         if resume_from_checkpoint is True or resume_from_checkpoint == "latest":
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
@@ -332,10 +334,12 @@ class MunbaTrainer(Trainer):
                              f"not {self.munba_args.method!r}")
         if self._forget_stream is not None and state.get("forget_stream"):
             self._forget_stream.load_state_dict(state["forget_stream"])
-        self.num_nonfinite_steps = int(state.get("num_nonfinite_steps", 0))
+        if "skip_guard" in state:
+            self.skip_guard.load_state_dict(state["skip_guard"])
+        else:  # written before the shared skip guard: only the total was kept
+            self.skip_guard.total = int(state.get("num_nonfinite_steps", 0))
         if self.bargainer is not None:
-            for k in ("num_steps", "num_skipped", "num_fallbacks"):
-                setattr(self.bargainer, k, int(state.get("bargainer", {}).get(k, 0)))
+            self.bargainer.load_state_dict(state.get("bargainer", {}))
         if self.forget_rule is not None and state.get("forget_rule"):
             self.forget_rule.load_state_dict(state["forget_rule"])
 
@@ -364,12 +368,12 @@ class MunbaTrainer(Trainer):
 
     def _munba_state(self) -> Dict[str, Any]:
         state = {"method": self.munba_args.method, "munba_args": self.munba_args.to_dict(),
-                 "num_nonfinite_steps": self.num_nonfinite_steps}
+                 "num_nonfinite_steps": self.num_nonfinite_steps,
+                 "skip_guard": self.skip_guard.state_dict()}
         if self._forget_stream is not None:
             state["forget_stream"] = self._forget_stream.state_dict()
         if self.bargainer is not None:
-            state["bargainer"] = {k: getattr(self.bargainer, k)
-                                  for k in ("num_steps", "num_skipped", "num_fallbacks")}
+            state["bargainer"] = self.bargainer.state_dict()
         if self.forget_rule is not None:
             state["forget_rule"] = self.forget_rule.state_dict()
         return state
@@ -409,23 +413,18 @@ class MunbaTrainer(Trainer):
         with open(os.path.join(output_dir, "munba_args.json"), "w") as f:
             f.write(self.munba_args.to_json_string())
 
-    def _player(self, index: int):
-        return self.bargainer.player(index) if self.bargainer is not None else contextlib.nullcontext()
-
     def _guard_skipped_steps(self) -> None:
-        """Make the Trainer's ``optimizer.step()`` a no-op on a skipped step, and tell it so.
+        """Make the Trainer's own ``optimizer.step()`` a no-op that reports our step's outcome.
 
-        The Trainer always calls ``optimizer.step()`` after the last micro-batch. Clearing
-        ``.grad`` is not enough: under a GradScaler the zeroed or scaled gradients still reach
-        the optimizer, and an optimizer that decays or moves parameters without a gradient would
-        change them. So a skipped step never calls the optimizer at all: weights and optimizer
-        state (momentum buffers, Adam moments and step counts) stay bitwise untouched. The step
-        is reported through accelerate's ``optimizer_step_was_skipped`` (as for a GradScaler
-        overflow), so the Trainer does not advance the learning-rate schedule either: the
-        schedule counts the updates really made. A GradScaler still learns from the step: after
-        non-finite gradients it backs off its scale; after a finite skip (opposed players with
-        ``fallback_player=None``) it keeps it. The wrapper is an instance attribute of the
-        accelerate optimizer (installed once); checkpointed ``state_dict()`` is unaffected.
+        The optimizer step runs in :func:`~hf_munba.unlearning.unlearning_step` (called from
+        ``training_step`` on the last micro-batch), the same function the SD loop runs: combine,
+        clip, skip guard, step. The Trainer still calls ``optimizer.step()`` afterwards; that
+        call does nothing, and a skipped step is reported through accelerate's
+        ``optimizer_step_was_skipped`` (as for a GradScaler overflow) so the Trainer does not
+        advance the learning-rate schedule either: the schedule counts the updates really
+        made. Its clipping is replaced by ours (``_clip_grad_norm``), so gradients are clipped
+        once. The wrapper is an instance attribute of the accelerate optimizer (installed
+        once); checkpointed ``state_dict()`` is unaffected.
         """
         optimizer = self.optimizer
         if optimizer is None or getattr(optimizer, "_munba_skip_guard", False):
@@ -434,21 +433,26 @@ class MunbaTrainer(Trainer):
             raise RuntimeError("MunbaTrainer needs accelerate's AcceleratedOptimizer (its step_was_skipped "
                                "flag) to skip optimizer steps; got " + type(optimizer).__name__)
         real_step = optimizer.step
+        self._real_optimizer = _StepOnly(real_step, optimizer)
 
         @functools.wraps(real_step)  # keeps the marks torch's LR scheduler put on step()
         def step(*args, **kwargs):
-            if not self._step_skipped:
-                optimizer._is_overflow = False  # a GradScaler step sets it again itself
-                return real_step(*args, **kwargs)
-            scaler = getattr(self.accelerator, "scaler", None)
-            if scaler is not None:  # also clears the scaler's per-step state (unscale_ by clipping)
-                scale = scaler.get_scale()
-                scaler.update(new_scale=scale * scaler.get_backoff_factor() if self._step_nonfinite else scale)
-            optimizer._is_overflow = True  # -> accelerator.optimizer_step_was_skipped: no scheduler step
-            return None
+            if not self._stepped:
+                optimizer._is_overflow = True  # -> optimizer_step_was_skipped: no scheduler step
+            return None  # a real step (and a GradScaler overflow) already set the flag itself
 
         optimizer.step = step
         optimizer._munba_skip_guard = True
+
+    def _clip_grad_norm(self, model):
+        return self._grad_norm  # clipped once, inside unlearning_step
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        return self._grad_norm
+
+    def _backward_player(self, name: str, loss: torch.Tensor) -> None:
+        with self.bargainer.player(self.method.players().index(name)) as scale:
+            self.accelerator.backward(loss * scale if scale != 1.0 else loss)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self._guard_skipped_steps()
@@ -457,16 +461,17 @@ class MunbaTrainer(Trainer):
             self.optimizer.train()
         div = float(self.current_gradient_accumulation_steps)
         total = torch.zeros((), device=self.args.device)
+        step_losses = torch.zeros(len(self.method.players()), device=self.args.device)
         if self.method.uses_retain:
             inputs = self._prepare_inputs(inputs)
             labels = inputs["labels"]
             with self.compute_loss_context_manager():
-                loss_r = self.method.retain_loss(model, self.model_logits(model, inputs), labels) / div
+                loss_r = self.method.retain_loss(
+                    retain_cross_entropy(self.model_logits(model, inputs), labels), model) / div
             del inputs
-            with self._player(0):
-                self.accelerator.backward(loss_r)
+            self._backward_player("retain", loss_r)
             total = total + loss_r.detach()
-            self._step_losses[0] = self._step_losses[0] + loss_r.detach()
+            step_losses[self.method.players().index("retain")] = loss_r.detach().float()
         if self.method.uses_forget:
             stream = self._forget_stream
             gen = torch.Generator().manual_seed(
@@ -474,66 +479,40 @@ class MunbaTrainer(Trainer):
             f_inputs = self._prepare_inputs(next(stream))
             labels = f_inputs["labels"]
             with self.compute_loss_context_manager():
-                loss_f = self.method.forget_loss(model, self.model_logits(model, f_inputs), labels,
-                                                 generator=gen) / div
+                loss_f = self.method.forget_loss(
+                    self._forget_loss(self.model_logits(model, f_inputs), labels, generator=gen),
+                    model) / div
             del f_inputs
-            with self._player(1):
-                self.accelerator.backward(loss_f)
+            self._backward_player("forget", loss_f)
             total = total + loss_f.detach()
-            self._step_losses[1] = self._step_losses[1] + loss_f.detach()
+            step_losses[self.method.forget_player] = loss_f.detach().float()
+        self._step_losses = step_losses if self._step_losses is None \
+            else self._step_losses + step_losses
         if self.accelerator.sync_gradients:
-            self._finish_gradients()
+            self._finish_step()
         return total
 
-    def _finish_gradients(self) -> None:
-        """Once per optimizer step, before the Trainer clips and steps."""
-        params = self.bargainer.params if self.bargainer is not None else [
-            p for p in self.model.parameters() if p.requires_grad]
-        scaler = getattr(self.accelerator, "scaler", None)
-        logs = {}
-        if self.method.uses_retain:
-            logs["loss_retain"] = float(self._step_losses[0])
-        if self.method.uses_forget:
-            logs["loss_forget"] = float(self._step_losses[1])
-        step_forget_loss = self._step_losses[1]  # this rank's mean over the micro-batches
-        self._step_losses = [0.0, 0.0]
-        if self.bargainer is not None:
-            powers = None
-            if self.forget_rule is not None:
-                # one decision per optimizer step, on the loss averaged over ranks too
-                if not isinstance(step_forget_loss, torch.Tensor):
-                    step_forget_loss = torch.tensor(float(step_forget_loss), device=self.args.device)
-                powers = [1.0, self.forget_rule.update(step_forget_loss,
-                                                       all_reduce=self.args.world_size > 1)]
-            elif self.munba_args.bargaining_power_forget != 1.0:
-                powers = [1.0, self.munba_args.bargaining_power_forget]
-            stats = self.bargainer.combine(grad_scale=scaler.get_scale() if scaler is not None else None,
-                                           powers=powers)
-            logs.update(stats.to_log_dict())
-            if self.forget_rule is not None:
-                logs.update(self.forget_rule.log_dict())
-            skipped = stats.skipped
-            nonfinite = stats.status is BargainingStatus.NONFINITE
-        else:
-            grads = [p.grad for p in params if p.grad is not None]
-            skipped = nonfinite = bool(grads) and not bool(torch.isfinite(
-                torch.stack(torch._foreach_norm(grads)).sum()))
-        # read by the optimizer-step guard (_guard_skipped_steps) the Trainer calls right after this
-        self._step_skipped, self._step_nonfinite = bool(skipped), bool(nonfinite)
-        if skipped:
-            self.num_nonfinite_steps += 1
-            self._consecutive_skips += 1
-            if scaler is None:
-                for p in params:  # optimizers leave parameters without .grad untouched
-                    p.grad = None
-            if self._consecutive_skips >= self.munba_args.max_consecutive_skips:
-                raise NonFiniteTrainingError(
-                    f"{self._consecutive_skips} consecutive optimizer steps had non-finite or no "
-                    f"usable gradients (step {self.state.global_step}); lower the learning rate, "
-                    "check the data for NaN, or use bf16/fp32 instead of fp16")
-        else:
-            self._consecutive_skips = 0
-            self.method.edit_gradients(self, params)
+    def _finish_step(self) -> None:
+        """Once per optimizer step: the shared unlearning step (combine, clip, guard, step)."""
+        losses, self._step_losses = self._step_losses, None
+        accelerator = self.accelerator
+        max_norm = self.args.max_grad_norm
+        params = self.bargainer.params
+        self.optimizer._is_overflow = False  # a GradScaler step sets it again itself
+        result = unlearning_step(
+            self.bargainer, self._real_optimizer, losses=losses,
+            reduce=(lambda t: accelerator.reduce(t, "mean")) if self.args.world_size > 1 else None,
+            clip=(lambda: accelerator.clip_grad_norm_(params, max_norm)) if max_norm and max_norm > 0
+            else None,
+            scaler=getattr(accelerator, "scaler", None), forget_rule=self.forget_rule,
+            forget_player=self.method.forget_player or 0, powers=self.method.powers(),
+            edit_gradients=self.method.edit_gradients, guard=self.skip_guard,
+            step=self.state.global_step + 1, zero_grad=True, player_names=self.method.players())
+        self._stepped = result.stepped
+        self._grad_norm = result.grad_norm if result.stepped and math.isfinite(result.grad_norm) \
+            else None
+        logs = {k.replace("loss/", "loss_"): v for k, v in result.logs.items()
+                if k not in ("grad_norm", "step_skipped", "skipped_steps")}
         logs["munba/nonfinite_steps_total"] = float(self.num_nonfinite_steps)
         for k, v in logs.items():
             if v is not None:
@@ -549,3 +528,15 @@ class MunbaTrainer(Trainer):
                     logs[k] = sum(finite) / len(finite)
             self._logs_acc = {}
         super().log(logs, start_time)
+
+
+class _StepOnly:
+    """The accelerate optimizer's real ``step`` for :func:`unlearning_step`, with its other
+    methods (``zero_grad``, ``param_groups``) passed through."""
+
+    def __init__(self, step, optimizer):
+        self.step = step
+        self._optimizer = optimizer
+
+    def __getattr__(self, name):
+        return getattr(self._optimizer, name)

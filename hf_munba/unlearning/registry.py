@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Dict, List
+import importlib
+from typing import Dict, List, Optional
 
 __all__ = ["METHODS", "register_method", "get_method", "available_methods"]
 
@@ -17,12 +18,27 @@ def register_method(name: str):
     return deco
 
 
-def available_methods() -> List[str]:
-    return sorted(METHODS)
+def available_methods(front_end: Optional[str] = None) -> List[str]:
+    """Registered method names; with ``front_end`` ("diffusion", "classification") only the
+    methods that front end can run."""
+    _load_builtin()
+    return sorted(n for n, m in METHODS.items()
+                  if front_end is None or front_end in getattr(m, "front_ends", (front_end,)))
 
 
 def get_method(name: str) -> type:
+    _load_builtin()
     try:
         return METHODS[name]
     except KeyError:
         raise ValueError(f"unknown unlearning method {name!r}; choose one of {available_methods()}") from None
+
+
+_BUILTIN = ("hf_munba.unlearning.methods", "hf_munba.classification.methods")
+
+
+def _load_builtin() -> None:
+    """The built-in methods register on import; a lookup must see them all, whichever front
+    end the caller imported (a name-only import: no module imports the other at load time)."""
+    for module in _BUILTIN:
+        importlib.import_module(module)
