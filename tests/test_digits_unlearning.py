@@ -90,7 +90,15 @@ def test_experiment_end_to_end_on_a_tiny_build(tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert res["original"]["name"] == "original"
     run = res["runs"][0]
-    assert run["name"] == "munba-lora-s0" and 0 <= run["forget_accuracy"] <= 100
+    assert run["name"] == "munba-lora-s0"
+    # one image per prompt: each digit's accuracy is 0 or 100; forget = digit 5's, retained = the
+    # mean of the other nine
+    per_class = run["per_class"]
+    assert set(per_class) == {str(d) for d in range(10)}
+    assert set(per_class.values()) <= {0.0, 100.0}
+    assert run["forget_accuracy"] == per_class["5"]
+    assert run["retain_accuracy"] == pytest.approx(
+        sum(v for d, v in per_class.items() if d != "5") / 9)
     assert run["training_metrics"]["skipped_steps"] == 0
     # every evaluation point is kept: the original (step 0), checkpoint 1, the final model (2)
     assert [p["step"] for p in run["curve"]] == [0, 1, 2]
