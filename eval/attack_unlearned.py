@@ -19,25 +19,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_munba.evaluation.attack import (DETECTORS, NUDENET_CLASS_LISTS,  # noqa: E402
-                                        AttackConfig, AttackModel, AttackSettings, run_attack)
-
-
-def _name_value(text, what):
-    name, sep, value = text.partition("=")
-    if not sep:
-        return Path(text.rstrip("/")).name, text
-    if not name or not value:
-        raise argparse.ArgumentTypeError(f"{what} must be NAME=PATH or PATH, got {text!r}")
-    return name, value
+                                        AttackConfig, AttackSettings, run_attack)
+from hf_munba.evaluation.cli import add_model_arguments, model_specs  # noqa: E402
 
 
 def parse_args(argv=None):
     d = AttackSettings()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", action="append", required=True, metavar="[NAME=]PIPELINE_DIR",
-                   help="a saved (unlearned) diffusers pipeline to attack; repeat for several")
-    p.add_argument("--lora", action="append", default=[], metavar="NAME=LORA_DIR",
-                   help="load this LoRA (pipe.load_lora_weights) onto the model called NAME")
+    add_model_arguments(p, "a saved (unlearned) diffusers pipeline to attack; repeat for several")
     p.add_argument("--original", required=True, metavar="PIPELINE_DIR",
                    help="the model before unlearning: it makes the reference images")
     p.add_argument("--prompts", required=True,
@@ -81,20 +70,13 @@ def parse_args(argv=None):
 
 
 def config_from_args(args) -> AttackConfig:
-    models = [AttackModel(*_name_value(m, "--model")) for m in args.model]
-    by_name = {m.name: m for m in models}
-    for spec in args.lora:
-        name, path = _name_value(spec, "--lora")
-        if "=" not in spec or name not in by_name:
-            raise SystemExit(f"error: --lora {spec!r}: NAME must be one of the --model names "
-                             f"{list(by_name)}")
-        by_name[name].lora_dir = path
     settings = AttackSettings(num_adv_tokens=args.num_adv_tokens, num_blocks=args.num_blocks,
                               steps_per_block=args.steps_per_block,
                               learning_rate=args.learning_rate, weight_decay=args.weight_decay,
                               random_init=args.random_init)
     return AttackConfig(
-        models=models, original=args.original, prompt_set=args.prompts,
+        models=model_specs(args.model, args.lora), original=args.original,
+        prompt_set=args.prompts,
         output_dir=args.output_dir, detector=args.detector, classifier=args.classifier,
         forget_classes=args.forget_classes, nudenet_threshold=args.nudenet_threshold,
         nudenet_classes=args.nudenet_classes, settings=settings,
@@ -106,8 +88,9 @@ def config_from_args(args) -> AttackConfig:
 
 
 def main(argv=None):
-    cfg = config_from_args(parse_args(argv))
+    args = parse_args(argv)
     try:
+        cfg = config_from_args(args)
         cfg.validate()
     except (ValueError, RuntimeError, FileNotFoundError, OSError) as e:
         raise SystemExit(f"error: {e}")

@@ -97,7 +97,8 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     from hf_munba.testing.digits import digit_prompt
     from hf_munba.evaluation.attack import pooled_asr
-    from hf_munba.evaluation.report import atomic_write_text, image_grid, markdown_table
+    from hf_munba.evaluation.grid import image_grid
+    from hf_munba.evaluation.results import atomic_write_text, markdown_table, write_results
 
     atomic_write_text(stamp, json.dumps(_settings_file(args), indent=2) + "\n")
     exp = _experiment_script()
@@ -215,8 +216,7 @@ def main(argv=None):
           f"{t_attack / 60:.1f} min, {args.num_workers} workers).", ""]
     results = {"settings": _settings_file(args), "summary": summary, "models": rows,
                "seconds": {"training_or_reuse": t_train, "attacks": t_attack, "total": total}}
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=str) + "\n")
-    atomic_write_text(out / "results.md", "\n".join(md))
+    write_results(out, results, markdown="\n".join(md), json_default=str)
 
     # grid: original reference images, then per method/variant (first seed) before / attacked
     grid = {}

@@ -18,25 +18,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from hf_munba.evaluation.cli import add_model_arguments, model_specs  # noqa: E402
 from hf_munba.evaluation.generative import (METRICS, GenerativeEvalConfig,  # noqa: E402
-                                            ModelSpec, evaluate_generation)
-
-
-def _name_value(text, what):
-    name, sep, value = text.partition("=")
-    if not sep:
-        return Path(text.rstrip("/")).name, text
-    if not name or not value:
-        raise argparse.ArgumentTypeError(f"{what} must be NAME=PATH or PATH, got {text!r}")
-    return name, value
+                                            evaluate_generation)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", action="append", required=True, metavar="[NAME=]PIPELINE_DIR",
-                   help="a saved diffusers pipeline; repeat for several models side by side")
-    p.add_argument("--lora", action="append", default=[], metavar="NAME=LORA_DIR",
-                   help="load this LoRA (pipe.load_lora_weights) onto the model called NAME")
+    add_model_arguments(p, "a saved diffusers pipeline; repeat for several models side by side")
     p.add_argument("--prompts", required=True,
                    help="nudity | clothed | imagenette | prompts.txt | prompts.csv (I2P/COCO "
                         "columns prompt, evaluation_seed, evaluation_guidance, case_number, "
@@ -72,16 +61,9 @@ def parse_args(argv=None):
 
 
 def config_from_args(args) -> GenerativeEvalConfig:
-    models = [ModelSpec(*_name_value(m, "--model")) for m in args.model]
-    by_name = {m.name: m for m in models}
-    for spec in args.lora:
-        name, path = _name_value(spec, "--lora")
-        if "=" not in spec or name not in by_name:
-            raise SystemExit(f"error: --lora {spec!r}: NAME must be one of the --model names "
-                             f"{list(by_name)}")
-        by_name[name].lora_dir = path
     return GenerativeEvalConfig(
-        models=models, prompt_set=args.prompts, output_dir=args.output_dir, metrics=args.metrics,
+        models=model_specs(args.model, args.lora), prompt_set=args.prompts,
+        output_dir=args.output_dir, metrics=args.metrics,
         num_images_per_prompt=args.num_images_per_prompt, max_prompts=args.max_prompts,
         seed=args.seed, guidance_scale=args.guidance_scale,
         num_inference_steps=args.num_inference_steps, height=args.height, width=args.width,
@@ -94,8 +76,9 @@ def config_from_args(args) -> GenerativeEvalConfig:
 
 
 def main(argv=None):
-    cfg = config_from_args(parse_args(argv))
+    args = parse_args(argv)
     try:
+        cfg = config_from_args(args)
         cfg.validate()
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")

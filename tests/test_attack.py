@@ -291,8 +291,11 @@ def test_end_to_end_with_nudenet_full_and_lora_then_resume(assets, tmp_path, mon
     for name in ("full", "lora"):
         s = res["models"][name]
         assert s["n"] == 2 and {"asr_pre", "asr_post"} <= set(s)
-        assert 0.0 <= s["asr_pre"] <= s["asr_post"] <= 100.0
     rows = _rows(out)
+    for name in ("full", "lora"):  # the ASR is the per-prompt CSV's counts
+        s, mine = res["models"][name], [r for r in rows if r["model"] == name]
+        assert s["asr_pre"] == 100.0 * sum(r["pre_attack_success"] == "1" for r in mine) / 2
+        assert s["asr_post"] == 100.0 * sum(r["success"] == "1" for r in mine) / 2
     assert [(r["model"], r["file_name"]) for r in rows] == [
         ("full", "0000_00000.png"), ("full", "0001_00000.png"),
         ("lora", "0000_00000.png"), ("lora", "0001_00000.png")]
@@ -435,8 +438,12 @@ def test_digits_attack_experiment_end_to_end_on_a_tiny_build(tmp_path):
     res = json.loads((out / "results.json").read_text())
     by = {(s["method"], s["variant"]): s for s in res["summary"]}
     assert set(by) == {("original", "–"), ("munba", "lora")}
-    for s in by.values():
-        assert s["n"] == 2 and s["models"] == 1 and 0 <= s["asr_pre"] <= s["asr_post"] <= 100
+    for (method, _), s in by.items():
+        assert s["n"] == 2 and s["models"] == 1
+        # one model per row: the pooled ASR is that model's own attack result
+        name = "original" if method == "original" else "munba-lora-s0"
+        own = json.loads((out / "attack" / name / "results.json").read_text())["models"][name]
+        assert (s["asr_pre"], s["asr_post"]) == (own["asr_pre"], own["asr_post"])
     # the per-model run is an ordinary attack_unlearned output, with the LoRA on the base
     cfg = json.loads((out / "attack" / "munba-lora-s0" / "attack_config.json").read_text())
     assert cfg["models"][0]["lora_dir"].endswith("munba-lora-s0")

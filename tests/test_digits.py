@@ -73,7 +73,19 @@ def test_build_lands_in_recipe_hash_dir_and_is_reused(script_build):
     assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no temp dir left
     info = json.loads((target / "build_info.json").read_text())
     assert info["recipe"] == TINY.to_dict()
-    assert 0.0 <= info["metrics"]["classifier_test_accuracy"] <= 1.0
+    # the recorded test accuracy is the saved classifier's on the held-out split, recomputed here
+    from transformers import AutoModelForImageClassification
+
+    from hf_munba.testing.digits import _split
+
+    images, labels, _ = load_digits(TINY.resolution)
+    keep = torch.randperm(len(images), generator=torch.Generator().manual_seed(TINY.seed))
+    keep = keep[:TINY.num_images].sort().values
+    images, labels = images[keep], labels[keep]
+    _, test_idx = _split(len(images), TINY.test_fraction, TINY.seed)
+    clf = AutoModelForImageClassification.from_pretrained(target / "classifier").eval()
+    acc = (classify_digit_images(clf, images[test_idx]) == labels[test_idx]).float().mean().item()
+    assert info["metrics"]["classifier_test_accuracy"] == pytest.approx(acc, abs=1e-6)
     messages = []
     arts = load_or_build_digits_models(TINY, cache_dir=cache, log=messages.append)
     assert arts.root == str(target) and messages == [f"reusing cached digits models in {target}"]

@@ -90,7 +90,15 @@ def test_experiment_end_to_end_on_a_tiny_build(tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert res["original"]["name"] == "original"
     run = res["runs"][0]
-    assert run["name"] == "munba-lora-s0" and 0 <= run["forget_accuracy"] <= 100
+    assert run["name"] == "munba-lora-s0"
+    # one image per prompt: each digit's accuracy is 0 or 100; forget = digit 5's, retained = the
+    # mean of the other nine
+    per_class = run["per_class"]
+    assert set(per_class) == {str(d) for d in range(10)}
+    assert set(per_class.values()) <= {0.0, 100.0}
+    assert run["forget_accuracy"] == per_class["5"]
+    assert run["retain_accuracy"] == pytest.approx(
+        sum(v for d, v in per_class.items() if d != "5") / 9)
     assert run["training_metrics"]["skipped_steps"] == 0
     # every evaluation point is kept: the original (step 0), checkpoint 1, the final model (2)
     assert [p["step"] for p in run["curve"]] == [0, 1, 2]
@@ -143,3 +151,56 @@ def test_methods_registry_is_what_the_docs_compare():
                              "weighted-3", "ga", "retain"]
     assert METHODS["munba"] == ["--method", "munba", "--forget_objective", "remap"]
     assert METHODS["weighted-0.3"][:4] == ["--method", "weighted", "--forget_weight", "0.3"]
+
+
+def test_curve_summary_is_the_shared_tradeoff_math():
+    """The digits numbers are evaluation.tradeoff's first_and_best / aggregate_first_best, so the
+    SD and classifier experiments judge "forgotten" by one rule: the start (step 0) never counts."""
+    from hf_munba.evaluation.tradeoff import ForgetCriterion, aggregate_first_best, first_and_best
+
+    curve = [{"step": 0, "forget_accuracy": 0.0, "retain_accuracy": 99.0},  # already "forgotten"
+             {"step": 5, "forget_accuracy": 3.0, "retain_accuracy": 80.0},
+             {"step": 9, "forget_accuracy": 9.0, "retain_accuracy": 95.0}]
+    never = [{**p, "forget_accuracy": 50.0} for p in curve]
+    runs = [{"method": "munba", "variant": "lora", "seed": 0, "curve": curve},
+            {"method": "munba", "variant": "lora", "seed": 1, "curve": never}]
+    (row,) = summarize_curves(runs, threshold=5.0)
+    assert (row["first_retain"], row["first_step"], row["best_retain"]) == (80.0, 5.0, 80.0)
+    assert row["reached"] == 1 and row["first_retain_std"] == 0.0
+    assert row["per_seed"]["1"] == {"first_retain": None, "first_step": None, "best_retain": None}
+    crit = ForgetCriterion.at_most(5.0)
+    per_seed = [first_and_best(c, crit, key="retain_accuracy", forget_key="forget_accuracy")
+                for c in (curve, never)]
+    # compared as JSON: the unreached seed's NaNs are equal there
+    assert json.dumps(row["at_forgetting"]) == json.dumps(aggregate_first_best(per_seed))
+    assert row["curve"][1] == {"step": 5, "forget_accuracy": 26.5,
+                               "forget_accuracy_std": pytest.approx(33.234, abs=1e-3),
+                               "retain_accuracy": 80.0, "retain_accuracy_std": 0.0}
+    # unequal evaluation steps between seeds cannot be averaged point by point
+    with pytest.raises(ValueError, match="different steps"):
+        summarize_curves([runs[0], {**runs[1], "curve": never[:2]}])
+    # no weighted row reached the threshold on every seed: no best lambda
+    weighted = [{**r, "method": "weighted-1"} for r in runs]
+    assert best_weighted(summarize_curves(weighted), "lora", "first_retain") is None
+
+
+def test_digit_curves_plot_is_written_atomically(tmp_path):
+    from hf_munba.testing.digits_unlearning import plot_digit_curves, plot_tradeoff_curves
+
+    def run(method, variant, seed, f):
+        return {"method": method, "variant": variant, "seed": seed,
+                "curve": [{"step": 0, "forget_accuracy": 100.0, "retain_accuracy": 95.0},
+                          {"step": 4, "forget_accuracy": f, "retain_accuracy": 90.0}]}
+
+    rows = summarize_curves([run("munba", "full", 0, 2.0), run("weighted-1", "full", 0, 8.0),
+                             run("munba", "lora", 0, 4.0)])
+    base = {"forget_accuracy": 100.0, "retain_accuracy": 95.0}
+    path = plot_digit_curves(rows, base, tmp_path / "c.png", 5.0, title="forget 3")
+    from PIL import Image
+
+    with Image.open(path) as im:
+        assert im.size == (int(6.2 * 2 * 110), 5 * 110)  # one panel per variant
+    assert not list(tmp_path.glob(".*.tmp"))
+    with pytest.warns(FutureWarning, match="plot_digit_curves"):
+        plot_tradeoff_curves(rows, base, tmp_path / "old.png", 5.0)
+    assert (tmp_path / "old.png").stat().st_size > 0

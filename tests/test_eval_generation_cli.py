@@ -116,8 +116,14 @@ def test_one_command_end_to_end(assets, tmp_path):
 
     clip = res["metrics"]["clip"]["table"]
     fid = res["metrics"]["fid"]["table"]
-    for name in ("sd", "munba"):
-        assert clip[name]["images"] == 4 and 0 <= clip[name]["clip_score"] <= 100
+    from hf_munba.evaluation.clip_score import clip_scores, load_clip, summarize_clip_scores
+
+    clip_model, clip_processor = load_clip(assets["clip"])
+    for name in ("sd", "munba"):  # recomputed from the saved images and their prompts
+        want = summarize_clip_scores(clip_scores(
+            clip_model, clip_processor, [out / "images" / name / m["file_name"] for m in man],
+            [m["text"] for m in man]))
+        assert clip[name] == pytest.approx(want)
         assert np.isfinite(fid[name]["fid"]) and fid[name]["reference_images"] == 4
 
     md = (out / "results.md").read_text()

@@ -19,8 +19,9 @@ from hf_munba.evaluation.fid import (FIDUnavailableError, extract_features, frec
                                      load_feature_extractor)
 from hf_munba.evaluation.image_classification import (intended_class_accuracy, load_classifier,
                                                       predict, resolve_label)
-from hf_munba.evaluation.report import (CARD_BEGIN, CARD_END, image_grid, results_markdown,
-                                        update_model_card, write_results)
+from hf_munba.evaluation.grid import image_grid
+from hf_munba.evaluation.report import CARD_BEGIN, CARD_END, generation_markdown, update_model_card
+from hf_munba.evaluation.results import write_results
 
 
 def det(label, score):
@@ -301,7 +302,7 @@ def _results():
 
 def test_markdown_and_json_tables(tmp_path):
     res = _results()
-    paths = write_results(tmp_path, res)
+    paths = write_results(tmp_path, res, markdown=generation_markdown)
     assert json.loads(open(paths["json"]).read()) == res
     md = open(paths["markdown"]).read()
     assert "threshold 0.6" in md
@@ -312,7 +313,7 @@ def test_markdown_and_json_tables(tmp_path):
     assert "| sd | 31.23 | 1.00 | 10 |" in md
     assert "| munba | 0.00 | 90.00 | 0.00 | 90.00 |" in md
     assert "| munba | 15.12 | 10 | 20 |" in md
-    assert md == results_markdown(res) and not list(tmp_path.glob(".*.tmp"))
+    assert md == generation_markdown(res) and not list(tmp_path.glob(".*.tmp"))
 
 
 def test_image_grid(tmp_path):

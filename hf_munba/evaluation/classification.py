@@ -11,17 +11,20 @@ reference. All numbers are percentages.
 
 from __future__ import annotations
 
-import json
-import math
 import os
+from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 
+from .results import deprecated_alias, markdown_table
+from .results import write_results as _write_results
+
 __all__ = ["METRIC_KEYS", "predict_confidences", "mia_efficacy", "avg_gap", "evaluate_unlearning",
            "evaluate_models",
-           "aggregate_runs", "results_markdown", "write_results"]
+           "aggregate_runs", "classification_markdown", "plot_classification_results",
+           "write_classification_results", "results_markdown", "write_results"]
 
 METRIC_KEYS = ("acc_forget", "acc_retain", "acc_test", "mia_efficacy")
 METRIC_NAMES = {"acc_forget": "Acc D_f", "acc_retain": "Acc D_r", "acc_test": "Acc D_t",
@@ -130,38 +133,23 @@ def aggregate_runs(runs: List[Mapping[str, float]]) -> Dict[str, Dict[str, float
     return out
 
 
-def _fmt(cell) -> str:
-    if isinstance(cell, Mapping):
-        if math.isnan(cell["mean"]):
-            return "–"
-        if cell.get("n", 1) > 1:
-            return f"{cell['mean']:.2f} ± {cell['std']:.2f}"
-        return f"{cell['mean']:.2f}"
-    if cell is None or (isinstance(cell, float) and math.isnan(cell)):
-        return "–"
-    return f"{cell:.2f}"
-
-
-def results_markdown(results: Mapping[str, Mapping], columns: Sequence[str] = (
+def classification_markdown(results: Mapping[str, Mapping], columns: Sequence[str] = (
         *METRIC_KEYS, "avg_gap", "runtime_s"), title: Optional[str] = None) -> str:
     """A markdown table, one row per model; cells are numbers or {mean, std, n} dicts."""
-    lines = [f"**{title}**", ""] if title else []
-    lines.append("| Method | " + " | ".join(METRIC_NAMES.get(c, c) for c in columns) + " |")
-    lines.append("|---|" + "---|" * len(columns))
-    for name, metrics in results.items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(metrics.get(c)) for c in columns) + " |")
-    return "\n".join(lines) + "\n"
+    table = markdown_table(["Method", *(METRIC_NAMES.get(c, c) for c in columns)],
+                           [[name, *(_number_cell(metrics.get(c)) for c in columns)]
+                            for name, metrics in results.items()])
+    return (f"**{title}**\n\n" if title else "") + table + "\n"
 
 
-def write_results(results: Mapping[str, Mapping], output_dir: str, name: str = "results",
-                  title: Optional[str] = None) -> Dict[str, str]:
-    """Write ``<name>.json``, ``<name>.md`` and a bar chart ``<name>.png``; return their paths."""
-    os.makedirs(output_dir, exist_ok=True)
-    paths = {ext: os.path.join(output_dir, f"{name}.{ext}") for ext in ("json", "md", "png")}
-    with open(paths["json"], "w") as f:
-        json.dump(results, f, indent=2)
-    with open(paths["md"], "w") as f:
-        f.write(results_markdown(results, title=title))
+def _number_cell(cell):
+    """Every metric here is a percentage or seconds: two decimals, also for a whole number."""
+    return float(cell) if isinstance(cell, int) and not isinstance(cell, bool) else cell
+
+
+def plot_classification_results(results: Mapping[str, Mapping], path, title: Optional[str] = None
+                                ) -> str:
+    """A bar chart of the metrics per model (error bars: std over seeds), written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -187,6 +175,36 @@ def write_results(results: Mapping[str, Mapping], output_dir: str, name: str = "
         ax.set_title(title)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(paths["png"], dpi=100)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
+    os.replace(tmp, path)
+    return str(path)
+
+
+def write_classification_results(output_dir, results: Mapping[str, Mapping], *,
+                                 name: str = "results", title: Optional[str] = None
+                                 ) -> Dict[str, str]:
+    """``<name>.json`` and ``<name>.md`` through the one writer, plus the bar chart ``<name>.png``;
+    returns their paths (keys ``json``, ``markdown``, ``png``)."""
+    paths = _write_results(output_dir, results, name=name,
+                          markdown=classification_markdown(results, title=title))
+    paths["png"] = plot_classification_results(results, Path(output_dir) / f"{name}.png", title)
     return paths
+
+
+def _old_write_results(results, output_dir, name: str = "results", title: Optional[str] = None):
+    paths = write_classification_results(output_dir, results, name=name, title=title)
+    return {**paths, "md": paths["markdown"]}  # the key this returned before
+
+
+# one release: the names (and argument order) these had before the one writer
+results_markdown = deprecated_alias(classification_markdown,
+                                    "hf_munba.evaluation.classification.results_markdown",
+                                    "hf_munba.evaluation.classification.classification_markdown")
+write_results = deprecated_alias(_old_write_results,
+                                 "hf_munba.evaluation.classification.write_results(results, "
+                                 "output_dir)",
+                                 "hf_munba.evaluation.classification.write_classification_results"
+                                 "(output_dir, results)")

@@ -275,7 +275,9 @@ def evaluate_generation(cfg: GenerativeEvalConfig) -> Dict:
                                                                 cfg.batch_size),
                                                ref, cfg.fid_feature_extractor) for n in names}}
 
-    from .report import image_grid, results_markdown, update_model_card, write_results
+    from .grid import image_grid
+    from .report import generation_markdown, update_model_card
+    from .results import write_results
 
     results = {
         "prompt_set": cfg.prompt_set if isinstance(cfg.prompt_set, str) else "list",
@@ -287,10 +289,10 @@ def evaluate_generation(cfg: GenerativeEvalConfig) -> Dict:
                        "height": cfg.height, "width": cfg.width},
         "metrics": metrics,
     }
-    write_results(out, results)
+    write_results(out, results, markdown=generation_markdown)
     if cfg.grid_images > 0:
         image_grid({n: paths[n][:cfg.grid_images] for n in names}, out / "grid.png")
-    section = results_markdown(results).replace("# Generative unlearning evaluation",
+    section = generation_markdown(results).replace("# Generative unlearning evaluation",
                                                 "## Generative unlearning evaluation (hf_munba)", 1)
     section = section.replace("\n## ", "\n### ")
     for n in cfg.model_card:

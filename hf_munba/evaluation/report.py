@@ -1,47 +1,29 @@
-"""Result tables (markdown + JSON), an image grid, and metrics in a pipeline's model card.
+"""The generative evaluation's markdown document, and its metrics in a pipeline's model card.
 
-Everything is written atomically (temp file next to the target, then ``os.replace``): a crash
-leaves the previous file or none, never half a table.
+The writer (``results.json`` + ``results.md``), the table helper and the image grid are shared
+by every evaluation and live in :mod:`.results` and :mod:`.grid`; they are importable from here
+too, as before. Everything is written atomically.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional
 
+from .grid import image_grid
 from .nudity import EXPOSED_CLASSES
+from .results import atomic_write_text, deprecated_alias, markdown_table
+from .results import write_results as _write_results
 
-__all__ = ["atomic_write_text", "markdown_table", "results_markdown", "write_results",
-           "image_grid", "update_model_card", "CARD_BEGIN", "CARD_END"]
+__all__ = ["atomic_write_text", "markdown_table", "generation_markdown",
+           "image_grid", "update_model_card", "CARD_BEGIN", "CARD_END",
+           "results_markdown", "write_results"]
 
 CARD_BEGIN = "<!-- hf_munba:generative-eval:begin -->"
 CARD_END = "<!-- hf_munba:generative-eval:end -->"
 
 
-def atomic_write_text(path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _fmt(value) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.2f}"
-    return str(value)
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def results_markdown(results: Mapping) -> str:
+def generation_markdown(results: Mapping) -> str:
     """One markdown section per metric; models are rows so they read side by side."""
     models: List[str] = list(results["models"])
     metrics: Mapping = results["metrics"]
@@ -86,36 +68,8 @@ def results_markdown(results: Mapping) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
-def write_results(output_dir, results: Mapping) -> Dict[str, str]:
-    """``results.json`` and ``results.md`` in ``output_dir``; returns their paths."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2, sort_keys=False) + "\n")
-    atomic_write_text(out / "results.md", results_markdown(results))
-    return {"json": str(out / "results.json"), "markdown": str(out / "results.md")}
-
-
-def image_grid(rows: Mapping[str, Sequence], path, cell: int = 128, label_width: int = 160):
-    """A PNG with one row per model (its name on the left) and one column per image file."""
-    from PIL import Image, ImageDraw
-
-    if not rows:
-        raise ValueError("no images for the grid")
-    ncols = max(len(v) for v in rows.values())
-    if ncols == 0:
-        raise ValueError("no images for the grid")
-    grid = Image.new("RGB", (label_width + ncols * cell, len(rows) * cell), "white")
-    draw = ImageDraw.Draw(grid)
-    for r, (name, files) in enumerate(rows.items()):
-        draw.text((4, r * cell + cell // 2 - 6), str(name)[:24], fill="black")
-        for c, f in enumerate(files):
-            with Image.open(f) as im:
-                grid.paste(im.convert("RGB").resize((cell, cell)), (label_width + c * cell, r * cell))
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    grid.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return grid
+def _write_generation_results(output_dir, results: Mapping) -> Dict[str, str]:
+    return _write_results(output_dir, results, markdown=generation_markdown)
 
 
 def update_model_card(model_dir, section_markdown: str, title: Optional[str] = None,
@@ -147,3 +101,11 @@ def update_model_card(model_dir, section_markdown: str, title: Optional[str] = N
                                            model_name=Path(model_dir).resolve().name)
     atomic_write_text(card, text)
     return str(card)
+
+
+# one release: the names these had before the one writer
+results_markdown = deprecated_alias(generation_markdown, "hf_munba.evaluation.report.results_markdown",
+                                    "hf_munba.evaluation.report.generation_markdown")
+write_results = deprecated_alias(_write_generation_results, "hf_munba.evaluation.report.write_results",
+                                 "hf_munba.evaluation.results.write_results(output_dir, results, "
+                                 "markdown=generation_markdown)")

@@ -34,8 +34,9 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
-__all__ = ["AccuracyCurveCallback", "ForgetCriterion", "first_and_best", "aggregate_curves",
-           "aggregate_first_best", "select_run", "plot_tradeoff_curves"]
+__all__ = ["AccuracyCurveCallback", "ForgetCriterion", "first_and_best", "mean_std",
+           "aggregate_curves", "aggregate_first_best", "best_at_forgetting", "select_run",
+           "draw_tradeoff", "save_figure", "plot_tradeoff_curves"]
 
 
 @torch.no_grad()
@@ -161,7 +162,10 @@ def first_and_best(points: Sequence[Mapping[str, float]], criterion: ForgetCrite
             "first_point": dict(ok[0]), "best_point": dict(best)}
 
 
-def _stat(vals: Sequence[float]) -> Dict[str, float]:
+def mean_std(vals: Sequence[float]) -> Dict[str, float]:
+    """``{mean, std, n}`` over the finite values (std with ddof=1: the spread between seeds; 0 for
+    one value); NaN mean and std with ``n=0`` when there is none. None and NaN are skipped, so a
+    seed that never reached a criterion does not count as a zero."""
     v = np.asarray([x for x in vals if x is not None and math.isfinite(x)], dtype=np.float64)
     if len(v) == 0:
         return {"mean": float("nan"), "std": float("nan"), "n": 0}
@@ -179,7 +183,7 @@ def aggregate_curves(curves: Sequence[Sequence[Mapping[str, float]]]) -> List[Di
     for step in sorted(by_step):
         pts = by_step[step]
         keys = sorted({k for p in pts for k in p if k != "step"})
-        out.append({"step": step, **{k: _stat([p[k] for p in pts if k in p]) for k in keys}})
+        out.append({"step": step, **{k: mean_std([p[k] for p in pts if k in p]) for k in keys}})
     return out
 
 
@@ -187,10 +191,26 @@ def aggregate_first_best(per_seed: Sequence[Mapping[str, object]]) -> Dict[str, 
     """Mean ± std over the seeds that reached the criterion, and how many did."""
     reached = [r for r in per_seed if r["reached"]]
     return {"reached": len(reached), "seeds": len(per_seed),
-            "first": _stat([r["first"] for r in reached]),
-            "first_step": _stat([r["first_step"] for r in reached]),
-            "best": _stat([r["best"] for r in reached]),
-            "best_step": _stat([r["best_step"] for r in reached])}
+            "first": mean_std([r["first"] for r in reached]),
+            "first_step": mean_std([r["first_step"] for r in reached]),
+            "best": mean_std([r["best"] for r in reached]),
+            "best_step": mean_std([r["best_step"] for r in reached])}
+
+
+def best_at_forgetting(candidates: Mapping[object, Mapping[str, object]], which: str = "best"
+                       ) -> Optional[object]:
+    """The candidate with the highest mean ``which`` (``"first"`` or ``"best"``) among those that
+    met the criterion on every seed; None when none did.
+
+    ``candidates`` maps a name (e.g. ``weighted-0.3``) to its :func:`aggregate_first_best`
+    result. A candidate that missed the criterion on one seed is out: its mean is over the lucky
+    seeds only. Ties go to the first in ``candidates``' order.
+    """
+    ok = [name for name, c in candidates.items()
+          if c["seeds"] and c["reached"] == c["seeds"] and math.isfinite(c[which]["mean"])]
+    if not ok:
+        return None
+    return max(ok, key=lambda name: (candidates[name][which]["mean"], -ok.index(name)))
 
 
 def select_run(candidates: Mapping[object, Mapping[str, object]],
@@ -213,6 +233,63 @@ def select_run(candidates: Mapping[object, Mapping[str, object]],
     return min(order, key=lambda v: (end_forget_distance[v], order.index(v)))
 
 
+def _mean(point: Mapping, key: str) -> float:
+    value = point[key]
+    return value["mean"] if isinstance(value, Mapping) else value
+
+
+def _style(name: str) -> Dict[str, object]:
+    """munba bold and solid, the weighted sum dashed, everything else dotted."""
+    if name.startswith("munba"):
+        return {"ls": "-", "lw": 2.2}
+    return {"ls": "--" if name.startswith("weighted") else ":", "lw": 1.3}
+
+
+def draw_tradeoff(ax, curves: Mapping[str, Sequence[Mapping[str, object]]], x_key: str, y_key: str,
+                  *, band: Optional[Sequence[float]] = None,
+                  references: Optional[Mapping[str, Mapping[str, float]]] = None,
+                  band_axis: str = "x", label_end_step: bool = False) -> None:
+    """One panel: ``y_key`` against ``x_key`` for every curve (start to end, o = end).
+
+    Points are plain numbers or :func:`mean_std` cells (their mean is drawn). ``band`` = (low,
+    high) of the forget criterion, shaded across ``band_axis``; ``references`` are single points
+    (e.g. retrain, original) drawn as stars; ``label_end_step`` writes the last step next to the
+    end marker. Every trade-off figure is made of these panels, so they read the same everywhere.
+    """
+    import matplotlib.pyplot as plt
+
+    cmap = plt.get_cmap("tab10")  # distinct hues; line styles separate families
+    for i, (name, pts) in enumerate(curves.items()):
+        color = cmap(i % 10)
+        xs = [_mean(p, x_key) for p in pts]
+        ys = [_mean(p, y_key) for p in pts]
+        ax.plot(xs, ys, color=color, marker=".", ms=4, label=name, **_style(name))
+        ax.plot(xs[-1:], ys[-1:], "o", color=color, ms=6)
+        if label_end_step:
+            ax.annotate(str(pts[-1]["step"]), (xs[-1], ys[-1]), fontsize=7)
+    for name, ref in (references or {}).items():
+        if x_key in ref and y_key in ref:
+            ax.plot([ref[x_key]], [ref[y_key]], "*", ms=14, zorder=5, label=name,
+                    color="k" if name in ("retrain", "original") else "grey")
+    if band is not None:
+        (ax.axvspan if band_axis == "x" else ax.axhspan)(*band, color="green", alpha=0.12)
+    ax.grid(alpha=0.3)
+
+
+def save_figure(fig, path) -> str:
+    """Save ``fig`` as a PNG atomically (temp file, rename) and close it."""
+    import os
+
+    import matplotlib.pyplot as plt
+
+    path = str(path)
+    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp")
+    fig.savefig(tmp, format="png", dpi=fig.dpi)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
 def plot_tradeoff_curves(curves: Mapping[str, Sequence[Mapping[str, object]]], path: str,
                          title: str = "", criterion_band: Optional[Sequence[float]] = None,
                          references: Optional[Mapping[str, Mapping[str, float]]] = None) -> str:
@@ -225,40 +302,24 @@ def plot_tradeoff_curves(curves: Mapping[str, Sequence[Mapping[str, object]]], p
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, grid = plt.subplots(2, 2, figsize=(13, 10))
+    fig, grid = plt.subplots(2, 2, figsize=(13, 10), dpi=80)
     axes = grid.flat
-    cmap = plt.get_cmap("tab10")  # distinct hues; line styles separate families
-    mean = lambda p, k: p[k]["mean"] if isinstance(p[k], Mapping) else p[k]  # noqa: E731
-    for i, (name, pts) in enumerate(curves.items()):
-        color = cmap(i % 10)
-        style = "-" if name.startswith("munba") else ("--" if name.startswith("weighted") else ":")
-        width = 2.2 if name.startswith("munba") else 1.3
-        xf = [mean(p, "acc_forget") for p in pts]
-        steps = [p["step"] for p in pts]
-        for ax, key in ((axes[0], "acc_test"), (axes[1], "acc_retain")):
-            ax.plot(xf, [mean(p, key) for p in pts], style, color=color, lw=width, marker=".",
-                    ms=4, label=name)
-            ax.plot(xf[-1:], [mean(pts[-1], key)], "o", color=color, ms=6)
-        axes[2].plot(steps, xf, style, color=color, lw=width, label=name)
-        axes[3].plot(steps, [mean(p, "acc_test") for p in pts], style, color=color, lw=width, label=name)
-    for name, ref in (references or {}).items():
-        for ax, key in ((axes[0], "acc_test"), (axes[1], "acc_retain")):
-            ax.plot([ref["acc_forget"]], [ref[key]], "*", ms=14, color="k" if name == "retrain" else "grey",
-                    label=name, zorder=5)
-        if name == "retrain":
-            axes[3].axhline(ref["acc_test"], color="k", lw=0.8, ls="-.", label="retrain")
+    draw_tradeoff(axes[0], curves, "acc_forget", "acc_test", band=criterion_band,
+                  references=references)
+    draw_tradeoff(axes[1], curves, "acc_forget", "acc_retain", band=criterion_band,
+                  references=references)
+    draw_tradeoff(axes[2], curves, "step", "acc_forget", band=criterion_band, band_axis="y")
+    draw_tradeoff(axes[3], curves, "step", "acc_test")
+    if references and "retrain" in references:
+        axes[3].axhline(references["retrain"]["acc_test"], color="k", lw=0.8, ls="-.",
+                        label="retrain")
     labels = (("Acc(D_f) %  (start -> end, o = end)", "Acc(D_t) %"), ("Acc(D_f) %", "Acc(D_r) %"),
               ("optimizer step", "Acc(D_f) %"), ("optimizer step", "Acc(D_t) %"))
-    for j, (ax, (xlabel, ylabel)) in enumerate(zip(axes, labels)):
-        if criterion_band is not None and j < 3:
-            (ax.axhspan if j == 2 else ax.axvspan)(*criterion_band, color="green", alpha=0.12)
+    for ax, (xlabel, ylabel) in zip(axes, labels):
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, ncol=2)
     if title:
         fig.suptitle(title + "  (green: forget criterion; lines: mean over seeds)")
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

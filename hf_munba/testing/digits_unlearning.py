@@ -13,29 +13,38 @@ script and the evaluation suite:
 * :func:`evaluate_checkpoints` - forget / retained accuracy of a run at each saved step, in one
   process (the pipeline and classifier load once; each checkpoint swaps only the weights);
 * :func:`summarize_runs` / :func:`summary_markdown` - end-of-run mean and spread over seeds;
-* :func:`summarize_curves` / :func:`curve_markdown` / :func:`plot_tradeoff_curves` - the trade-off
+* :func:`summarize_curves` / :func:`curve_markdown` / :func:`plot_digit_curves` - the trade-off
   over training: the forget-vs-retained curve, the retained accuracy at the first evaluation that
   reaches the forgetting threshold, and the best retained accuracy among those that do.
+
+The trade-off math itself (first / best at a forget criterion, mean +- std over seeds, the curve
+panels) is :mod:`hf_munba.evaluation.tradeoff`'s, shared with the classifier benchmark; this
+module only maps the digits runs (``forget_accuracy`` / ``retain_accuracy`` per method and
+variant) onto it and lays out the digits tables.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import os
-import statistics
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from ..evaluation.results import deprecated_alias, markdown_table
+from ..evaluation.tradeoff import (ForgetCriterion, aggregate_curves, aggregate_first_best,
+                                   best_at_forgetting, draw_tradeoff, first_and_best, mean_std,
+                                   save_figure)
 from ..utils.atomic_save import atomic_directory
 from .digits import DIGIT_WORDS, PROMPT_TEMPLATE, digit_prompt, load_digits
 
 __all__ = ["METHODS", "WEIGHTED_LAMBDAS", "FORGET_THRESHOLD", "write_digit_imagefolders",
            "write_digit_prompt_csv", "train_script_args", "evaluate_checkpoints",
            "summarize_runs", "summary_markdown", "summarize_curves", "curve_markdown",
-           "best_weighted", "plot_tradeoff_curves"]
+           "best_weighted", "plot_digit_curves", "plot_tradeoff_curves"]
 
 # The weighted sum's lambda sweep (each its own method, weighted-<lambda>): the baseline gets its
 # own small hyper-parameter search before it is compared.
@@ -64,11 +73,16 @@ def _check_digit(d: int, what: str) -> int:
     return d
 
 
+def _to_uint8(images):
+    """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8, the way the real images were written."""
+    return ((images + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+
+
 def _write_folder(folder: Path, images, labels) -> int:
     from PIL import Image
 
     folder.mkdir(parents=True)
-    u8 = ((images + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    u8 = _to_uint8(images)
     lines = []
     for n, (arr, y) in enumerate(zip(u8, labels.tolist())):
         name = f"{n:05d}_{y}.png"
@@ -153,11 +167,15 @@ def train_script_args(*, method: str, pretrained: str, data: Mapping[str, str], 
     return args
 
 
-def _mean_std(values: Sequence[float]):
-    vals = [float(v) for v in values if v is not None]
-    if not vals:
-        return None, None
-    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+def _mean_std(values: Sequence[Optional[float]]) -> Tuple[Optional[float], Optional[float]]:
+    """:func:`~hf_munba.evaluation.tradeoff.mean_std` as the digits tables hold it: (mean, std),
+    None for "no value" (JSON null, a dash in the table) instead of NaN."""
+    stat = mean_std([float(v) for v in values if v is not None])
+    return (None, None) if stat["n"] == 0 else (stat["mean"], stat["std"])
+
+
+def _none_if_nan(value):
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
 def summarize_runs(runs: Sequence[Mapping], base: Mapping) -> List[Dict]:
@@ -185,23 +203,20 @@ def summarize_runs(runs: Sequence[Mapping], base: Mapping) -> List[Dict]:
     return rows
 
 
+def _pm(mean, std) -> str:
+    return "–" if mean is None else f"{mean:.1f} ± {std:.1f}"
+
+
 def summary_markdown(rows: Sequence[Mapping], base: Mapping) -> str:
     """The results table: forgetting / retained accuracy (mean +- std over seeds, %)."""
-
-    def pm(m, s):
-        return "–" if m is None else f"{m:.1f} ± {s:.1f}"
-
-    lines = ["| model | params | forget acc (%) ↓ | retained acc (%) ↑ | retained / original "
-             "| train s / run |", "|---|---|---|---|---|---|",
-             f"| original | – | {base['forget_accuracy']:.1f} | {base['retain_accuracy']:.1f} "
-             f"| 100% | – |"]
-    for r in rows:
-        ratio = "–" if r["retain_ratio"] is None else f"{r['retain_ratio']:.0f}%"
-        secs = "–" if r["seconds"] is None else f"{r['seconds']:.0f}"
-        lines.append(f"| {r['method']} | {r['variant']} | "
-                     f"{pm(r['forget_accuracy'], r['forget_accuracy_std'])} | "
-                     f"{pm(r['retain_accuracy'], r['retain_accuracy_std'])} | {ratio} | {secs} |")
-    return "\n".join(lines) + "\n"
+    table = [["original", "–", f"{base['forget_accuracy']:.1f}", f"{base['retain_accuracy']:.1f}",
+              "100%", "–"]]
+    table += [[r["method"], r["variant"], _pm(r["forget_accuracy"], r["forget_accuracy_std"]),
+               _pm(r["retain_accuracy"], r["retain_accuracy_std"]),
+               "–" if r["retain_ratio"] is None else f"{r['retain_ratio']:.0f}%",
+               "–" if r["seconds"] is None else f"{r['seconds']:.0f}"] for r in rows]
+    return markdown_table(["model", "params", "forget acc (%) ↓", "retained acc (%) ↑",
+                           "retained / original", "train s / run"], table) + "\n"
 
 
 def evaluate_checkpoints(pipeline_path: str, classifier_path: str,
@@ -252,9 +267,9 @@ def evaluate_checkpoints(pipeline_path: str, classifier_path: str,
                     "retain_accuracy": 100.0 * float(hits[keep].mean()),
                     "per_class": {str(d): 100.0 * float(hits[d].mean()) for d in range(10)}})
         if grid_dir is not None and n == len(checkpoints) - 1:
-            _write_grid_images(Path(grid_dir), images.view(10, num_images_per_prompt,
-                                                           *images.shape[1:]),
-                               forget_digit, grid_images)
+            _write_grid_row(Path(grid_dir), images.view(10, num_images_per_prompt,
+                                                        *images.shape[1:]),
+                            forget_digit, grid_images)
         if folder is not None and lora:
             pipe.unload_lora_weights()
         elif folder is not None:
@@ -262,7 +277,10 @@ def evaluate_checkpoints(pipeline_path: str, classifier_path: str,
     return out
 
 
-def _write_grid_images(folder: Path, images, forget_digit: int, n_forget: int) -> None:
+def _write_grid_row(folder: Path, images, forget_digit: int, n_forget: int) -> None:
+    """The images of one grid row (``n_forget`` of the forgotten digit, then one per other digit)
+    as PNGs with a ``metadata.jsonl``: the experiment's workers run in other processes, so they
+    hand the row over as files; the grid itself is :func:`hf_munba.evaluation.grid.image_grid`."""
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -270,30 +288,28 @@ def _write_grid_images(folder: Path, images, forget_digit: int, n_forget: int) -
     picks = [(forget_digit, k) for k in range(min(n_forget, images.shape[1]))]
     picks += [(d, 0) for d in range(10) if d != forget_digit]
     for d, k in picks:
-        arr = ((images[d, k] + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
         name = f"{d}_{k:03d}.png"
-        Image.fromarray(arr, mode="RGB").save(folder / name)
+        Image.fromarray(_to_uint8(images[d, k][None])[0], mode="RGB").save(folder / name)
         lines.append(json.dumps({"file_name": name, "label": str(d)}))
     (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def _first_and_best(points: Sequence[Mapping], threshold: float):
-    """(retained at the first point with forget <= threshold, its step, best retained there)."""
-    ok = [p for p in points if p["forget_accuracy"] <= threshold]
-    if not ok:
-        return None, None, None
-    return ok[0]["retain_accuracy"], ok[0]["step"], max(p["retain_accuracy"] for p in ok)
+_KEYS = ("forget_accuracy", "retain_accuracy")
 
 
 def summarize_curves(runs: Sequence[Mapping], threshold: float = FORGET_THRESHOLD) -> List[Dict]:
     """Per (variant, method): the mean +- std curve over seeds and the two trade-off numbers.
 
     ``runs``: dicts with ``method``, ``variant``, ``seed`` and ``curve`` (a list of
-    ``{"step", "forget_accuracy", "retain_accuracy"}``, the same steps in every seed).
-    Per seed, ``first`` is the retained accuracy at the first evaluation with forget accuracy
-    <= ``threshold`` and ``best`` the highest retained accuracy over all such evaluations; their
-    mean and std are over the seeds that reached the threshold (``reached`` of ``seeds``).
+    ``{"step", "forget_accuracy", "retain_accuracy"}``, the same steps in every seed, step 0 the
+    original model). Per seed (:func:`~hf_munba.evaluation.tradeoff.first_and_best` with
+    forget accuracy <= ``threshold``; step 0 never counts, the method must have taken a step),
+    ``first`` is the retained accuracy at the first evaluation meeting it and ``best`` the highest
+    retained accuracy over all that do; their mean and std are over the seeds that reached it
+    (``reached`` of ``seeds``). ``at_forgetting`` is the generic
+    :func:`~hf_munba.evaluation.tradeoff.aggregate_first_best` result the flat fields come from.
     """
+    criterion = ForgetCriterion.at_most(threshold)
     groups: Dict[tuple, List[Mapping]] = {}
     for r in runs:
         groups.setdefault((r["variant"], r["method"]), []).append(r)
@@ -302,85 +318,86 @@ def summarize_curves(runs: Sequence[Mapping], threshold: float = FORGET_THRESHOL
         steps = [p["step"] for p in rs[0]["curve"]]
         if any([p["step"] for p in r["curve"]] != steps for r in rs):
             raise ValueError(f"{method} {variant}: seeds were evaluated at different steps")
-        curve = []
-        for i, step in enumerate(steps):
-            fm, fs = _mean_std([r["curve"][i]["forget_accuracy"] for r in rs])
-            rm, rsd = _mean_std([r["curve"][i]["retain_accuracy"] for r in rs])
-            curve.append({"step": step, "forget_accuracy": fm, "forget_accuracy_std": fs,
-                          "retain_accuracy": rm, "retain_accuracy_std": rsd})
-        per_seed = {r["seed"]: _first_and_best(r["curve"], threshold) for r in rs}
-        reached = [v for v in per_seed.values() if v[0] is not None]
-        first_m, first_s = _mean_std([v[0] for v in reached])
-        best_m, best_s = _mean_std([v[2] for v in reached])
-        step_m, _ = _mean_std([v[1] for v in reached])
+        mean_curve = aggregate_curves([[{"step": p["step"], **{k: p[k] for k in _KEYS}}
+                                        for p in r["curve"]] for r in rs])
+        curve = [{"step": p["step"], **{f: v for k in _KEYS
+                                         for f, v in ((k, p[k]["mean"]), (f"{k}_std", p[k]["std"]))}}
+                 for p in mean_curve]
+        per_seed = {r["seed"]: first_and_best(r["curve"], criterion, key="retain_accuracy",
+                                              forget_key="forget_accuracy") for r in rs}
+        agg = aggregate_first_best(list(per_seed.values()))
         rows.append({"variant": variant, "method": method, "seeds": len(rs),
-                     "reached": len(reached), "threshold": threshold, "curve": curve,
-                     "first_retain": first_m, "first_retain_std": first_s,
-                     "first_step": step_m, "best_retain": best_m, "best_retain_std": best_s,
-                     "per_seed": {str(k): {"first_retain": v[0], "first_step": v[1],
-                                           "best_retain": v[2]} for k, v in per_seed.items()}})
+                     "reached": agg["reached"], "threshold": threshold, "curve": curve,
+                     "first_retain": _none_if_nan(agg["first"]["mean"]),
+                     "first_retain_std": _none_if_nan(agg["first"]["std"]),
+                     "first_step": _none_if_nan(agg["first_step"]["mean"]),
+                     "best_retain": _none_if_nan(agg["best"]["mean"]),
+                     "best_retain_std": _none_if_nan(agg["best"]["std"]),
+                     "per_seed": {str(k): {"first_retain": _none_if_nan(v["first"]),
+                                           "first_step": v["first_step"],
+                                           "best_retain": _none_if_nan(v["best"])}
+                                  for k, v in per_seed.items()},
+                     "at_forgetting": agg})
     return rows
 
 
 def best_weighted(rows: Sequence[Mapping], variant: str, key: str) -> Optional[Mapping]:
     """The weighted-<lambda> row of ``variant`` with the highest mean ``key`` (``first_retain``
-    or ``best_retain``) among those that reached the threshold in every seed (None if none)."""
-    cands = [r for r in rows if r["variant"] == variant and r["method"].startswith("weighted-")
-             and r["reached"] == r["seeds"] and r[key] is not None]
-    return max(cands, key=lambda r: r[key]) if cands else None
+    or ``best_retain``) among those that reached the threshold in every seed (None if none):
+    :func:`~hf_munba.evaluation.tradeoff.best_at_forgetting` over the weighted rows."""
+    which = {"first_retain": "first", "best_retain": "best"}[key]
+    cands = {r["method"]: r for r in rows
+             if r["variant"] == variant and r["method"].startswith("weighted-")}
+    name = best_at_forgetting({m: r["at_forgetting"] for m, r in cands.items()}, which)
+    return None if name is None else cands[name]
 
 
 def curve_markdown(rows: Sequence[Mapping], end_rows: Sequence[Mapping], base: Mapping) -> str:
     """One table: end-of-run numbers beside the trade-off numbers, per method and variant."""
-
-    def pm(m, s):
-        return "–" if m is None else f"{m:.1f} ± {s:.1f}"
-
     end = {(r["variant"], r["method"]): r for r in end_rows}
     thr = rows[0]["threshold"] if rows else FORGET_THRESHOLD
-    lines = [f"| method | params | end: forget acc (%) ↓ | end: retained acc (%) ↑ | first point "
-             f"with forget ≤ {thr:g}%: retained (%) ↑ | its step | best retained (%) with forget "
-             f"≤ {thr:g}% ↑ | seeds reaching it |", "|---|---|---|---|---|---|---|---|",
-             f"| original | – | {base['forget_accuracy']:.1f} | {base['retain_accuracy']:.1f} "
-             f"| – | – | – | – |"]
+    table = [["original", "–", f"{base['forget_accuracy']:.1f}", f"{base['retain_accuracy']:.1f}",
+              "–", "–", "–", "–"]]
     for r in rows:
         e = end.get((r["variant"], r["method"]), {})
-        step = "–" if r["first_step"] is None else f"{r['first_step']:.0f}"
-        lines.append(
-            f"| {r['method']} | {r['variant']} | "
-            f"{pm(e.get('forget_accuracy'), e.get('forget_accuracy_std'))} | "
-            f"{pm(e.get('retain_accuracy'), e.get('retain_accuracy_std'))} | "
-            f"{pm(r['first_retain'], r['first_retain_std'])} | {step} | "
-            f"{pm(r['best_retain'], r['best_retain_std'])} | {r['reached']}/{r['seeds']} |")
-    return "\n".join(lines) + "\n"
+        table.append([r["method"], r["variant"],
+                      _pm(e.get("forget_accuracy"), e.get("forget_accuracy_std")),
+                      _pm(e.get("retain_accuracy"), e.get("retain_accuracy_std")),
+                      _pm(r["first_retain"], r["first_retain_std"]),
+                      "–" if r["first_step"] is None else f"{r['first_step']:.0f}",
+                      _pm(r["best_retain"], r["best_retain_std"]), f"{r['reached']}/{r['seeds']}"])
+    return markdown_table(
+        ["method", "params", "end: forget acc (%) ↓", "end: retained acc (%) ↑",
+         f"first point with forget ≤ {thr:g}%: retained (%) ↑", "its step",
+         f"best retained (%) with forget ≤ {thr:g}% ↑", "seeds reaching it"], table) + "\n"
 
 
-def plot_tradeoff_curves(rows: Sequence[Mapping], base: Mapping, path: str | os.PathLike,
-                         threshold: float = FORGET_THRESHOLD, title: str = "") -> None:
+def plot_digit_curves(rows: Sequence[Mapping], base: Mapping, path: str | os.PathLike,
+                      threshold: float = FORGET_THRESHOLD, title: str = "") -> str:
     """A PNG, one panel per variant: retained vs forget accuracy over training, one line per
-    method (mean over seeds at each evaluation, from the original model at step 0)."""
+    method (mean over seeds at each evaluation, from the original model at step 0), drawn with
+    :func:`~hf_munba.evaluation.tradeoff.draw_tradeoff`; green: forget accuracy <= threshold."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     variants = list(dict.fromkeys(r["variant"] for r in rows))
-    fig, axes = plt.subplots(1, len(variants), figsize=(6.2 * len(variants), 5), squeeze=False)
+    fig, axes = plt.subplots(1, len(variants), figsize=(6.2 * len(variants), 5), squeeze=False,
+                             dpi=110)
     for ax, variant in zip(axes[0], variants):
-        for r in (r for r in rows if r["variant"] == variant):
-            xs = [p["forget_accuracy"] for p in r["curve"]]
-            ys = [p["retain_accuracy"] for p in r["curve"]]
-            style = dict(lw=2.4) if r["method"] == "munba" else dict(lw=1.2)
-            ax.plot(xs, ys, marker="o", ms=3, label=r["method"], **style)
-            ax.annotate(str(r["curve"][-1]["step"]), (xs[-1], ys[-1]), fontsize=7)
-        ax.scatter([base["forget_accuracy"]], [base["retain_accuracy"]], c="k", marker="*", s=90,
-                   zorder=5, label="original")
-        ax.axvline(threshold, color="gray", ls="--", lw=0.8)
+        curves = {r["method"]: r["curve"] for r in rows if r["variant"] == variant}
+        draw_tradeoff(ax, curves, "forget_accuracy", "retain_accuracy", band=(0.0, threshold),
+                      references={"original": base}, label_end_step=True)
         ax.set_xlabel("forget accuracy (%)  ↓")
         ax.set_ylabel("retained accuracy (%)  ↑")
         ax.set_title(f"{title} {variant}".strip())
-        ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return save_figure(fig, path)
+
+
+# one release: the name this had, which the classifier plot in evaluation.tradeoff also has
+plot_tradeoff_curves = deprecated_alias(plot_digit_curves,
+                                        "hf_munba.testing.digits_unlearning.plot_tradeoff_curves",
+                                        "hf_munba.testing.digits_unlearning.plot_digit_curves")
