@@ -368,12 +368,14 @@ def main(argv=None):
 
     from hf_munba.classification.data import InMemoryDataset, digits_dataset
     from hf_munba.classification.model_io import load_image_classifier
+    from training.train_munba_classifier import test_model_sources
     from hf_munba.evaluation.classification import avg_gap, evaluate_unlearning
     from hf_munba.evaluation.tradeoff import ForgetCriterion
     from hf_munba.classification.forget_sets import ForgetSpec, split_forget_retain
 
     torch.set_num_threads(a.threads)
     hf_logging.set_verbosity_error()
+    sources = test_model_sources()
     data = digits_dataset(seed=0)
     test = InMemoryDataset.from_dataset(data["test"])
     full = InMemoryDataset.from_dataset(data["train"])
@@ -386,7 +388,7 @@ def main(argv=None):
     os.makedirs(a.output_dir, exist_ok=True)
     with tempfile.TemporaryDirectory() as work:
         for seed in a.seeds:
-            base, _ = load_image_classifier(a.model, seed=seed)
+            base, _ = load_image_classifier(a.model, seed=seed, model_sources=sources)
             original, t_orig = train(base, "original", full, None, a.recipes["class"]["original"],
                                      a.batch_size, seed, work)
             originals.append(t_orig)
@@ -398,7 +400,7 @@ def main(argv=None):
                         "retain": InMemoryDataset.from_dataset(r_ds), "test": test}
                 results = {"original": {"end": {**evaluate_unlearning(original, sets["forget"], sets["retain"],
                                                                       test), "runtime_s": float("nan")}}}
-                fresh, _ = load_image_classifier(a.model, seed=seed + 1000)
+                fresh, _ = load_image_classifier(a.model, seed=seed + 1000, model_sources=sources)
                 model, rt = train(fresh, "retrain", sets["retain"], sets["forget"], a.recipes[setting]["retrain"],
                                   a.batch_size, seed, work)
                 results["retrain"] = {"end": {**evaluate_unlearning(model, sets["forget"], sets["retain"], test),

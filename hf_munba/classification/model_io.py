@@ -2,31 +2,36 @@
 
 Sources: a saved ``AutoModelForImageClassification`` folder (safetensors only), a config JSON
 (fresh weights, for training the original model), a saved :class:`CLIPZeroShotClassifier`, a
-plain ``CLIPModel`` folder turned into a zero-shot classifier over the dataset's class names,
-or the built-in tiny test models ``tiny-resnet`` / ``tiny-vit`` (offline quickstart and tests).
+plain ``CLIPModel`` folder turned into a zero-shot classifier over the dataset's class names, or
+a name the caller maps to a builder (``model_sources``). The library names no built-in models:
+the tiny test models (``tiny-resnet`` / ``tiny-vit``) are ``hf_munba.testing`` factories, which
+the library never imports; the command-line scripts pass them in as ``model_sources``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 __all__ = ["validate_model_source", "load_image_classifier", "write_model_card", "classifier_model_card",
-           "is_hub_model_id", "has_image_processor", "BUILTIN_MODELS"]
+           "is_hub_model_id", "has_image_processor", "ModelSources"]
 
-BUILTIN_MODELS = ("tiny-resnet", "tiny-vit")
+#: name -> builder(num_labels=, num_channels=, seed=, label_names=) returning a fresh model
+ModelSources = Mapping[str, Callable[..., object]]
 
 
-def validate_model_source(name_or_path: str) -> None:
-    if name_or_path in BUILTIN_MODELS:
+def validate_model_source(name_or_path: str, model_sources: Optional[ModelSources] = None) -> None:
+    """Fail fast, before anything is loaded, on a source :func:`load_image_classifier` cannot use."""
+    if model_sources and name_or_path in model_sources:
         return
     if os.path.isfile(name_or_path):
         if not name_or_path.endswith(".json"):
             raise ValueError(f"model file {name_or_path!r} must be a config .json")
         return
     if not os.path.isdir(name_or_path):
-        raise ValueError(f"model {name_or_path!r} is not a folder, a config .json, or one of {BUILTIN_MODELS} "
+        named = f", or one of {tuple(model_sources)}" if model_sources else ""
+        raise ValueError(f"model {name_or_path!r} is not a folder, a config .json{named} "
                          "(no Hub downloads: pass a local path)")
     files = set(os.listdir(name_or_path))
     if "config.json" not in files:
@@ -39,20 +44,22 @@ def validate_model_source(name_or_path: str) -> None:
 def load_image_classifier(name_or_path: str, num_labels: int = 10,
                           label_names: Optional[Sequence[str]] = None, num_channels: int = 1,
                           clip_zero_shot: bool = False, clip_train_encoder: str = "image",
-                          clip_template: Optional[str] = None, seed: int = 0):
-    """The model, and the image processor to use with it (None when not needed)."""
+                          clip_template: Optional[str] = None, seed: int = 0,
+                          model_sources: Optional[ModelSources] = None):
+    """The model, and the image processor to use with it (None when not needed).
+
+    ``model_sources`` maps extra names to builders (called with ``num_labels``, ``num_channels``,
+    ``seed``, ``label_names``), e.g. the test models of ``hf_munba.testing`` in the CLIs.
+    """
     import torch
     from transformers import AutoConfig, AutoModelForImageClassification
 
-    from ..testing import factories as testing
     from .clip_zero_shot import DEFAULT_TEMPLATE, ZERO_SHOT_CONFIG_NAME, CLIPZeroShotClassifier
 
-    validate_model_source(name_or_path)
-    if name_or_path == "tiny-resnet":
-        return testing.tiny_resnet_classifier(num_labels, num_channels, seed, label_names), None
-    if name_or_path == "tiny-vit":
-        return testing.tiny_vit_classifier(num_labels, num_channels=num_channels, seed=seed,
-                                           label_names=label_names), None
+    validate_model_source(name_or_path, model_sources)
+    if model_sources and name_or_path in model_sources:
+        return model_sources[name_or_path](num_labels=num_labels, num_channels=num_channels,
+                                           seed=seed, label_names=label_names), None
     if os.path.isfile(name_or_path):
         config = AutoConfig.from_pretrained(name_or_path)
         names = list(label_names) if label_names else [str(i) for i in range(num_labels)]

@@ -23,6 +23,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional
 import torch
 
 from ..bargaining import NashBargainer, SatisfactionRule
+from ..unlearning.distributed import unsupported_distributed_message
 from ..unlearning.methods import settings_fields, validate_settings
 from ..unlearning.step import SkippedStepGuard, TooManySkippedSteps, unlearning_step
 from .methods import FRONT_END, ClassifierContext, UnlearningMethod, available_methods, get_method
@@ -225,15 +226,10 @@ class MunbaTrainer(Trainer):
         if args is not None and getattr(args, "fp16", False) and not torch.cuda.is_available():
             raise ValueError("fp16 mixed precision needs a CUDA GPU; on CPU use bf16 or fp32")
         super().__init__(model=model, args=args, **kwargs)
-        if self.is_deepspeed_enabled:
-            raise ValueError(
-                "MunbaTrainer does not support DeepSpeed: its backward pass also steps the "
-                "optimizer, but MUNBa needs two backward passes (retain, forget) per step. "
-                "Use DDP through `accelerate config` instead.")
-        if self.is_fsdp_enabled and method_cls.bargains:
-            raise ValueError(
-                "MunbaTrainer does not support FSDP for method 'munba' yet: sharded gradients need "
-                "the Gram all-reduced across ranks, which is untested here. Use DDP.")
+        engine = "DEEPSPEED" if self.is_deepspeed_enabled else ("FSDP" if self.is_fsdp_enabled else None)
+        refused = unsupported_distributed_message(bargains=method_cls.bargains, distributed_type=engine)
+        if refused:  # the one rule both front ends apply (hf_munba.unlearning.distributed)
+            raise ValueError(f"MunbaTrainer: {refused}")
         self.munba_args = munba_args
         self.method: UnlearningMethod = method_cls(munba_args)
         self.forget_dataset = forget_dataset
