@@ -6,6 +6,8 @@ weights (``l1``), SalUn's saliency mask (``salun``) and retraining from scratch 
 The trainer computes the losses (cross-entropy on D_r; the forget loss named by
 ``MunbaArguments.forget_loss`` or the method's default on D_f) and hands them to the method's
 hooks; a method sees the data only through :class:`ClassifierContext`, never the trainer.
+A method's options are declared on the class (``settings``: ``l1_alpha`` on ``l1``,
+``salun_ratio`` on ``salun``) and become ``MunbaArguments`` fields and CLI flags by themselves.
 """
 
 from __future__ import annotations
