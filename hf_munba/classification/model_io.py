@@ -21,7 +21,7 @@ from ..utils.model_card import classifier_model_card  # noqa: F401
 from ..utils.model_card import is_hub_id as is_hub_model_id  # noqa: F401
 
 __all__ = ["validate_model_source", "load_image_classifier", "write_model_card", "classifier_model_card",
-           "is_hub_model_id", "has_image_processor", "ModelSources"]
+           "is_hub_model_id", "has_image_processor", "ModelSources", "CARD_METRICS", "CARD_TRAINING_ARGS"]
 
 #: name -> builder(num_labels=, num_channels=, seed=, label_names=) returning a fresh model
 ModelSources = Mapping[str, Callable[..., object]]
