@@ -19,9 +19,10 @@ run) and a trade-off PNG per setting.
     python eval/bench_digits_unlearning.py --output_dir docs/bench_digits      # full (3 seeds)
     python eval/bench_digits_unlearning.py --seeds 0 --methods munba,weighted-1  # quick look
 
-Rows: a method of ``hf_munba.classification.methods`` (``munba``, ``ft``, ``ga``, ``rl``, ``salun``,
-``l1``) or ``weighted-<lam>`` (``weighted`` with ``forget_weight=lam``). ``rl`` is exactly
-``weighted-1`` (same losses), so the default list runs it only under that name. Runs
+Rows: a classifier method of the registry (``hf_munba.unlearning.available_methods("classification")``:
+``munba``, ``munba-paper``, ``ft``, ``ga``, ``rl``, ``salun``, ``l1``, ...) or ``weighted-<lam>``
+(``weighted`` with ``forget_weight=lam``). ``rl`` is exactly ``weighted-1`` (same losses), so the
+default list (``default_rows``) runs it only under that name. Runs
 single-threaded (``--threads``) so timings are comparable on a shared machine.
 """
 
@@ -47,7 +48,21 @@ _TRAIN = dict(lr=0.1, epochs=30)
 RECIPES = {"class": dict(epochs=3), "random": dict(epochs=3)}
 LR_GRID = (0.003, 0.01, 0.03, 0.1)
 WEIGHTS = (0.1, 0.3, 1, 3)
-ALL_METHODS = ["munba", "munba-paper", *[f"weighted-{w:g}" for w in WEIGHTS], "ft", "ga", "salun", "l1"]
+
+
+def default_rows():
+    """Every classifier method of the registry, with ``weighted`` as its lambda sweep: the
+    bargaining methods first, then ``weighted-<lam>`` for lam in WEIGHTS, then the baselines.
+    Left out: ``retrain`` (the reference, always run) and ``rl`` (exactly ``weighted-1``: the
+    same losses and weights). A newly registered method is benchmarked without touching this file."""
+    from hf_munba.unlearning import available_methods, get_method
+
+    methods = [m for m in available_methods("classification") if m not in ("retrain", "rl", "weighted")]
+    bargaining = [m for m in methods if get_method(m).bargains]
+    return [*bargaining, *[f"weighted-{w:g}" for w in WEIGHTS], *[m for m in methods if m not in bargaining]]
+
+
+ALL_METHODS = default_rows()
 CLASS_THRESHOLD = 5.0     # class-wise: Acc(D_f) <= 5 % counts as forgotten
 MATCH_TOLERANCE = 2.0     # random: |Acc(D_f) - retrain's| <= 2 points counts as equal forgetting
 
@@ -57,9 +72,9 @@ def row_spec(name: str):
 
     ``munba`` is what ``MunbaTrainer(method="munba")`` does with no other option (the
     recommended configuration); ``munba-paper`` is the paper's plain rule: bargaining power 1
-    and no satisfaction target. ``MunbaArguments`` has no explicit "no target" switch (a None
-    target means "the forget loss's default"), so the row checks that its configuration builds
-    no forget rule and refuses to run otherwise rather than report another rule under that name.
+    and no satisfaction target. While the classifiers' default forget loss has no default target,
+    that is exactly ``munba``'s configuration (the row then shares munba's run); should it get
+    one, the row runs the registry's ``munba-paper`` method, which never builds a rule.
     ``munba-target-<T>`` (absolute target T on the forget loss) and ``munba-power-<w>``
     (forget bargaining power w) are for exploring the bargaining options.
     """
@@ -80,8 +95,7 @@ def row_spec(name: str):
     if name == "munba-paper":
         extra = {"bargaining_power_forget": 1.0, "forget_target": None}
         if MunbaArguments(method="munba", **extra).make_forget_rule() is not None:
-            raise ValueError("munba-paper: the default forget loss now has a satisfaction target and "
-                             "MunbaArguments cannot switch it off; the paper's plain rule is not expressible")
+            return "munba-paper", {}
         return "munba", extra
     if name.startswith("munba-target-"):
         return "munba", {"forget_target": number("munba-target-"), "forget_target_mode": "absolute"}
@@ -368,12 +382,14 @@ def main(argv=None):
 
     from hf_munba.classification.data import InMemoryDataset, digits_dataset
     from hf_munba.classification.model_io import load_image_classifier
+    from training.train_munba_classifier import test_model_sources
     from hf_munba.evaluation.classification import avg_gap, evaluate_unlearning
     from hf_munba.evaluation.tradeoff import ForgetCriterion
     from hf_munba.classification.forget_sets import ForgetSpec, split_forget_retain
 
     torch.set_num_threads(a.threads)
     hf_logging.set_verbosity_error()
+    sources = test_model_sources()
     data = digits_dataset(seed=0)
     test = InMemoryDataset.from_dataset(data["test"])
     full = InMemoryDataset.from_dataset(data["train"])
@@ -386,7 +402,7 @@ def main(argv=None):
     os.makedirs(a.output_dir, exist_ok=True)
     with tempfile.TemporaryDirectory() as work:
         for seed in a.seeds:
-            base, _ = load_image_classifier(a.model, seed=seed)
+            base, _ = load_image_classifier(a.model, seed=seed, model_sources=sources)
             original, t_orig = train(base, "original", full, None, a.recipes["class"]["original"],
                                      a.batch_size, seed, work)
             originals.append(t_orig)
@@ -398,7 +414,7 @@ def main(argv=None):
                         "retain": InMemoryDataset.from_dataset(r_ds), "test": test}
                 results = {"original": {"end": {**evaluate_unlearning(original, sets["forget"], sets["retain"],
                                                                       test), "runtime_s": float("nan")}}}
-                fresh, _ = load_image_classifier(a.model, seed=seed + 1000)
+                fresh, _ = load_image_classifier(a.model, seed=seed + 1000, model_sources=sources)
                 model, rt = train(fresh, "retrain", sets["retain"], sets["forget"], a.recipes[setting]["retrain"],
                                   a.batch_size, seed, work)
                 results["retrain"] = {"end": {**evaluate_unlearning(model, sets["forget"], sets["retain"], test),

@@ -19,6 +19,17 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def model_sources(paths):
+    """The CLIs' named test models (``tiny-resnet``, ``tiny-vit``: ``hf_munba.testing`` factories,
+    which the library never imports), from the training script that defines them; looked up
+    only when a model is not a path, so evaluating saved folders imports no training code."""
+    if all(os.path.exists(p) for p in paths):
+        return {}
+    from training.train_munba_classifier import test_model_sources
+
+    return test_model_sources()
+
+
 class OneLineErrorParser(argparse.ArgumentParser):
     """Bad input: one ``error: ...`` line (exit status 2), without the usage block above it."""
 
@@ -58,9 +69,10 @@ def parse_args(argv=None):
 
     try:
         require_sklearn("eval/evaluate_classifiers.py (MIA-efficacy)")
+        a.model_sources = model_sources(models.values())
         for name, path in models.items():
             try:
-                validate_model_source(path)
+                validate_model_source(path, a.model_sources)
             except ValueError as e:
                 if name != "retrain":
                     raise
@@ -97,7 +109,7 @@ def main(argv=None):
         parser.error(str(e))
     models, runtimes = {}, {}
     for name, path in a.model_paths.items():
-        model, processor = load_image_classifier(path)
+        model, processor = load_image_classifier(path, model_sources=a.model_sources)
         models[name] = model.eval()
         rec = os.path.join(path, "unlearning_metrics.json")
         if os.path.isfile(rec):

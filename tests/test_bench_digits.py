@@ -245,3 +245,24 @@ def test_tiny_benchmark_end_to_end(tmp_path):
         assert search["runs"][f"{run['lr']:g}"]["curve"] == run["curve"]
         agg = res["table"][row]["curve"]
         assert [p["step"] for p in agg] == steps and agg[-1]["acc_test"]["mean"] == run["curve"][-1]["acc_test"]
+
+
+def test_default_rows_come_from_the_method_registry():
+    """Every registered classifier method is a default row (weighted as its lambda sweep), so a
+    new method is benchmarked without editing the benchmark."""
+    from hf_munba.unlearning.methods import METHODS, UnlearningMethod, available_methods, register_method
+
+    bench = _bench()
+    rows = bench.default_rows()
+    assert set(available_methods("classification")) - {"retrain", "rl", "weighted"} <= set(rows)
+    assert {f"weighted-{w:g}" for w in bench.WEIGHTS} <= set(rows) and "retrain" not in rows
+    assert rows.index("munba") < rows.index("weighted-1") < rows.index("ft")
+    try:
+        @register_method("test-new-baseline")
+        class NewBaseline(UnlearningMethod):
+            front_ends = ("classification",)
+
+        assert "test-new-baseline" in bench.default_rows()
+        assert bench.row_spec("test-new-baseline") == ("test-new-baseline", {})
+    finally:
+        METHODS.pop("test-new-baseline", None)

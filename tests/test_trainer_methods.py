@@ -12,8 +12,10 @@ from hf_munba.classification.methods import available_methods
 from trainer_helpers import params_vector, targs, tiny_classification_data
 
 
-@pytest.mark.parametrize("method", ["munba", "weighted", "ft", "ga", "rl", "salun", "l1", "retrain"])
+@pytest.mark.parametrize("method", available_methods("classification"))
 def test_every_method_trains_resnet(tmp_path, method):
+    """Every registered classifier method runs on a BatchNorm model and logs exactly its players.
+    What defines each method (its exact update) is checked in test_method_behaviour.py."""
     forget, retain = tiny_classification_data()
     model = tiny_resnet_classifier(num_labels=4)
     before = params_vector(model)
@@ -23,11 +25,14 @@ def test_every_method_trains_resnet(tmp_path, method):
     after = params_vector(tr.model)
     assert torch.isfinite(after).all() and not torch.equal(before, after)
     logs = tr.state.log_history[0]
+    assert ("loss_retain" in logs) == tr.method.uses_retain
+    assert ("loss_forget" in logs) == tr.method.uses_forget
     if tr.method.uses_retain:
         assert math.isfinite(logs["loss_retain"])
     if tr.method.uses_forget:
         assert math.isfinite(logs["loss_forget"])
-    if method == "munba":
+    assert ("munba/cos" in logs) == tr.method.bargains
+    if method in ("munba", "munba-paper"):
         assert {"munba/cos", "munba/weight_retain", "munba/weight_forget"} <= set(logs)
         assert logs["grad_norm"] == pytest.approx(math.sqrt(2), rel=1e-4)  # |d| = sqrt(2), then clipped
 

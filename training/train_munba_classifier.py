@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from transformers import HfArgumentParser, TrainingArguments  # noqa: E402
 
+from hf_munba.unlearning.distributed import unsupported_distributed_message  # noqa: E402
 from hf_munba.utils.atomic_save import ensure_output_dir, staged_output  # noqa: E402
 from hf_munba.classification.model_io import (has_image_processor, load_image_classifier, validate_model_source,
                                     write_model_card)  # noqa: E402
@@ -37,15 +38,24 @@ from hf_munba.classification.forget_sets import ForgetSpec, forget_spec_from_str
 from hf_munba.classification.trainer import MunbaArguments, MunbaTrainer, last_complete_checkpoint  # noqa: E402
 
 CHECKPOINTS = "checkpoints"
-DEEPSPEED_MESSAGE = ("DeepSpeed is not supported: its backward pass also steps the optimizer, but MUNBa "
-                     "needs two backward passes (retain, forget) per step. Use DDP or FSDP via `accelerate config`.")
+TEST_MODELS = ("tiny-resnet", "tiny-vit")
+
+
+def test_model_sources():
+    """``--model_name_or_path tiny-resnet`` / ``tiny-vit``: random tiny models for an offline
+    try-out and the tests. They are ``hf_munba.testing`` factories, which the library never
+    imports; the CLIs (this script, eval/evaluate_classifiers.py, eval/bench_digits_unlearning.py)
+    hand them to ``load_image_classifier`` as named ``model_sources``."""
+    from hf_munba.testing import tiny_resnet_classifier, tiny_vit_classifier
+
+    return dict(zip(TEST_MODELS, (tiny_resnet_classifier, tiny_vit_classifier)))
 
 
 @dataclass
 class ScriptArguments:
     model_name_or_path: str = field(metadata={
         "help": "local classifier folder (safetensors), a config .json (fresh weights), a saved "
-                "CLIP zero-shot classifier, a CLIPModel folder with --clip_zero_shot, or tiny-resnet/tiny-vit"})
+                "CLIP zero-shot classifier, a CLIPModel folder with --clip_zero_shot, or " + "/".join(TEST_MODELS)})
     dataset: Optional[str] = field(default=None, metadata={"help": "'digits' (scikit-learn, offline)"})
     train_dir: Optional[str] = field(default=None, metadata={
         "help": "local imagefolder root (<class>/<image>, or train/ and test/ sub-folders)"})
@@ -120,9 +130,9 @@ def fail(message: str):
 def main(argv=None):
     parser = OneLineErrorParser((ScriptArguments, MunbaArguments, TrainingArguments))
     raw = sys.argv[1:] if argv is None else list(argv)
-    if any(a == "--deepspeed" or a.startswith("--deepspeed=") for a in raw) or \
-            os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        fail(DEEPSPEED_MESSAGE)
+    deepspeed = unsupported_distributed_message(bargains=False, argv=raw)  # before any parsing
+    if deepspeed:
+        fail(deepspeed)
     try:
         script, munba, targs = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as e:
@@ -136,8 +146,12 @@ def main(argv=None):
     from hf_munba.classification.data import require_sklearn, sklearn_available
     from hf_munba.classification.methods import get_method
 
+    sources = test_model_sources()
     try:
-        validate_model_source(script.model_name_or_path)
+        refused = unsupported_distributed_message(bargains=get_method(munba.method).bargains)
+        if refused:
+            raise ValueError(refused)
+        validate_model_source(script.model_name_or_path, sources)
         if targs.fp16 and not torch.cuda.is_available():
             raise ValueError("--fp16 needs a CUDA GPU; on CPU use --bf16 or fp32")
         if resume is not None and resume != "latest" and not os.path.isdir(resume):
@@ -185,7 +199,7 @@ def main(argv=None):
     model, processor = load_image_classifier(
         script.model_name_or_path, num_labels=len(names), label_names=names, num_channels=num_channels,
         clip_zero_shot=script.clip_zero_shot, clip_train_encoder=script.clip_train_encoder,
-        clip_template=script.clip_template, seed=targs.seed)
+        clip_template=script.clip_template, seed=targs.seed, model_sources=sources)
     if data is None:
         from hf_munba.classification.data import imagefolder_dataset
 

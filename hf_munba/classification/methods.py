@@ -6,6 +6,8 @@ weights (``l1``), SalUn's saliency mask (``salun``) and retraining from scratch 
 The trainer computes the losses (cross-entropy on D_r; the forget loss named by
 ``MunbaArguments.forget_loss`` or the method's default on D_f) and hands them to the method's
 hooks; a method sees the data only through :class:`ClassifierContext`, never the trainer.
+A method's options are declared on the class (``settings``: ``l1_alpha`` on ``l1``,
+``salun_ratio`` on ``salun``) and become ``MunbaArguments`` fields and CLI flags by themselves.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from typing import Any, Callable, Dict, Iterator
 
 import torch
 
-from ..unlearning.methods import (METHODS, UnlearningMethod, available_methods, get_method,
-                                  register_method)
+from ..unlearning.methods import (METHODS, MethodSetting, UnlearningMethod, available_methods,
+                                  get_method, register_method)
 from .objectives import retain_cross_entropy
 
 __all__ = ["ClassifierContext", "UnlearningMethod", "METHODS", "register_method", "get_method",
@@ -45,10 +47,13 @@ class RandomLabel(UnlearningMethod):
 class L1Sparse(UnlearningMethod):
     summary = "fine-tune on D_r with an l1 penalty on the weights (Jia et al. 2023)"
     front_ends = (FRONT_END,)
+    settings = {"l1_alpha": MethodSetting(
+        5e-4, "l1 penalty of method 'l1'", float,
+        lambda v: isinstance(v, (int, float)) and v >= 0, ">= 0")}
 
     def retain_loss(self, loss, model):
         params = [p for p in model.parameters() if p.requires_grad]
-        return loss + self.config.l1_alpha * torch.stack([p.abs().sum() for p in params]).sum()
+        return loss + self.setting("l1_alpha") * torch.stack([p.abs().sum() for p in params]).sum()
 
 
 @register_method("salun")
@@ -63,6 +68,9 @@ class SalUn(UnlearningMethod):
     summary = "random labels, updates masked to the weights most salient for D_f"
     uses_forget = True
     front_ends = (FRONT_END,)
+    settings = {"salun_ratio": MethodSetting(
+        0.5, "share of weights SalUn updates (most salient for D_f)", float,
+        lambda v: isinstance(v, (int, float)) and 0.0 < v <= 1.0, "in (0, 1]")}
 
     def setup(self, model, context: ClassifierContext):
         params = [p for p in model.parameters() if p.requires_grad]
@@ -78,7 +86,7 @@ class SalUn(UnlearningMethod):
                     acc.add_(gi.abs())
         model.train(was_training)
         flat = torch.cat([g.flatten().float() for g in grads])
-        k = max(1, int(round(self.config.salun_ratio * flat.numel())))
+        k = max(1, int(round(self.setting("salun_ratio") * flat.numel())))
         keep = torch.zeros_like(flat, dtype=torch.bool)
         keep[torch.topk(flat, k, sorted=False).indices] = True  # exactly k, even among ties at 0
         self.masks, start = [], 0

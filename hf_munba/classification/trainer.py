@@ -17,12 +17,14 @@ import functools
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Iterator, List, Optional
+from dataclasses import asdict, dataclass, field, fields, make_dataclass
+from typing import Any, Dict, Iterator, List, Mapping, Optional
 
 import torch
 
-from ..bargaining import DEFAULT_OPPOSED_TOL, NashBargainer, SatisfactionRule
+from ..bargaining import NashBargainer, SatisfactionRule
+from ..unlearning.distributed import unsupported_distributed_message
+from ..unlearning.methods import settings_fields, validate_settings
 from ..unlearning.step import SkippedStepGuard, TooManySkippedSteps, unlearning_step
 from .methods import FRONT_END, ClassifierContext, UnlearningMethod, available_methods, get_method
 from .objectives import FORGET_LOSSES, get_forget_loss, retain_cross_entropy
@@ -30,7 +32,7 @@ from .objectives import FORGET_LOSSES, get_forget_loss, retain_cross_entropy
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-__all__ = ["MunbaArguments", "MunbaTrainer", "ForgetStream", "NonFiniteTrainingError",
+__all__ = ["MunbaArguments", "MunbaTrainerArguments", "MunbaTrainer", "ForgetStream", "NonFiniteTrainingError",
            "MUNBA_STATE_NAME", "last_complete_checkpoint"]
 
 MUNBA_STATE_NAME = "munba_state.json"
@@ -67,69 +69,30 @@ NonFiniteTrainingError = TooManySkippedSteps
 
 
 @dataclass
-class MunbaArguments:
-    """Unlearning options of :class:`MunbaTrainer` (everything else is ``TrainingArguments``)."""
+class MunbaTrainerArguments:
+    """The classifier front end's own options (the methods' settings are added to
+    :data:`MunbaArguments` from the methods themselves; everything else is ``TrainingArguments``)."""
 
     method: str = field(default="munba", metadata={
-        "help": f"unlearning method, one of {available_methods()}"})
+        "help": f"unlearning method, one of {available_methods(FRONT_END)}"})
     forget_loss: Optional[str] = field(default=None, metadata={
         "help": f"forget loss, one of {sorted(FORGET_LOSSES)}; default: the method's own "
                 "(random_label for munba/weighted/rl/salun, neg_ce for ga)"})
-    forget_weight: float = field(default=1.0, metadata={
-        "help": "lam in L_r + lam * L_f for method 'weighted' (MUNBa is invariant to it)"})
     forget_batch_size: Optional[int] = field(default=None, metadata={
         "help": "forget micro-batch size per device; default per_device_train_batch_size"})
-    l1_alpha: float = field(default=5e-4, metadata={"help": "l1 penalty of method 'l1'"})
-    salun_ratio: float = field(default=0.5, metadata={
-        "help": "share of weights SalUn updates (most salient for D_f)"})
-    opposed_tol: float = field(default=DEFAULT_OPPOSED_TOL, metadata={
-        "help": "smallest 1 + cos(g_r, g_f) still bargained; below it the fallback player steps"})
-    fallback_player: Optional[int] = field(default=0, metadata={
-        "help": "player followed when no direction helps both (0 retain, 1 forget, None skip)"})
     max_consecutive_skips: int = field(default=10, metadata={
         "help": "stop with an error after this many consecutive non-finite steps"})
-    bargaining_power_forget: float = field(default=1.0, metadata={
-        "help": "method 'munba': the forget player's bargaining power (retain has 1) while it is "
-                "not satisfied; 1 = the paper's symmetric game"})
-    forget_target: Optional[float] = field(default=None, metadata={
-        "help": "method 'munba': the forget player leaves the game once an EMA of its loss is at "
-                "or below this target; default per forget loss (none for random_label and "
-                "neg_ce: see hf_munba.bargaining.DEFAULT_FORGET_TARGETS)"})
-    forget_target_mode: Optional[str] = field(default=None, metadata={
-        "help": "'relative' (a fraction of the first steps' mean loss; scale-free) or "
-                "'absolute' (a loss value); default: the forget loss's default, else absolute"})
-    forget_target_ema: float = field(default=0.9, metadata={
-        "help": "smoothing of the forget loss before the comparison, in [0, 1)"})
-    forget_target_hysteresis: float = field(default=1.5, metadata={
-        "help": "a satisfied forget player comes back above this factor times the target"})
-    forget_target_reference_steps: int = field(default=1, metadata={
-        "help": "relative targets: the number of first optimizer steps averaged as reference"})
-    satisfied_power_forget: float = field(default=0.01, metadata={
-        "help": "the forget player's power while satisfied (0: it leaves the game; the default "
-                "0.01 follows retain without undoing the forgetting to first order)"})
 
     def __post_init__(self):
         get_method(self.method)  # raises with the list of methods
         if self.forget_loss is not None and self.forget_loss not in FORGET_LOSSES:
             raise ValueError(f"unknown forget loss {self.forget_loss!r}; choose one of {sorted(FORGET_LOSSES)}")
-        if not (math.isfinite(self.forget_weight) and self.forget_weight > 0):
-            raise ValueError(f"forget_weight must be a positive number, got {self.forget_weight}")
         if self.forget_batch_size is not None and self.forget_batch_size < 1:
             raise ValueError(f"forget_batch_size must be >= 1, got {self.forget_batch_size}")
-        if self.l1_alpha < 0:
-            raise ValueError(f"l1_alpha must be >= 0, got {self.l1_alpha}")
-        if not 0.0 < self.salun_ratio <= 1.0:
-            raise ValueError(f"salun_ratio must be in (0, 1], got {self.salun_ratio}")
-        if not 0.0 <= self.opposed_tol < 1.0:
-            raise ValueError(f"opposed_tol must be in [0, 1), got {self.opposed_tol}")
-        if self.fallback_player not in (None, 0, 1):
-            raise ValueError(f"fallback_player must be 0, 1 or None, got {self.fallback_player}")
         if self.max_consecutive_skips < 1:
             raise ValueError("max_consecutive_skips must be >= 1")
-        if not (math.isfinite(self.bargaining_power_forget) and self.bargaining_power_forget > 0):
-            raise ValueError(f"bargaining_power_forget must be positive, got "
-                             f"{self.bargaining_power_forget}")
-        self.make_forget_rule()  # validates the target options (one clear ValueError)
+        validate_settings(self, FRONT_END)  # each method's settings, by the method's own checks
+        self.make_forget_rule()  # validates the target options together (one clear ValueError)
 
     def make_forget_rule(self) -> Optional[SatisfactionRule]:
         """The forget player's satisfaction rule for a bargaining method, or None."""
@@ -145,6 +108,33 @@ class MunbaArguments:
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]):
+        """The inverse of :meth:`to_dict` (e.g. ``munba_args.json``, a checkpoint's state); an
+        unknown key is an error, not silently dropped: it would be a setting that did not apply."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields {unknown}; known: {sorted(names)}")
+        return cls(**dict(values))
+
+    @classmethod
+    def from_json_string(cls, text: str):
+        return cls.from_dict(json.loads(text))
+
+
+#: ``MunbaTrainer``'s options: :class:`MunbaTrainerArguments` plus every setting the classifier
+#: methods declare (``forget_weight``, ``l1_alpha``, ``salun_ratio``, ``opposed_tol``,
+#: ``bargaining_power_forget``, the ``forget_target*`` options, ...), assembled from the
+#: method classes so a method and its settings live in one place. One flat dataclass, so
+#: ``HfArgumentParser`` gives every setting its flag (``--salun_ratio 0.3``) with its help.
+MunbaArguments = make_dataclass(
+    "MunbaArguments", settings_fields(FRONT_END), bases=(MunbaTrainerArguments,),
+    namespace={"__module__": __name__, "__doc__": (
+        "Unlearning options of :class:`MunbaTrainer` (everything else is ``TrainingArguments``):\n"
+        "the trainer's own (:class:`MunbaTrainerArguments`) and every classifier method's settings\n"
+        "(:func:`hf_munba.unlearning.methods.method_settings`), validated in ``__post_init__``.")})
 
 
 class ForgetStream:
@@ -236,15 +226,10 @@ class MunbaTrainer(Trainer):
         if args is not None and getattr(args, "fp16", False) and not torch.cuda.is_available():
             raise ValueError("fp16 mixed precision needs a CUDA GPU; on CPU use bf16 or fp32")
         super().__init__(model=model, args=args, **kwargs)
-        if self.is_deepspeed_enabled:
-            raise ValueError(
-                "MunbaTrainer does not support DeepSpeed: its backward pass also steps the "
-                "optimizer, but MUNBa needs two backward passes (retain, forget) per step. "
-                "Use DDP through `accelerate config` instead.")
-        if self.is_fsdp_enabled and method_cls.bargains:
-            raise ValueError(
-                "MunbaTrainer does not support FSDP for method 'munba' yet: sharded gradients need "
-                "the Gram all-reduced across ranks, which is untested here. Use DDP.")
+        engine = "DEEPSPEED" if self.is_deepspeed_enabled else ("FSDP" if self.is_fsdp_enabled else None)
+        refused = unsupported_distributed_message(bargains=method_cls.bargains, distributed_type=engine)
+        if refused:  # the one rule both front ends apply (hf_munba.unlearning.distributed)
+            raise ValueError(f"MunbaTrainer: {refused}")
         self.munba_args = munba_args
         self.method: UnlearningMethod = method_cls(munba_args)
         self.forget_dataset = forget_dataset

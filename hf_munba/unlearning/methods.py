@@ -13,16 +13,21 @@ ascent on D_f alone. Adding a method::
         summary = "..."
         uses_forget = True
 
-A method reads its settings from the front end's config (``MunbaArguments``, the SD
-script's arguments) by attribute: ``forget_weight``, ``opposed_tol``, ``fallback_player``,
-``bargaining_power_forget`` and the ``forget_target*`` options; missing ones take the defaults
-below. Methods that only one front end can run (e.g. SalUn needs a classifier's saliency) list it
-in ``front_ends``.
+A method declares its settings where it is defined (peft style): ``settings`` maps a field
+name to a :class:`MethodSetting` (default, help, type, check). The front end's config is
+assembled from them (:func:`settings_fields` builds ``MunbaArguments``' method fields, with their
+help and ``__post_init__`` check, see :func:`validate_settings`), so a method with a new setting
+is one class in one file. A method reads a setting from the front end's config by attribute
+(:meth:`UnlearningMethod.setting`: ``MunbaArguments``, or the SD script's ``argparse``
+namespace); a config without it gives the declared default. Methods that only one front end can
+run (e.g. SalUn needs a classifier's saliency) list it in ``front_ends``.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Dict, List, Optional, Tuple
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -32,16 +37,121 @@ from ..bargaining import (DEFAULT_OPPOSED_TOL, DEFAULT_SATISFIED_POWER, Constant
 from .registry import METHODS, available_methods, get_method, register_method
 
 __all__ = ["UnlearningMethod", "METHODS", "register_method", "get_method", "available_methods",
-           "FRONT_ENDS"]
+           "FRONT_ENDS", "MethodSetting", "method_settings", "settings_fields", "validate_settings"]
 
 FRONT_ENDS = ("diffusion", "classification")
 
-_DEFAULTS: Dict[str, Any] = {
-    "forget_weight": 1.0, "opposed_tol": DEFAULT_OPPOSED_TOL, "fallback_player": 0,
-    "bargaining_power_forget": 1.0, "forget_target": None, "forget_target_mode": None,
-    "forget_target_ema": 0.9, "forget_target_hysteresis": 1.5,
-    "forget_target_reference_steps": 1, "satisfied_power_forget": DEFAULT_SATISFIED_POWER,
+
+@dataclass(frozen=True)
+class MethodSetting:
+    """One option of a method: what a config field needs (default, help, type) and its check.
+
+    ``check`` returns True for an acceptable value; ``expected`` says what it accepts, in the
+    words of the one error raised otherwise (``"<name> must be <expected>, got <value>"``).
+    ``choices`` restricts the value to a fixed set (checked first). Two methods share a setting
+    by naming the same object (e.g. ``munba`` and ``munba-paper`` share ``opposed_tol``).
+    """
+
+    default: Any
+    help: str
+    type: Any = None  # the config field's annotation; None: the default's type
+    check: Optional[Callable[[Any], bool]] = None
+    expected: str = ""
+    choices: Optional[Tuple[Any, ...]] = None
+
+    @property
+    def annotation(self) -> Any:
+        return self.type if self.type is not None else type(self.default)
+
+    def validate(self, name: str, value: Any) -> None:
+        if self.choices is not None and value not in self.choices:
+            raise ValueError(f"{name} must be one of {list(self.choices)}, got {value!r}")
+        if self.check is not None and not self.check(value):
+            raise ValueError(f"{name} must be {self.expected}, got {value!r}")
+
+
+def _positive(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+
+
+def _non_negative(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v) and v >= 0
+
+
+# ---- the settings the shared methods declare (one object per setting; methods name them) ------
+FORGET_WEIGHT = MethodSetting(
+    1.0, "lam in L_r + lam * L_f for method 'weighted' (MUNBa is invariant to it)", float,
+    _positive, "a positive number")
+OPPOSED_TOL = MethodSetting(
+    DEFAULT_OPPOSED_TOL, "smallest 1 + cos(g_r, g_f) still bargained; below it the fallback "
+    "player steps", float, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
+FALLBACK_PLAYER = MethodSetting(
+    0, "player followed when no direction helps both (0 retain, 1 forget, None skip)",
+    Optional[int], choices=(None, 0, 1))
+BARGAINING_SETTINGS: Dict[str, MethodSetting] = {"opposed_tol": OPPOSED_TOL,
+                                                  "fallback_player": FALLBACK_PLAYER}
+FORGET_RULE_SETTINGS: Dict[str, MethodSetting] = {
+    "bargaining_power_forget": MethodSetting(
+        1.0, "method 'munba': the forget player's bargaining power (retain has 1) while it is "
+        "not satisfied; 1 = the paper's symmetric game", float, _positive, "a positive number"),
+    "forget_target": MethodSetting(
+        None, "method 'munba': the forget player leaves the game once an EMA of its loss is at "
+        "or below this target; default per forget loss (none for random_label and neg_ce: see "
+        "hf_munba.bargaining.DEFAULT_FORGET_TARGETS)", Optional[float],
+        lambda v: v is None or (isinstance(v, (int, float)) and math.isfinite(v)),
+        "a finite number or None"),
+    "forget_target_mode": MethodSetting(
+        None, "'relative' (a fraction of the first steps' mean loss; scale-free) or 'absolute' "
+        "(a loss value); default: the forget loss's default, else absolute", Optional[str],
+        choices=(None, "relative", "absolute")),
+    "forget_target_ema": MethodSetting(
+        0.9, "smoothing of the forget loss before the comparison, in [0, 1)", float,
+        lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "forget_target_hysteresis": MethodSetting(
+        1.5, "a satisfied forget player comes back above this factor times the target", float,
+        lambda v: math.isfinite(v) and v >= 1.0, "a finite factor >= 1 (hysteresis)"),
+    "forget_target_reference_steps": MethodSetting(
+        1, "relative targets: the number of first optimizer steps averaged as reference", int,
+        lambda v: v >= 1, ">= 1"),
+    "satisfied_power_forget": MethodSetting(
+        DEFAULT_SATISFIED_POWER, "the forget player's power while satisfied (0: it leaves the "
+        "game; the default 0.01 follows retain without undoing the forgetting to first order)",
+        float, _non_negative, "finite and >= 0"),
 }
+
+
+def method_settings(front_end: Optional[str] = None) -> Dict[str, Tuple[MethodSetting, List[str]]]:
+    """Every setting the registered methods (of ``front_end``) declare: name -> (setting, the
+    methods that read it). Two methods declaring one name with different settings is an error:
+    one config field cannot have two defaults."""
+    out: Dict[str, Tuple[MethodSetting, List[str]]] = {}
+    for name in available_methods(front_end):
+        for key, setting in get_method(name).settings.items():
+            if key in out and out[key][0] != setting:
+                raise TypeError(f"methods {out[key][1]} and {name!r} declare different settings "
+                                f"named {key!r}; share one MethodSetting or rename one")
+            out.setdefault(key, (setting, []))[1].append(name)
+    return dict(sorted(out.items()))
+
+
+def settings_fields(front_end: Optional[str] = None) -> List[Tuple[str, Any, Any]]:
+    """``dataclasses.make_dataclass`` fields for every method setting of ``front_end``: a config
+    (``MunbaArguments``) is assembled from them, with ``HfArgumentParser`` help naming the
+    methods that read each one."""
+    fields = []
+    for key, (setting, users) in method_settings(front_end).items():
+        help_text = f"{setting.help} [read by: {', '.join(users)}]"
+        fields.append((key, setting.annotation,
+                       field(default=setting.default, metadata={"help": help_text})))
+    return fields
+
+
+def validate_settings(config: Any, front_end: Optional[str] = None) -> None:
+    """Check every method setting ``config`` holds (all of them, not only the chosen method's:
+    a bad value is a mistake whichever method runs); raises one ``ValueError`` naming the field."""
+    for key, (setting, _) in method_settings(front_end).items():
+        if hasattr(config, key):
+            setting.validate(key, getattr(config, key))
 
 
 class UnlearningMethod:
@@ -58,12 +168,20 @@ class UnlearningMethod:
     default_forget_loss: ClassVar[Dict[str, str]] = {"classification": "random_label",
                                                      "diffusion": "remap"}
 
+    #: the options this method reads: field name -> :class:`MethodSetting` (see the module doc)
+    settings: ClassVar[Mapping[str, MethodSetting]] = {}
+
     def __init__(self, config: Any = None):
         self.config = config
 
     def setting(self, name: str):
-        return getattr(self.config, name, _DEFAULTS[name]) if self.config is not None \
-            else _DEFAULTS[name]
+        """``name`` from the front end's config, or the declared default when it has none."""
+        try:
+            default = self.settings[name].default
+        except KeyError:
+            raise KeyError(f"method {self.name!r} declares no setting {name!r}; add it to "
+                           f"{type(self).__name__}.settings") from None
+        return getattr(self.config, name, default) if self.config is not None else default
 
     # ---- players and their combination ----------------------------------------------------
     @classmethod
@@ -95,8 +213,10 @@ class UnlearningMethod:
 
     def powers(self) -> Optional[List[float]]:
         """Fixed bargaining powers when no forget rule sets them (None: all 1)."""
+        if not self.bargains or "bargaining_power_forget" not in self.settings:
+            return None
         w = self.setting("bargaining_power_forget")
-        if not self.bargains or w == 1.0:
+        if w == 1.0:
             return None
         return [1.0 if p == "retain" else float(w) for p in self.players()]
 
@@ -134,12 +254,14 @@ class Munba(UnlearningMethod):
     uses_forget = True
     bargains = True
     satisfiable = True
+    settings = {**BARGAINING_SETTINGS, **FORGET_RULE_SETTINGS}
 
 
 @register_method("munba-paper")
 class MunbaPaper(Munba):
     summary = "the paper's plain MUNBa: equal bargaining powers, no satisfied player"
     satisfiable = False
+    settings = BARGAINING_SETTINGS
 
     def powers(self) -> Optional[List[float]]:
         return None
@@ -149,6 +271,7 @@ class MunbaPaper(Munba):
 class Weighted(UnlearningMethod):
     summary = "L_r + lam * L_f, one summed gradient"
     uses_forget = True
+    settings = {"forget_weight": FORGET_WEIGHT}
 
     @property
     def forget_weight(self) -> float:

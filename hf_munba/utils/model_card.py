@@ -7,18 +7,25 @@ image grid and the measured metrics. Secrets never reach it: keys that look like
 dropped. Local paths never reach it either: a card is published, and ``/home/me/data/forget``
 means nothing to its readers (and tells them about the author's machine), so a local path is
 written as its last component and a local base model is not named as ``base_model``.
+
+Both front ends' cards (:func:`sd_model_card`, :func:`classifier_model_card`) are built by one
+writer, :func:`build_model_card`: ``huggingface_hub.ModelCardData`` for the metadata, the same
+base-model rule (:func:`is_hub_id`), the same path and secret scrubbing (:func:`card_hparams`)
+and the same tables; only the words and the metrics differ.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from enum import Enum
 from pathlib import PurePath
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 __all__ = ["SECRET_KEYS", "public_hparams", "tracker_hparams", "card_hparams", "is_hub_id",
-           "eval_results", "card_text_with_eval_results", "sd_model_card", "HubAccessError", "check_hub_access",
-           "push_folder_to_hub"]
+           "eval_results", "card_text_with_eval_results", "build_model_card", "sd_model_card",
+           "classifier_model_card", "write_classifier_model_card", "CLASSIFIER_CARD_METRICS",
+           "HubAccessError", "check_hub_access", "push_folder_to_hub"]
 
 SECRET_KEYS = ("hub_token", "token", "api_key", "password")
 DEFAULT_TAGS = ("machine-unlearning", "munba", "diffusers", "stable-diffusion",
@@ -26,6 +33,8 @@ DEFAULT_TAGS = ("machine-unlearning", "munba", "diffusers", "stable-diffusion",
 
 
 def _json_native(v: Any) -> Any:
+    if isinstance(v, Enum):  # e.g. TrainingArguments' optim / lr_scheduler_type
+        return _json_native(v.value)
     if v is None or isinstance(v, (bool, int, float, str)):
         return v
     if isinstance(v, (list, tuple)):
@@ -75,9 +84,10 @@ def card_hparams(args: Mapping) -> Dict:
 
 
 def is_hub_id(name: str) -> bool:
-    """A Hub repo id (``org/name``) that is not a local path."""
+    """A Hub repo id (``org/name``) that is not a local path: the only form the Hub accepts as
+    ``base_model``."""
     return (not os.path.exists(os.path.expanduser(name)) and name.count("/") == 1
-            and not name.startswith((".", "~", "/")))
+            and not name.startswith((".", "~", "/")) and all(p.strip() for p in name.split("/")))
 
 
 # Run counters, not measurements: in the card's table but not in its model-index.
@@ -136,6 +146,20 @@ def _table(rows: Mapping) -> str:
     return "\n".join(lines)
 
 
+def _shown_base(base_model: str) -> str:
+    return base_model if is_hub_id(base_model) else _public_path(base_model)
+
+
+def build_model_card(*, body: Sequence[str], base_model: Optional[str] = None, **metadata):
+    """The one card writer: ``ModelCardData(**metadata)`` (``base_model`` only when it is a Hub
+    id, never a local path) as the YAML header, then ``body`` (markdown lines)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    on_hub = base_model is not None and is_hub_id(base_model)
+    data = ModelCardData(base_model=base_model if on_hub else None, **metadata)
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body))
+
+
 def sd_model_card(*, base_model: str, forgotten: Sequence[str], retained: Sequence[str],
                   hparams: Mapping, metrics: Optional[Mapping] = None,
                   image_grid: Optional[str] = None, lora: bool = False,
@@ -148,18 +172,15 @@ def sd_model_card(*, base_model: str, forgotten: Sequence[str], retained: Sequen
     ``model_name``, default: the repo name); ``forget_data`` / ``retain_data`` name the data the
     losses were measured on (a Hub dataset id, or a local folder, shown by its last component).
     """
-    from huggingface_hub import ModelCard, ModelCardData
-
     tags = list(dict.fromkeys([*DEFAULT_TAGS, *(["lora"] if lora else []), *extra_tags]))
     # The Hub only accepts repo ids as base_model; a local base is named by its folder name only.
     on_hub = is_hub_id(base_model)
-    shown_base = base_model if on_hub else _public_path(base_model)
+    shown_base = _shown_base(base_model)
     model_name = model_name or (repo_id.split("/")[-1] if repo_id else "munba-unlearned")
     results = eval_results(metrics or {}, forget_data=forget_data, retain_data=retain_data)
-    data = ModelCardData(base_model=base_model if on_hub else None, library_name="diffusers",
-                         tags=tags, license="creativeml-openrail-m", pipeline_tag="text-to-image",
-                         model_name=model_name if results else None,
-                         eval_results=results or None)
+    metadata = dict(library_name="diffusers", tags=tags, license="creativeml-openrail-m",
+                    pipeline_tag="text-to-image", model_name=model_name if results else None,
+                    eval_results=results or None)
     base_ref = (f"[{base_model}](https://huggingface.co/{base_model})" if on_hub
                 else f"a local pipeline (`{shown_base}`)")
     usage = ("pipe = DiffusionPipeline.from_pretrained(BASE)\npipe.load_lora_weights(REPO)"
@@ -202,7 +223,99 @@ def sd_model_card(*, base_model: str, forgotten: Sequence[str], retained: Sequen
              "Unlearning suppresses a concept for the prompts and data it was trained on; it is "
              "not a proof that the concept cannot be recovered (e.g. by adversarial prompts or "
              "further fine-tuning). Evaluate before relying on it.", ""]
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body))
+    return build_model_card(body=body, base_model=base_model, **metadata)
+
+
+# What the Hub's model-index shows for each metric the classifier script measures:
+# (name, metric type, split).
+CLASSIFIER_CARD_METRICS = {
+    "acc_forget": ("Acc D_f (forget set; lower = more forgotten)", "accuracy", "train"),
+    "acc_retain": ("Acc D_r (retain set)", "accuracy", "train"),
+    "acc_test": ("Acc D_t (test set)", "accuracy", "test"),
+    "mia_efficacy": ("MIA-efficacy (share of D_f a membership attack calls non-member)",
+                     "mia_efficacy", "train"),
+}
+# TrainingArguments fields that describe the recipe (paths, tokens and logging options left out).
+CLASSIFIER_CARD_TRAINING_ARGS = (
+    "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
+    "gradient_accumulation_steps", "optim", "optim_args", "lr_scheduler_type", "warmup_steps",
+    "weight_decay", "max_grad_norm", "seed", "bf16", "fp16")
+
+
+def classifier_model_card(*, base_model: str, method: str, forget: Mapping, munba_args: Mapping,
+                          metrics: Mapping[str, float], dataset: str, training_args=None):
+    """A ``huggingface_hub.ModelCard`` for an unlearned image classifier: license, pipeline tag,
+    tags, ``base_model`` (a Hub id only, never a local path), a ``model-index`` with the metrics
+    the run measured (:data:`CLASSIFIER_CARD_METRICS`; unmeasured NaNs left out), the recipe."""
+    import json
+
+    from huggingface_hub import EvalResult
+
+    dataset_name = _public_path(dataset) if _is_local_path(dataset) else dataset
+    dataset_type = "sklearn-digits" if dataset == "digits" else "imagefolder"
+    model_name = f"{method}-{dataset_name}"
+    results = [EvalResult(task_type="image-classification",
+                          task_name="Image classification after unlearning",
+                          dataset_type=dataset_type, dataset_name=dataset_name, dataset_split=split,
+                          metric_type=metric_type, metric_name=name,
+                          metric_value=round(float(metrics[key]), 4))
+               for key, (name, metric_type, split) in CLASSIFIER_CARD_METRICS.items()
+               if isinstance(metrics.get(key), (int, float)) and math.isfinite(metrics[key])]
+    base_ref = (f"[{base_model}](https://huggingface.co/{base_model})" if is_hub_id(base_model)
+                else f"`{_shown_base(base_model)}`")
+    forgotten = dict(forget)
+    what = (f"forgets {json.dumps(forgotten)}" if forgotten else "was trained on the whole "
+            "training split (nothing forgotten: an original model to unlearn from)")
+    hparams = {"method": method, **{f"munba.{k}": v for k, v in sorted(dict(munba_args).items())}}
+    if training_args is not None:
+        for k in CLASSIFIER_CARD_TRAINING_ARGS:
+            if hasattr(training_args, k):
+                hparams[k] = getattr(training_args, k)
+    body = [
+        f"# {model_name}",
+        "",
+        f"An image classifier made from {base_ref} on `{dataset_name}` with `hf_munba` "
+        f"(method `{method}`; MUNBa is Machine Unlearning via Nash Bargaining, Wu & Harandi 2024). "
+        f"It {what}.",
+        "",
+        "```python",
+        "from transformers import AutoModelForImageClassification",
+        'model = AutoModelForImageClassification.from_pretrained("<this folder or repo>", '
+        'use_safetensors=True)',
+        "```",
+        "",
+        "## What was forgotten",
+        "",
+        "```json",
+        json.dumps(forgotten, indent=2),
+        "```",
+        "",
+        "## Metrics (percent; run-time in seconds)",
+        "",
+        _table(card_hparams(metrics)),
+        "",
+        "## Training hyper-parameters",
+        "",
+        _table(card_hparams(hparams)),
+        "",
+        "## Limitations",
+        "",
+        "The metrics are measured on the data named above. Unlearning makes the forget set look "
+        "unseen to these tests; it is not a proof that the information cannot be recovered.",
+        "",
+    ]
+    return build_model_card(
+        body=body, base_model=base_model, license="apache-2.0", library_name="transformers",
+        pipeline_tag="image-classification",
+        tags=["machine-unlearning", "munba", "image-classification", method],
+        model_name=model_name, eval_results=results or None)
+
+
+def write_classifier_model_card(output_dir: str, **kwargs) -> str:
+    """``output_dir/README.md`` from :func:`classifier_model_card` (same keywords); its path."""
+    path = os.path.join(output_dir, "README.md")
+    classifier_model_card(**kwargs).save(path)
+    return path
 
 
 def card_text_with_eval_results(text: str, metrics: Mapping, *, dataset_name: str,
