@@ -12,6 +12,8 @@ check_dependency_versions()  # one clear line naming what to install, before any
 
 from . import _moved_modules  # noqa: E402  (old module paths, one release)
 from .bargaining import (  # noqa: E402
+    ConstantWeighting,
+    Weighting,
     BargainingSolution,
     BargainingStatus,
     BargainStats,
@@ -35,17 +37,21 @@ _LAZY = {
     # the shared step and the method registry
     "SkippedStepGuard": ".unlearning.step", "TooManySkippedSteps": ".unlearning.step",
     "guarded_step": ".unlearning.step",
-    "available_methods": ".classification.methods", "register_method": ".classification.methods",
+    "available_methods": ".classification.methods",  # via classification: every method registered
+    "register_method": ".unlearning.registry", "get_method": ".classification.methods",
     # classification unlearning: the Trainer, its options, the methods
     "MunbaArguments": ".classification.trainer", "MunbaTrainer": ".classification.trainer",
     "NonFiniteTrainingError": ".classification.trainer",
-    "UnlearningMethod": ".classification.methods", "ForgetSpec": ".classification.forget_sets",
+    "UnlearningMethod": ".unlearning.methods", "unlearning_step": ".unlearning.step",
+    "ForgetSpec": ".classification.forget_sets",
     "split_forget_retain": ".classification.forget_sets",
     "CLIPZeroShotClassifier": ".classification.clip_zero_shot",
 }
 
 __all__ = [
     "BargainingSolution",
+    "ConstantWeighting",
+    "Weighting",
     "BargainingStatus",
     "BargainStats",
     "InfeasibleBargainingError",
