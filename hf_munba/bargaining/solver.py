@@ -79,7 +79,9 @@ lambda^2 / 2.
 Acceptance rule. b is the solution when (i) the backward error max_i |b_i (C b)_i - w_i| /
 (b_i (|C| b)_i) is at most 1e-13 -- the computed b_i (C b)_i carries a rounding error of about
 K eps b_i (|C| b)_i, so this is the most that can be asked of a game with nearly opposed
-gradients -- and (ii) every equation holds to 1e-3 relative to w_i. The line search is Armijo
+gradients -- and (ii) every equation holds to within w_i / 2 (a game whose hull passes within
+1e-6 of 0 has a conditioning ~1e12 and only ~1e-3 relative accuracy in float64; a ray to
+infinity always has an equation off by w_i or more, see below). The line search is Armijo
 on f with a slack of f's own rounding error, 4 K eps (1/2 b^T |C| b + sum_i w_i |log b_i|): near
 the solution lambda^2 / 2 falls below the rounding of f, and a plain Armijo test then rejects
 the exact Newton step because f "rose" by rounding (an audit found 4e-16 against a demanded
@@ -89,9 +91,12 @@ taken and Newton's quadratic convergence brings the residual to rounding level. 
 decrement stays at rounding level for four steps without meeting (i), the best iterate is
 accepted when its backward error is at most 1e-11.
 
-Infeasibility detection. Every iterate (the start included) is tried as a certificate
-x = b / sum(b): the game is infeasible when x^T C x <= 8 K eps x^T |C| x, i.e. zero up to the
-rounding of the computed quadratic form. Along an infeasible ray b grows geometrically while
+Infeasibility detection. The game is infeasible when some x >= 0 has
+x^T C x <= 8 K eps x^T |C| x, i.e. zero up to the rounding of the computed quadratic form. The
+candidates: each pair (e_i + e_j) / 2 (this catches exactly opposed gradients at once: 1 + c_ij
+at rounding level), the start, and every Newton iterate x = b / sum(b), before it is tested
+as a solution (at a solution x^T C x = sum w / (sum b)^2, so a "solution" that far out is
+reported as the certificate it also is). Along an infeasible ray b grows geometrically while
 b^T C b stays O(log |b|), so the test fires after a few dozen steps. Condition (ii) keeps such
 a ray from being accepted on (i) alone: if C x = 0 with x >= 0 then x^T C b = 0, i.e.
 sum_i x_i w_i / b_i = sum_i x_i r_i / b_i (r = w - b * (C b)), so some |r_i| >= w_i. A game is
@@ -132,10 +137,10 @@ DEFAULT_OPPOSED_TOL = 1e-4
 _EPS = 2.0 ** -52  # float64 machine epsilon
 # K >= 3 acceptance (module docstring): the backward error max_i |b_i (C b)_i - w_i| / (b_i (|C| b)_i)
 # at rounding level (_RES_TOL; _RES_ACCEPT when Newton stalls there), and every equation within
-# _RES_W_MAX of w_i, which an iterate running off to infinity along an infeasible direction never is.
+# _RES_W_MAX * w_i, which an iterate running off to infinity along an infeasible ray never is.
 _RES_TOL = 1e-13
 _RES_ACCEPT = 1e-11
-_RES_W_MAX = 1e-3
+_RES_W_MAX = 0.5
 # Infeasibility certificate: x >= 0 with x^T C x <= _CERT_FACTOR * K * eps * x^T |C| x.
 _CERT_FACTOR = 8
 
@@ -215,10 +220,18 @@ def _cosine_game_outcome(cos: List[List[float]], max_iter: int = 100,
         x1 = math.sqrt(powers[0] / (1.0 + c * t))
         return _Outcome([x1, t * x1], "solved")
     c = torch.tensor(cos, dtype=torch.float64)
+    tol = _CERT_FACTOR * k * _EPS
+    # Pairs first: x = (e_i + e_j) / 2 has x^T C x = (1 + c_ij) / 2, x^T |C| x = (1 + |c_ij|) / 2.
+    pair = (1.0 + c) - tol * (1.0 + c.abs())
+    i, j = divmod(int(pair.argmin()), k)
+    if float(pair[i, j]) <= 0.0:
+        x = [0.0] * k
+        x[i] = x[j] = 0.5
+        return _Outcome(None, "certificate", x)  # (nearly) exactly opposed gradients
     w = torch.ones(k, dtype=torch.float64) if uniform else torch.tensor(powers, dtype=torch.float64)
     s = w.sqrt()  # start along sqrt(w) (the uniform vector for w = 1), scaled so |d|^2 = sum w
     quad = float(s @ c @ s)
-    if quad <= _CERT_FACTOR * k * _EPS * float(s @ c.abs() @ s):
+    if quad <= tol * float(s @ c.abs() @ s):
         # s / sum(s) is itself a certificate: no common improving direction
         return _Outcome(None, "certificate", (s / s.sum()).tolist())
     b = s * math.sqrt(float(w.sum()) / quad)
@@ -243,14 +256,14 @@ def _newton(c: torch.Tensor, w: torch.Tensor, b: torch.Tensor, max_iter: int) ->
         res = float((r.abs() / scale).max())
         if not math.isfinite(res):
             break
+        if float(bcb.sum()) <= _CERT_FACTOR * k * _EPS * float(scale.sum()):
+            # x = b / sum(b) has x^T C x = 0 up to rounding: f -> -inf along it
+            return _Outcome(None, "certificate", (b / b.sum()).tolist())
         sane = float((r.abs() / w).max()) <= _RES_W_MAX
         if sane and res <= _RES_TOL:
             return _Outcome(b.tolist(), "solved")
         if sane and res < best_res:
             best, best_res = b, res
-        if float(bcb.sum()) <= _CERT_FACTOR * k * _EPS * float(scale.sum()):
-            # x = b / sum(b) has x^T C x = 0 up to rounding: f -> -inf along it
-            return _Outcome(None, "certificate", (b / b.sum()).tolist())
         # Newton step in relative coordinates: (B C B + W) s = w - b * (C b), step = b * s.
         s = _spd_solve(b[:, None] * c * b[None, :] + torch.diag(w), r, eye)
         if s is None:
