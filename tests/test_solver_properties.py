@@ -307,9 +307,10 @@ def test_combine_that_raises_leaves_no_stale_gradient(monkeypatch):
     assert all(g is None for buf in bargainer._grads for g in buf)
     assert bargainer.num_steps == 0
     monkeypatch.setattr(bargainer_module, "solve_nash_bargaining", real)
+    _three_player_step(bargainer, model, x, [t * 5 for t in targets])
     with pytest.raises(ValueError, match=">= 0"):  # bad powers: the same guarantee
-        _three_player_step(bargainer, model, x, [t * 5 for t in targets])
         bargainer.combine(powers=[1.0, -1.0, 1.0])
+    assert all(g is None for buf in bargainer._grads for g in buf)
     assert all(p.grad is None for p in model.parameters())
 
     _three_player_step(bargainer, model, x, targets)  # the following step

@@ -89,7 +89,7 @@ decrease of 5e-21: the search crawled, stopped just above the threshold and repo
 feasible game as a CONFLICT). A change below rounding is no evidence, so the full step is
 taken and Newton's quadratic convergence brings the residual to rounding level. If the
 decrement stays at rounding level for four steps without meeting (i), the best iterate is
-accepted when its backward error is at most 1e-11.
+accepted when its backward error is at most 1e-12.
 
 Infeasibility detection. The game is infeasible when some x >= 0 has
 x^T C x <= 8 K eps x^T |C| x, i.e. zero up to the rounding of the computed quadratic form. The
@@ -139,7 +139,7 @@ _EPS = 2.0 ** -52  # float64 machine epsilon
 # at rounding level (_RES_TOL; _RES_ACCEPT when Newton stalls there), and every equation within
 # _RES_W_MAX * w_i, which an iterate running off to infinity along an infeasible ray never is.
 _RES_TOL = 1e-13
-_RES_ACCEPT = 1e-11
+_RES_ACCEPT = 1e-12
 _RES_W_MAX = 0.5
 # Infeasibility certificate: x >= 0 with x^T C x <= _CERT_FACTOR * K * eps * x^T |C| x.
 _CERT_FACTOR = 8
