@@ -230,14 +230,28 @@ class NashBargainer:
                 powers: Optional[Sequence[float]] = None) -> BargainStats:
         """Write the bargained gradient into each parameter's ``.grad`` and return statistics.
 
-        ``powers`` overrides the bargainer's default powers for this step (validated first, so
-        a bad value raises before any buffer is touched)."""
+        ``powers`` overrides the bargainer's default powers for this step.
+
+        If anything raises in here (bad ``powers``, a custom weighting, a device error), no
+        gradient of this step survives: the player buffers are dropped and every ``.grad`` is
+        set to None before the exception propagates, so the next step accumulates from zero
+        (the buffers may be half-written by then, so they cannot be kept)."""
         if self._active is not None:
             raise RuntimeError("combine() called inside a player() block")
-        powers = self.powers if powers is None else _check_powers(powers, self.num_players)
-        if self.direct:  # already summed, with the weights, by autograd
-            self.num_steps += 1
+        if self.direct:
+            powers = self.powers if powers is None else _check_powers(powers, self.num_players)
+            self.num_steps += 1  # already summed, with the weights, by autograd
             return BargainStats(BargainingStatus.OK, list(self._fixed), [], [], None)
+        try:
+            return self._combine(grad_scale, powers)
+        except BaseException:
+            self.reset()
+            for p in self.params:
+                p.grad = None
+            raise
+
+    def _combine(self, grad_scale, powers) -> BargainStats:
+        powers = self.powers if powers is None else _check_powers(powers, self.num_players)
         gram = self._gram()  # the step's one host sync
         if self.weighting is None:
             sol = solve_nash_bargaining(gram, powers=powers, opposed_tol=self.opposed_tol,

@@ -15,7 +15,8 @@ a_1 |g_1| = a_2 |g_2|, and then
 
 (The paper supplement's "simplified" a_f = sqrt(sin^2(phi)(1 - cos(phi))) / |g_f| is sin^2(phi)
 times this value and is wrong; it is not used here.) More players have no closed form: we
-solve G a = 1/a by Newton's method on the convex potential 1/2 a^T G a - sum log a_i.
+solve G a = 1/a by Newton's method on the convex potential 1/2 a^T G a - sum log a_i (the
+K-player solve below).
 
 What users must know:
   * d depends only on the unit gradients, so any positive scale on a loss (a loss weight, the
@@ -28,9 +29,9 @@ Infeasible games follow one documented rule (``solve_nash_bargaining``):
   * a player whose gradient is exactly zero has no proposal and leaves the game; the others
     bargain among themselves (one player alone gets a = 1/|g|, i.e. its unit gradient);
   * if no direction improves every remaining player (two players: 1 + c <= ``opposed_tol``;
-    more: the Newton solve finds no positive solution), the step follows ``fallback_player``
-    alone (default 0, the retain player: when the objectives truly conflict, protect the model),
-    or is skipped when ``fallback_player`` is None;
+    more: 0 in the convex hull of the unit gradients, found by the K-player solve below), the
+    step follows ``fallback_player`` alone (default 0, the retain player: when the objectives
+    truly conflict, protect the model), or is skipped when ``fallback_player`` is None;
   * non-finite gradients skip the step.
 Every outcome is reported in a ``BargainingStatus``; nothing returns NaN, inf or a negative
 weight.
@@ -58,6 +59,53 @@ and d -> u_1 - c u_2: the low-power player is held at zero gain, never sacrifice
 the same Newton solve on 1/2 x^T C x - sum_i w_i log x_i. A player with power exactly 0 is out
 of the game (it is not bargained with and gets weight 0); it is not a fallback.
 
+The K-player solve (K >= 3). In unit-gradient coordinates b_i = a_i |g_i| the weights minimise
+
+    f(b) = 1/2 b^T C b - sum_i w_i log b_i   over b > 0   (grad f = C b - w / b),
+
+strictly convex (C is a Gram matrix). f is bounded below, and then has exactly one minimiser,
+iff x^T C x > 0 for every x >= 0, x != 0: iff 0 is outside the convex hull of the unit
+gradients, whatever the powers. Otherwise some x >= 0 has C x = 0 (or x^T C x <= 0); along
+b + t x the quadratic part does not grow while -sum_i w_i log(b_i + t x_i) -> -inf: no
+solution, and Newton's iterates run off to infinity along such a ray.
+
+Newton in relative coordinates: the step b -> b (1 + t s) solves (B C B + W) s = w - b * (C b)
+(B = diag b, W = diag w), the Newton system scaled by B. Its matrix has eigenvalues >= min w
+however large b grows, so Cholesky factorises it where the unscaled Hessian C + W B^-2 of a
+diverging iterate is singular (which once raised a LinAlgError out of ``combine``).
+lambda^2 = (w - b * (C b)) . s is the squared Newton decrement; f is expected to fall by
+lambda^2 / 2.
+
+Acceptance rule. b is the solution when (i) the backward error max_i |b_i (C b)_i - w_i| /
+(b_i (|C| b)_i) is at most 1e-13 -- the computed b_i (C b)_i carries a rounding error of about
+K eps b_i (|C| b)_i, so this is the most that can be asked of a game with nearly opposed
+gradients -- and (ii) every equation holds to within w_i / 2 (a game whose hull passes within
+1e-6 of 0 has a conditioning ~1e12 and only ~1e-3 relative accuracy in float64; a ray to
+infinity always has an equation off by w_i or more, see below). The line search is Armijo
+on f with a slack of f's own rounding error, 4 K eps (1/2 b^T |C| b + sum_i w_i |log b_i|): near
+the solution lambda^2 / 2 falls below the rounding of f, and a plain Armijo test then rejects
+the exact Newton step because f "rose" by rounding (an audit found 4e-16 against a demanded
+decrease of 5e-21: the search crawled, stopped just above the threshold and reported a
+feasible game as a CONFLICT). A change below rounding is no evidence, so the full step is
+taken and Newton's quadratic convergence brings the residual to rounding level. If the
+decrement stays at rounding level for four steps without meeting (i), the best iterate is
+accepted when its backward error is at most 1e-12.
+
+Infeasibility detection. The game is infeasible when some x >= 0 has
+x^T C x <= 8 K eps x^T |C| x, i.e. zero up to the rounding of the computed quadratic form. The
+candidates: each pair (e_i + e_j) / 2 (this catches exactly opposed gradients at once: 1 + c_ij
+at rounding level), the start, and every Newton iterate x = b / sum(b), before it is tested
+as a solution (at a solution x^T C x = sum w / (sum b)^2, so a "solution" that far out is
+reported as the certificate it also is). Along an infeasible ray b grows geometrically while
+b^T C b stays O(log |b|), so the test fires after a few dozen steps. Condition (ii) keeps such
+a ray from being accepted on (i) alone: if C x = 0 with x >= 0 then x^T C b = 0, i.e.
+sum_i x_i w_i / b_i = sum_i x_i r_i / b_i (r = w - b * (C b)), so some |r_i| >= w_i. A game is
+declared infeasible by a certificate only when its unit gradients' convex hull passes within
+sqrt(8 K eps) ~ 1e-7 of 0, where the rounding of the Gram alone can decide feasibility; anything
+else that stops Newton (no descent step, no factorisation, 100 steps) also reports "no
+solution", which the property tests (tests/test_solver_properties.py) find only in that
+rounding band. Infeasible is status CONFLICT, handled by the rule above.
+
 A satisfied player (:class:`SatisfactionRule`): once a smoothed forget loss reaches its target
 the forget player has what it came for, yet scale-free bargaining would keep giving it an equal
 say (and half of every unit step) while its shrinking gradient turns against retaining. The rule
@@ -81,11 +129,20 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 
 DEFAULT_OPPOSED_TOL = 1e-4
+_EPS = 2.0 ** -52  # float64 machine epsilon
+# K >= 3 acceptance (module docstring): the backward error max_i |b_i (C b)_i - w_i| / (b_i (|C| b)_i)
+# at rounding level (_RES_TOL; _RES_ACCEPT when Newton stalls there), and every equation within
+# _RES_W_MAX * w_i, which an iterate running off to infinity along an infeasible ray never is.
+_RES_TOL = 1e-13
+_RES_ACCEPT = 1e-12
+_RES_W_MAX = 0.5
+# Infeasibility certificate: x >= 0 with x^T C x <= _CERT_FACTOR * K * eps * x^T |C| x.
+_CERT_FACTOR = 8
 
 
 class BargainingStatus(str, enum.Enum):
@@ -127,82 +184,139 @@ def _two_player_ratio(c: float, rho: float) -> float:
     return 2.0 * rho / (q + root) if q > 0 else 0.5 * (root - q)
 
 
+class _Outcome(NamedTuple):
+    """A K-player solve: ``b`` (None when infeasible) and why it ended."""
+
+    b: Optional[List[float]]
+    reason: str  # "solved"; "certificate" (x below proves infeasibility); "failed"
+    certificate: Optional[List[float]] = None  # x >= 0, sum x = 1, x^T C x = 0 up to rounding
+
+
 def _solve_cosine_game(cos: List[List[float]], max_iter: int = 100,
                        powers: Optional[List[float]] = None) -> Optional[List[float]]:
     """Positive b with b_i (C b)_i = w_i for a unit-diagonal cosine matrix C, or None if infeasible.
 
-    ``powers`` None means w = 1 (the symmetric game, C b = 1/b). Newton's method on
-    f(b) = 1/2 b^T C b - sum_i w_i log b_i (strictly convex on b > 0; bounded below exactly when
-    0 is outside the convex hull of the unit gradients, i.e. when the game is feasible, whatever
-    the powers), with backtracking that keeps b positive and decreases f.
+    ``powers`` None means w = 1 (the symmetric game, C b = 1/b); unit powers run the same
+    float operations, bit for bit. K >= 3: Newton's method on the potential (module docstring).
     """
+    return _cosine_game_outcome(cos, max_iter, powers).b
+
+
+def _cosine_game_outcome(cos: List[List[float]], max_iter: int = 100,
+                         powers: Optional[List[float]] = None) -> _Outcome:
     k = len(cos)
     uniform = powers is None or all(w == 1.0 for w in powers)
     if k == 1:
-        return [1.0] if uniform else [math.sqrt(powers[0])]
+        return _Outcome([1.0] if uniform else [math.sqrt(powers[0])], "solved")
     if k == 2:
         one_plus_c = 1.0 + cos[0][1]
         if one_plus_c <= 0.0:
-            return None
+            return _Outcome(None, "certificate", [0.5, 0.5])
         if uniform:
             b = 1.0 / math.sqrt(one_plus_c)
-            return [b, b]
+            return _Outcome([b, b], "solved")
         c = cos[0][1]
         t = _two_player_ratio(c, powers[1] / powers[0])
         x1 = math.sqrt(powers[0] / (1.0 + c * t))
-        return [x1, t * x1]
+        return _Outcome([x1, t * x1], "solved")
     c = torch.tensor(cos, dtype=torch.float64)
-    total = float(c.sum())
-    if total <= 0.0:
-        return None  # the mean unit gradient is zero: no common improving direction
-    if uniform:
-        w = torch.ones(k, dtype=torch.float64)  # w / b and w * log b are then exact: same path
-        b = torch.full((k,), math.sqrt(k / total), dtype=torch.float64)
-    else:
-        w = torch.tensor(powers, dtype=torch.float64)
-        s = w.sqrt()
-        b = s * math.sqrt(float(w.sum()) / float(s @ c @ s))
-    b_start = b.clone()
-    b = _newton(c, w, b, max_iter, full_steps_near_solution=False)
-    if b is None:
-        # The plain Armijo search can stall next to the solution: the potential's decrease
-        # (~lambda^2 / 2, lambda^2 = -grad . step the Newton decrement) falls below float64
-        # rounding of f, and only tiny steps pass (DESIGN.md). Retry taking full Newton steps in
-        # the quadratic phase; games the first pass solves keep their bits exactly.
-        b = _newton(c, w, b_start, max_iter, full_steps_near_solution=True)
-    return b
+    tol = _CERT_FACTOR * k * _EPS
+    # Pairs first: x = (e_i + e_j) / 2 has x^T C x = (1 + c_ij) / 2, x^T |C| x = (1 + |c_ij|) / 2.
+    pair = (1.0 + c) - tol * (1.0 + c.abs())
+    i, j = divmod(int(pair.argmin()), k)
+    if float(pair[i, j]) <= 0.0:
+        x = [0.0] * k
+        x[i] = x[j] = 0.5
+        return _Outcome(None, "certificate", x)  # (nearly) exactly opposed gradients
+    w = torch.ones(k, dtype=torch.float64) if uniform else torch.tensor(powers, dtype=torch.float64)
+    s = w.sqrt()  # start along sqrt(w) (the uniform vector for w = 1), scaled so |d|^2 = sum w
+    quad = float(s @ c @ s)
+    if quad <= tol * float(s @ c.abs() @ s):
+        # s / sum(s) is itself a certificate: no common improving direction
+        return _Outcome(None, "certificate", (s / s.sum()).tolist())
+    b = s * math.sqrt(float(w.sum()) / quad)
+    return _newton(c, w, b, max_iter)
 
 
-def _newton(c: torch.Tensor, w: torch.Tensor, b: torch.Tensor, max_iter: int,
-            full_steps_near_solution: bool) -> Optional[List[float]]:
-    def potential(x: torch.Tensor) -> float:
-        return float(0.5 * x @ c @ x - (w * torch.log(x)).sum())
+def _newton(c: torch.Tensor, w: torch.Tensor, b: torch.Tensor, max_iter: int) -> _Outcome:
+    """Damped Newton on f(b) = 1/2 b^T C b - sum_i w_i log b_i in relative steps b (1 + t s).
 
-    def residual(x: torch.Tensor) -> float:
-        return float((x * (c @ x) / w - 1.0).abs().max())
-
-    f = potential(b)
+    Ends once the KKT residual is at rounding level, or when an iterate certifies infeasibility
+    (b^T C b <= 8 K eps b^T |C| b), or when no step can be taken (module docstring).
+    """
+    k = len(w)
+    abs_c = c.abs()
+    eye = torch.eye(k, dtype=torch.float64)
+    best, best_res, stalled = None, math.inf, 0
     for _ in range(max_iter):
-        grad = c @ b - w / b
-        if residual(b) < 1e-12:
-            return b.tolist()
-        hess = c + torch.diag(w / b**2)
-        step = torch.linalg.solve(hess, -grad)
-        near = full_steps_near_solution and -float(grad @ step) < 1e-2
+        cb = c @ b
+        bcb = b * cb
+        scale = b * (abs_c @ b)  # b_i (|C| b)_i: the size of the rounding in b_i (C b)_i
+        r = w - bcb
+        res = float((r.abs() / scale).max())
+        if not math.isfinite(res):
+            break
+        if float(bcb.sum()) <= _CERT_FACTOR * k * _EPS * float(scale.sum()):
+            # x = b / sum(b) has x^T C x = 0 up to rounding: f -> -inf along it
+            return _Outcome(None, "certificate", (b / b.sum()).tolist())
+        sane = float((r.abs() / w).max()) <= _RES_W_MAX
+        if sane and res <= _RES_TOL:
+            return _Outcome(b.tolist(), "solved")
+        if sane and res < best_res:
+            best, best_res = b, res
+        # Newton step in relative coordinates: (B C B + W) s = w - b * (C b), step = b * s.
+        s = _spd_solve(b[:, None] * c * b[None, :] + torch.diag(w), r, eye)
+        if s is None:
+            break
+        lam2 = float(r @ s)  # the Newton decrement squared, -grad . step
+        if not lam2 > 0.0:
+            break
+        f = _potential(w, b, cb)
+        # what rounding alone can change f by: a decrease below it is no evidence either way
+        slack = 4 * k * _EPS * (0.5 * float(scale.sum()) + float((w * b.log().abs()).sum()))
         t = 1.0
+        low = float(s.min())
+        if low <= -1.0:
+            t = 0.5 / -low  # stay inside b > 0 (halfway to the boundary)
         while True:
-            cand = b + t * step
+            cand = b * (1.0 + t * s)
             if bool((cand > 0).all()):
-                f_cand = potential(cand)
-                if near or f_cand <= f + 1e-4 * t * float(grad @ step):
+                if _potential(w, cand, c @ cand) <= f - 1e-4 * t * lam2 + slack:
                     break
             t *= 0.5
-            if t < 1e-20:
-                return None
-        b, f = cand, f_cand
-        if float(b.max()) > 1e12:
-            return None  # diverging along a ray where sum b_i u_i = 0: infeasible
-    return b.tolist() if residual(b) < 1e-9 else None
+            if t < 1e-12:
+                cand = None
+                break
+        if cand is None:
+            break
+        b = cand
+        # the decrement at rounding level next to a solution: nothing left to gain (an iterate
+        # running off along an infeasible direction is never next to one: it ends on the test above)
+        stalled = stalled + 1 if sane and lam2 <= slack else 0
+        if stalled > 3:
+            break
+    if best is not None and best_res <= _RES_ACCEPT:
+        return _Outcome(best.tolist(), "solved")
+    return _Outcome(None, "failed")
+
+
+def _potential(w, b, cb) -> float:
+    return float(0.5 * (b @ cb) - (w * b.log()).sum())
+
+
+def _spd_solve(m: torch.Tensor, r: torch.Tensor, eye: torch.Tensor) -> Optional[torch.Tensor]:
+    """m^-1 r for symmetric m by Cholesky; m is positive definite for a Gram (PSD) C. A C that
+    rounding (or a non-Gram input) left indefinite gets the smallest diagonal shift that works."""
+    shift = 0.0
+    scale = float(m.diagonal().max())
+    for _ in range(8):
+        factor, info = torch.linalg.cholesky_ex(m + shift * eye if shift else m)
+        if int(info) == 0:
+            s = torch.cholesky_solve(r[:, None], factor)[:, 0]
+            if bool(torch.isfinite(s).all()):
+                return s
+        shift = scale * (1e-14 if shift == 0.0 else 1e3 * shift / scale)
+    return None
 
 
 def _check_powers(powers, k: int) -> Optional[List[float]]:
