@@ -382,14 +382,14 @@ def main(argv=None):
 
     from hf_munba.classification.data import InMemoryDataset, digits_dataset
     from hf_munba.classification.model_io import load_image_classifier
-    from training.train_munba_classifier import test_model_sources
+    from hf_munba.testing import CLASSIFIER_SOURCES
     from hf_munba.evaluation.classification import avg_gap, evaluate_unlearning
     from hf_munba.evaluation.tradeoff import ForgetCriterion
     from hf_munba.classification.forget_sets import ForgetSpec, split_forget_retain
 
     torch.set_num_threads(a.threads)
     hf_logging.set_verbosity_error()
-    sources = test_model_sources()
+    sources = dict(CLASSIFIER_SOURCES)
     data = digits_dataset(seed=0)
     test = InMemoryDataset.from_dataset(data["test"])
     full = InMemoryDataset.from_dataset(data["train"])

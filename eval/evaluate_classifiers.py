@@ -21,13 +21,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def model_sources(paths):
     """The CLIs' named test models (``tiny-resnet``, ``tiny-vit``: ``hf_munba.testing`` factories,
-    which the library never imports), from the training script that defines them; looked up
-    only when a model is not a path, so evaluating saved folders imports no training code."""
+    which the library never imports); looked up only when a model is not a path, so evaluating
+    saved folders imports no test code."""
     if all(os.path.exists(p) for p in paths):
         return {}
-    from training.train_munba_classifier import test_model_sources
+    from hf_munba.testing import CLASSIFIER_SOURCES
 
-    return test_model_sources()
+    return dict(CLASSIFIER_SOURCES)
 
 
 class OneLineErrorParser(argparse.ArgumentParser):

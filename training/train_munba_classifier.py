@@ -38,17 +38,15 @@ from hf_munba.classification.forget_sets import ForgetSpec, forget_spec_from_str
 from hf_munba.classification.trainer import MunbaArguments, MunbaTrainer, last_complete_checkpoint  # noqa: E402
 
 CHECKPOINTS = "checkpoints"
-TEST_MODELS = ("tiny-resnet", "tiny-vit")
-
-
 def test_model_sources():
-    """``--model_name_or_path tiny-resnet`` / ``tiny-vit``: random tiny models for an offline
-    try-out and the tests. They are ``hf_munba.testing`` factories, which the library never
-    imports; the CLIs (this script, eval/evaluate_classifiers.py, eval/bench_digits_unlearning.py)
-    hand them to ``load_image_classifier`` as named ``model_sources``."""
-    from hf_munba.testing import tiny_resnet_classifier, tiny_vit_classifier
+    """``tiny-resnet`` / ``tiny-vit``: the testing factories' random tiny classifiers, which
+    the library never imports; the CLIs hand them to ``load_image_classifier``."""
+    from hf_munba.testing import CLASSIFIER_SOURCES
 
-    return dict(zip(TEST_MODELS, (tiny_resnet_classifier, tiny_vit_classifier)))
+    return dict(CLASSIFIER_SOURCES)
+
+
+TEST_MODELS = ("tiny-resnet", "tiny-vit")
 
 
 @dataclass

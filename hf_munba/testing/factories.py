@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 import torch
 
 __all__ = [
+    "CLASSIFIER_SOURCES",
     "tiny_clip_tokenizer",
     "tiny_clip_text_model",
     "tiny_unet",
@@ -209,3 +210,9 @@ def tiny_resnet_classifier(num_labels: int = 10, num_channels: int = 1, seed: in
                        id2label=id2label, label2id=label2id, downsample_in_first_stage=False)
     torch.manual_seed(seed)
     return ResNetForImageClassification(cfg)
+
+
+#: ``--model_name_or_path tiny-resnet`` / ``tiny-vit`` in the classifier CLIs: random tiny models
+#: for an offline try-out and the tests, handed to ``load_image_classifier(model_sources=...)``
+#: (the library itself never imports this package).
+CLASSIFIER_SOURCES = {"tiny-resnet": tiny_resnet_classifier, "tiny-vit": tiny_vit_classifier}
