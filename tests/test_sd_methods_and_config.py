@@ -212,7 +212,7 @@ def _train(sets, out, method, forget="a", retain="a", **extra):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == str(out)  # train returns the output folder
     weights = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
-    history = [json.loads(l) for l in (out / "history.jsonl").read_text().splitlines()]
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     return weights, history
 
 

@@ -357,6 +357,19 @@ def _choices(name: str):
     return None
 
 
+def _literals_match_the_library() -> None:
+    """The ``Literal`` choices are spelled out for type checkers and the CLI; they must be the
+    library's own lists, or a new objective/subset would be refused by the CLI."""
+    for name, library in (("forget_objective", FORGET_OBJECTIVES), ("target_model", TARGET_MODELS),
+                          ("train_params", UNET_SUBSETS)):
+        if tuple(_choices(name)) != tuple(library):
+            raise RuntimeError(f"SDUnlearningConfig.{name} choices {_choices(name)} differ from "
+                               f"the library's {library}")
+
+
+_literals_match_the_library()
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """One ``--<field>`` flag per config field: ``bool`` -> ``store_true``, ``List[str]`` ->
     ``nargs="+"``, ``Literal`` / ``choices`` -> argparse choices, no default -> required."""
