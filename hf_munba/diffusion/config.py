@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib.util
 import json
 import math
@@ -335,6 +336,7 @@ class SDUnlearningConfig:
         return cls.from_dict({k: v for k, v in values.items() if k in names})
 
 
+@functools.lru_cache(maxsize=None)
 def _hints() -> Dict[str, Any]:
     return typing.get_type_hints(SDUnlearningConfig)
 
