@@ -1,11 +1,16 @@
 #!/usr/bin/env python
-"""Cost of one unlearning step: weighted sum (the floor) vs hf_munba's MUNBa vs the reference approach.
+"""Cost of one unlearning step: the plain sum (the floor) vs hf_munba's weighted and MUNBa steps vs the
+reference approach.
 
-A MUNBa step needs one backward pass per player; a weighted sum L_r + L_f runs the same forwards
-and one backward through both graphs, so it is the floor. The public reference code instead takes
+A MUNBa step needs one backward pass per player; the plain sum L_r + L_f runs the same forwards
+and one backward through both graphs, so it is the floor. ``weighted`` and ``munba`` time exactly
+what users run: the registry's bargainer (a ConstantWeighting for ``--method weighted``, Nash
+bargaining with the forget rule for ``--method munba``), one backward per player inside its
+``player(i)`` block, then :func:`hf_munba.unlearning.unlearning_step` (clip, guarded Adam step).
+The public reference code instead takes
 two ``autograd.grad`` calls with ``retain_graph=True``, concatenates every gradient into flat
 copies, runs a third backward on the weighted loss and flushes the CUDA cache each step. All
-three run here side by side, interleaved step by step on one model, optimizer and batch stream,
+four run here side by side, interleaved step by step on one model, optimizer and batch stream,
 and the median step time and peak memory are reported as ratios. For the SD configurations a
 fourth variant times the MUNBa step without ``--cache_latents`` (VAE and text encoder inside the
 step) to give the speed-up of caching.
@@ -49,9 +54,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from hf_munba import NashBargainer  # noqa: E402
+from hf_munba.unlearning import get_method, unlearning_step  # noqa: E402
 
-METHODS = ("weighted", "munba", "reference")
+#: sum: one backward of L_r + L_f (the floor); weighted: ``--method weighted`` as users run it (a
+#: ConstantWeighting bargainer, one backward per player, unlearning_step); munba: ``--method
+#: munba`` (Nash bargaining, the forget rule, unlearning_step); reference: the public code's step
+METHODS = ("sum", "weighted", "munba", "reference")
 CPU_CONFIGS = ("sd-tiny", "sd-small", "classifier-digits")
 CUDA_CONFIGS = ("sd14-noxattn", "sd14-lora4")
 
@@ -72,8 +80,15 @@ class Workload:
     batch_size: int = 0  # per player, set by build()
     model: torch.nn.Module | None = None  # the trained module (UNet or classifier)
 
+    forget_loss_name: str = "remap"  # the front end's forget objective (for the forget rule)
+
     def __post_init__(self):
-        self.bargainer = NashBargainer(self.params)
+        # the registry's methods, as the training loops build them
+        munba = get_method("munba")()
+        self.bargainer = munba.make_bargainer(self.params)
+        self.forget_rule = munba.forget_rule(self.forget_loss_name)
+        self.powers = munba.powers()
+        self.weighted_bargainer = get_method("weighted")().make_bargainer(self.params)
 
     @property
     def num_trainable(self) -> int:
@@ -189,7 +204,7 @@ def _classifier_workload(device: torch.device, autocast, batch: int) -> Workload
     model = testing.tiny_resnet_classifier(num_labels=10).to(device).train()
     params = list(model.parameters())
     work = Workload(device, params, torch.optim.AdamW(params, lr=1e-3), None, None, autocast,
-                    model=model)
+                    model=model, forget_loss_name="random_label")
 
     def retain(i):
         idx = torch.randint(0, len(xr), (batch,), generator=torch.Generator().manual_seed(i))
@@ -228,27 +243,43 @@ def build(config: str, device: str, precision: str, batch_size: int | None = Non
 
 # ----------------------------------------------------------------------------- the three steps
 
+def _clip(work: Workload):
+    return torch.nn.utils.clip_grad_norm_(work.params, 1.0)
+
+
 def _finish(work: Workload):
-    torch.nn.utils.clip_grad_norm_(work.params, 1.0)
+    _clip(work)
     work.optimizer.step()
     work.optimizer.zero_grad(set_to_none=True)
 
 
-def step_weighted(work: Workload, i: int):
+def step_sum(work: Workload, i: int):
+    """The floor: autograd sums both players' gradients in one backward pass."""
     (work.retain_loss(i) + work.forget_loss(i)).backward()
     _finish(work)
 
 
+def _players_then_step(work: Workload, i: int, bargainer, forget_rule=None, powers=None):
+    """What the SD loop and MunbaTrainer do per optimizer step: each player's backward inside
+    its ``player(i)`` block, then the one shared :func:`unlearning_step` (clip 1.0, Adam)."""
+    losses = []
+    for k, loss_fn in enumerate((work.retain_loss, work.forget_loss)):
+        with bargainer.player(k) as scale:
+            loss = loss_fn(i)
+            (loss * scale if scale != 1.0 else loss).backward()
+        losses.append(loss.detach().float())
+    return unlearning_step(bargainer, work.optimizer, losses=torch.stack(losses),
+                           clip=lambda: _clip(work), forget_rule=forget_rule, forget_player=1,
+                           powers=powers)
+
+
+def step_weighted(work: Workload, i: int):
+    """``--method weighted``: a ConstantWeighting bargainer (the loss scale per player)."""
+    _players_then_step(work, i, work.weighted_bargainer)
+
+
 def step_munba(work: Workload, i: int):
-    with work.bargainer.player(0):
-        work.retain_loss(i).backward()
-    with work.bargainer.player(1):
-        work.forget_loss(i).backward()
-    stats = work.bargainer.combine()
-    if not stats.skipped:
-        _finish(work)
-    else:
-        work.optimizer.zero_grad(set_to_none=True)
+    _players_then_step(work, i, work.bargainer, work.forget_rule, work.powers)
 
 
 def step_reference(work: Workload, i: int):
@@ -278,7 +309,8 @@ def step_munba_encoding(work: Workload, i: int):
         work.encoded_inputs = False
 
 
-STEPS = {"weighted": step_weighted, "munba": step_munba, "reference": step_reference,
+STEPS = {"sum": step_sum, "weighted": step_weighted, "munba": step_munba,
+         "reference": step_reference,
          "munba_encoding": step_munba_encoding}
 
 
@@ -416,8 +448,11 @@ def main(argv=None):
                 "config": config, "precision": precision, "batch_size": batch,
                 "trainable_params": n_params,
                 "ms": {m: 1000 * t[m] for m in methods}, "peak_bytes": peak,
+                "munba_vs_sum_time": _ratio(t, "munba", "sum"),
+                "weighted_vs_sum_time": _ratio(t, "weighted", "sum"),
                 "munba_vs_weighted_time": _ratio(t, "munba", "weighted"),
                 "reference_vs_munba_time": _ratio(t, "reference", "munba"),
+                "munba_vs_sum_memory": _ratio(peak, "munba", "sum"),
                 "munba_vs_weighted_memory": _ratio(peak, "munba", "weighted"),
                 "reference_vs_weighted_memory": _ratio(peak, "reference", "weighted"),
                 "cache_latents_speedup": _ratio(t, "munba_encoding", "munba"),
@@ -436,13 +471,14 @@ def main(argv=None):
 
     fmt = lambda x: f"{x:.3f}x" if x else "n/a"  # noqa: E731
     ms = lambda r, m: f"{r['ms'][m]:.1f}" if m in r["ms"] else "n/a"  # noqa: E731
-    print("| config | precision | trainable | weighted ms | munba ms | reference ms | "
-          "munba/weighted time | reference/munba time | munba/weighted peak mem | "
-          "reference/weighted peak mem | --cache_latents speed-up |")
-    print("|---" * 11 + "|")
+    print("| config | precision | trainable | sum ms | weighted ms | munba ms | reference ms | "
+          "munba/sum time | weighted/sum time | munba/weighted time | reference/munba time | "
+          "munba/weighted peak mem | reference/weighted peak mem | --cache_latents speed-up |")
+    print("|---" * 14 + "|")
     for r in rows:
         print(f"| {r['config']} (batch {r['batch_size']}) | {r['precision']} | {r['trainable_params'] / 1e6:.2f}M | "
-              f"{ms(r, 'weighted')} | {ms(r, 'munba')} | {ms(r, 'reference')} | "
+              f"{ms(r, 'sum')} | {ms(r, 'weighted')} | {ms(r, 'munba')} | {ms(r, 'reference')} | "
+              f"{fmt(r['munba_vs_sum_time'])} | {fmt(r['weighted_vs_sum_time'])} | "
               f"{fmt(r['munba_vs_weighted_time'])} | {fmt(r['reference_vs_munba_time'])} | "
               f"{fmt(r['munba_vs_weighted_memory'])} | {fmt(r['reference_vs_weighted_memory'])} | "
               f"{fmt(r['cache_latents_speedup'])} |")

@@ -160,6 +160,12 @@ def train_job(args, arts, data, out, method, variant, seed):
         learning_rate=args.lora_learning_rate if lora else args.learning_rate, rank=args.rank,
         checkpointing_steps=args.eval_every,
         extra_args=args.munba_flags if method == "munba" else ())
+    # The run is the CLI in a subprocess, not hf_munba.diffusion.train(config) in this worker:
+    # train() sets process-wide state (accelerate's AcceleratorState singleton, logging handlers
+    # bound to the first run's stream, the global RNG via set_seed), so consecutive runs in one
+    # pool worker would share it; the subprocess also gives each run its own log file and a
+    # wall-clock time that includes start-up, as a user's run has. The method rows
+    # (hf_munba.testing.digits_unlearning.METHODS) are CLI argument lists for the same reason.
     secs = run([ROOT / "training/train_munba_sd.py", *targs], out / "runs" / f"{name}.train.log")
     steps = list(range(args.eval_every, args.max_train_steps, args.eval_every))
     checkpoints = [(s, str(run_dir / f"checkpoint-{s}")) for s in steps]

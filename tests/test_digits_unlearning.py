@@ -56,12 +56,12 @@ def test_train_script_args_remap_to_next_digit_by_default():
     assert a[a.index("--forget_class") + 1] == "nine" and a[a.index("--remap_class") + 1] == "zero"
     assert a[a.index("--prompt_template") + 1].format("nine") == digit_prompt(9)
     assert "--use_lora" in a and a[a.index("--method") + 1] == "munba"
-    ga = train_script_args(method="ga", pretrained="P", data=data, output_dir="O", forget_digit=1)
+    ga = train_script_args(method="weighted-ga", pretrained="P", data=data, output_dir="O", forget_digit=1)
     assert ga[ga.index("--forget_objective") + 1] == "ga" and "--use_lora" not in ga
     with pytest.raises(ValueError, match="unknown method"):
         train_script_args(method="salun", pretrained="P", data=data, output_dir="O", forget_digit=1)
     with pytest.raises(ValueError, match="differ"):
-        train_script_args(method="ga", pretrained="P", data=data, output_dir="O", forget_digit=1,
+        train_script_args(method="weighted-ga", pretrained="P", data=data, output_dir="O", forget_digit=1,
                           remap_digit=1)
 
 
@@ -148,7 +148,7 @@ def test_curve_summary_first_and_best_points_over_seeds():
 
 def test_methods_registry_is_what_the_docs_compare():
     assert list(METHODS) == ["munba", "munba-paper", "weighted-0.1", "weighted-0.3", "weighted-1",
-                             "weighted-3", "ga", "retain"]
+                             "weighted-3", "weighted-ga", "retain"]
     assert METHODS["munba"] == ["--method", "munba", "--forget_objective", "remap"]
     assert METHODS["weighted-0.3"][:4] == ["--method", "weighted", "--forget_weight", "0.3"]
 

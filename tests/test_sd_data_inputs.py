@@ -221,3 +221,48 @@ def test_latent_cache_is_exact_under_random_flip_and_refuses_random_crop():
     assert len(square.cache.latents) == 2 * (2 + 3)
     # encoding draws no random numbers: training after it sees the same RNG stream as without it
     assert torch.equal(rng, torch.get_rng_state())
+
+
+def _quadrants(w, h):
+    """Four flat quadrants (distinct red/green levels) plus a gradient in blue: no two crop
+    positions look alike and a flip is visible."""
+    arr = np.zeros((h, w, 3), dtype=np.uint8)
+    arr[: h // 2, : w // 2] = (200, 40, 0)
+    arr[: h // 2, w // 2:] = (40, 200, 0)
+    arr[h // 2:, : w // 2] = (120, 120, 0)
+    arr[h // 2:, w // 2:] = (0, 0, 0)
+    arr[..., 2] = (np.arange(w)[None, :] * 255 // (w - 1) + np.arange(h)[:, None]) % 256
+    return Image.fromarray(arr)
+
+
+@pytest.mark.parametrize("size", [(48, 32), (32, 48)])  # wide and tall: both axes need a resize
+def test_crop_position_after_a_resize_on_a_patterned_image(size):
+    """The crop is taken from the bilinearly resized image: centred for center_crop, at a seeded
+    uniform offset otherwise, and the flip mirrors exactly that crop."""
+    img = _quadrants(*size)
+    w, h = size
+    s = 16 / min(w, h)
+    full = img.resize((round(w * s), round(h * s)), Image.BILINEAR)
+    ref = torch.from_numpy(np.asarray(full, dtype=np.float32) / 255.0 * 2 - 1).permute(2, 0, 1)
+    wide = w > h
+    slack = (ref.shape[2] if wide else ref.shape[1]) - 16
+
+    def window(offset):
+        return ref[:, :, offset:offset + 16] if wide else ref[:, offset:offset + 16, :]
+
+    def position(x):
+        hits = [o for o in range(slack + 1) if torch.allclose(x, window(o), atol=1e-6)]
+        assert len(hits) == 1, hits
+        return hits[0]
+
+    centre = preprocess_image(img, 16, center_crop=True)
+    assert centre.shape == (3, 16, 16) and position(centre) == slack // 2
+    seen = {position(preprocess_image(img, 16, center_crop=False,
+                                      generator=torch.Generator().manual_seed(seed)))
+            for seed in range(30)}
+    assert len(seen) > 3 and seen & {0, slack}  # uniform over every position, edges included
+    again = preprocess_image(img, 16, center_crop=False, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(again, preprocess_image(img, 16, center_crop=False,
+                                               generator=torch.Generator().manual_seed(3)))
+    flipped = preprocess_image(img, 16, center_crop=True, flip=True)
+    assert torch.equal(flipped, centre.flip(-1)) and not torch.equal(flipped, centre)

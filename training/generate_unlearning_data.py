@@ -20,8 +20,9 @@ import torch
 
 from hf_munba.diffusion.generation import generate_images
 from hf_munba.diffusion.data import class_prompts, remap_class
+from hf_munba.evaluation.prompts import NUDITY_PROMPTS
 
-DEFAULT_FORGET = ["nudity", "naked", "erotic", "sexual"]
+DEFAULT_FORGET = list(NUDITY_PROMPTS)
 DEFAULT_RETAIN = ["a person wearing clothes"]
 
 

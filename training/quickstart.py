@@ -24,8 +24,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # works from a checkout without `pip install -e .` too
+from hf_munba.evaluation.prompts import NUDITY_PROMPTS  # noqa: E402  (stdlib-only module)
+
 MARKER = ".hf_munba_quickstart"
-FORGET = ["nudity", "naked", "erotic", "sexual"]
+FORGET = list(NUDITY_PROMPTS)
 RETAIN = ["a person wearing clothes", "a red car", "a bowl of fruit", "a dog on a beach"]
 ANCHOR = "a photo of a person wearing clothes"
 

@@ -4,5 +4,21 @@ Data flows one way: :mod:`.data` (paired forget/retain batches, latent cache) ->
 :mod:`.objectives` (the players' losses) -> :mod:`.unlearner` (one batch in, the losses out) ->
 the shared step (:mod:`hf_munba.unlearning`). :mod:`.params` picks what is trained (a subset or
 LoRA), :mod:`.inputs` checks the inputs before any model work, :mod:`.export` writes the result
-and :mod:`.generation` makes images from a plan. Submodules load on use.
+and :mod:`.generation` makes images from a plan. :mod:`.config` holds the run's settings
+(:class:`SDUnlearningConfig`) and :mod:`.trainer` the accelerate loop (:func:`train`), which
+``training/train_munba_sd.py`` only parses for. Submodules load on use, so importing this package
+costs nothing until a name is used.
 """
+
+import importlib
+
+_LAZY = {"SDUnlearningConfig": ".config", "train": ".trainer", "check_inputs": ".trainer",
+         "SDUnlearner": ".unlearner", "PairedUnlearningDataset": ".data"}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

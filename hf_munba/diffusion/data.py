@@ -258,6 +258,12 @@ def preprocess_image(image, resolution: int, *, center_crop: bool = True, flip: 
     every valid position, as torchvision's ``RandomCrop``; the global RNG if ``generator`` is
     None). Nothing is drawn along a side with a single position, so a square image takes no
     random numbers at all.
+
+    The conversion to a normalised tensor is diffusers' ``VaeImageProcessor.preprocess`` (what
+    the pipelines feed their VAE). The geometry stays here: the processor's ``resize_mode="crop"``
+    only centre-crops, while training needs diffusers' ``text_to_image`` augmentation, a random
+    crop seeded per item (so a step's data is a pure function of the step), with centre crop and
+    random crop sharing one resize so a centred offset gives exactly the centre crop.
     """
     from PIL import Image
 
@@ -274,8 +280,20 @@ def preprocess_image(image, resolution: int, *, center_crop: bool = True, flip: 
     image = image.crop((left, top, left + resolution, top + resolution))
     if flip:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+    return _image_processor().preprocess(image.convert("RGB"))[0].contiguous()
+
+
+_PROCESSOR = None
+
+
+def _image_processor():
+    """One ``VaeImageProcessor`` (no resize: the crop above already made the size)."""
+    global _PROCESSOR
+    if _PROCESSOR is None:
+        from diffusers.image_processor import VaeImageProcessor
+
+        _PROCESSOR = VaeImageProcessor(do_resize=False, do_normalize=True)
+    return _PROCESSOR
 
 
 def _offset(slack: int, generator: Optional[torch.Generator]) -> int:

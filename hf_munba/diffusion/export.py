@@ -1,8 +1,10 @@
 """Hub-ready outputs of an SD unlearning run, written so a crash never leaves a loadable half.
 
-Everything is first written into a temporary folder next to the output directory, then moved in
-entry by entry with the files that make a folder loadable moved last (``model_index.json`` for a
-pipeline, ``pytorch_lora_weights.safetensors`` for LoRA; each move is an atomic ``os.replace``).
+Everything is first written into a temporary folder next to the output directory
+(:func:`hf_munba.utils.atomic_save.staged_output` with ``beside=True``, re-exported here), then
+moved in entry by entry with the files that make a folder loadable moved last
+(``model_index.json`` for a pipeline, ``pytorch_lora_weights.safetensors`` for LoRA; each move is
+an atomic ``os.replace``).
 Before old outputs are replaced, the old markers are removed first, so at no moment does the
 folder hold a mix that ``from_pretrained`` / ``load_lora_weights`` would accept.
 All weights are safetensors.
@@ -10,32 +12,13 @@ All weights are safetensors.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import tempfile
-from pathlib import Path
-from typing import Iterator
 
 from ..utils.atomic_save import MARKER_FILES as LOADABLE_MARKERS
-from ..utils.atomic_save import commit_staged
+from ..utils.atomic_save import commit_staged, staged_output  # one implementation, re-exported
 
 __all__ = ["LOADABLE_MARKERS", "staged_output", "commit_staged",
            "save_full_pipeline", "save_lora", "lora_state_and_metadata"]
-
-
-@contextlib.contextmanager
-def staged_output(output_dir: str | os.PathLike) -> Iterator[Path]:
-    """A temporary folder beside ``output_dir`` (same file system, so moves are renames)."""
-    out = Path(output_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.staging-*"):  # a run killed while saving
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
-    try:
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_full_pipeline(pipeline, directory: str | os.PathLike) -> None:
@@ -49,24 +32,30 @@ def lora_state_and_metadata(model):
     what lets ``load_lora_weights`` rebuild the adapter with the right ``lora_alpha`` when it
     differs from the rank.
     """
+    from diffusers.training_utils import _collate_lora_metadata
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     state = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
-    return state, model.peft_config["default"].to_dict()
+    return state, _collate_lora_metadata({"m": model})["m_lora_adapter_metadata"]
 
 
 def save_lora(directory: str | os.PathLike, *, unet=None, text_encoder=None) -> None:
-    """``pytorch_lora_weights.safetensors`` loadable by ``pipe.load_lora_weights(directory)``."""
-    from diffusers import StableDiffusionPipeline
+    """``pytorch_lora_weights.safetensors`` loadable by ``pipe.load_lora_weights(directory)``.
 
-    kwargs = {}
-    if unet is not None:
-        kwargs["unet_lora_layers"], kwargs["unet_lora_adapter_metadata"] = \
-            lora_state_and_metadata(unet)
-    if text_encoder is not None:
-        kwargs["text_encoder_lora_layers"], kwargs["text_encoder_lora_adapter_metadata"] = \
-            lora_state_and_metadata(text_encoder)
+    The adapter metadata comes from diffusers' own collation helper (what its LoRA training
+    examples pass to ``save_lora_weights``), so the header matches what ``load_lora_weights``
+    expects in every diffusers release we support.
+    """
+    from diffusers import StableDiffusionPipeline
+    from diffusers.training_utils import _collate_lora_metadata
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    modules = {"unet": unet, "text_encoder": text_encoder}
+    kwargs = {f"{name}_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(m))
+              for name, m in modules.items() if m is not None}
     if not kwargs:
         raise ValueError("save_lora needs a unet or a text_encoder with a LoRA adapter")
+    kwargs.update(_collate_lora_metadata(modules))
     StableDiffusionPipeline.save_lora_weights(str(directory), safe_serialization=True, **kwargs)

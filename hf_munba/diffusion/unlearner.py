@@ -31,19 +31,28 @@ from .objectives import (FORGET_OBJECTIVES, TARGET_MODELS, denoising_target, esd
 __all__ = ["SDUnlearner", "adapters_disabled", "unwrap"]
 
 
+def _plain(model):
+    """The plain module under DDP / torch.compile wrappers (accelerate's own unwrapping, the one
+    ``accelerator.unwrap_model`` runs; the unlearner has no ``Accelerator`` to ask)."""
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(model, keep_torch_compile=False)
+
+
 def unwrap(model):
-    """The plain module under DDP / torch.compile wrappers."""
-    while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if inner is None:
-            return model
-        model = inner
+    """Deprecated: use ``accelerator.unwrap_model`` (or ``accelerate.utils.extract_model_from_parallel``)."""
+    import warnings
+
+    warnings.warn("hf_munba.diffusion.unlearner.unwrap is deprecated; use accelerator.unwrap_model",
+                  FutureWarning, stacklevel=2)
+    return _plain(model)
 
 
 @contextlib.contextmanager
 def adapters_disabled(model):
     """Run ``model`` as its base weights (peft adapters off): the frozen model, with no copy."""
-    model = unwrap(model)
+    if hasattr(model, "module") or hasattr(model, "_orig_mod"):  # a wrapper
+        model = _plain(model)
     model.disable_adapters()
     try:
         yield model
@@ -91,6 +100,15 @@ class SDUnlearner:
         self.frozen_unet, self.frozen_text_encoder = frozen_unet, frozen_text_encoder
         self.weight_dtype = weight_dtype
         self.num_processes, self.process_index = num_processes, process_index
+        self._unwrapped: Dict[int, tuple] = {}
+
+    def _inner(self, model):
+        """``model`` without its DDP / compile wrapper, looked up once per model: accelerate's
+        unwrapping costs about half a millisecond a call, and the step asks several times."""
+        hit = self._unwrapped.get(id(model))
+        if hit is None or hit[0] is not model:
+            hit = self._unwrapped[id(model)] = (model, _plain(model))
+        return hit[1]
 
     # ---- inputs -------------------------------------------------------------------------------
     def _rows(self, draw, shape):
@@ -103,7 +121,7 @@ class SDUnlearner:
 
     @property
     def device(self) -> torch.device:
-        return next(unwrap(self.unet).parameters()).device
+        return next(self._inner(self.unet).parameters()).device
 
     def latents(self, batch: Dict, role: str) -> torch.Tensor:
         """A fresh latent sample of the batch's ``role`` images (scaled for the UNet)."""
@@ -145,15 +163,15 @@ class SDUnlearner:
         """(unet, text_encoder) callables of the target model, inside no_grad."""
         with torch.no_grad():
             if self.target_model == "current":
-                yield unwrap(self.unet), unwrap(self.text_encoder)
+                yield self._inner(self.unet), self._inner(self.text_encoder)
             elif self.lora:
                 trained = self.unet if self.train_component == "unet" else self.text_encoder
-                with adapters_disabled(trained):
-                    yield unwrap(self.unet), unwrap(self.text_encoder)
+                with adapters_disabled(self._inner(trained)):
+                    yield self._inner(self.unet), self._inner(self.text_encoder)
             elif self.train_component == "unet":
-                yield self.frozen_unet, unwrap(self.text_encoder)
+                yield self.frozen_unet, self._inner(self.text_encoder)
             else:
-                yield unwrap(self.unet), self.frozen_text_encoder
+                yield self._inner(self.unet), self.frozen_text_encoder
 
     def _target_embed(self, batch: Dict, role: str, encoder) -> torch.Tensor:
         if f"{role}_embeddings" in batch and self.train_component == "unet":

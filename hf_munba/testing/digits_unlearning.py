@@ -54,15 +54,16 @@ FORGET_THRESHOLD = 5.0
 
 # Training-script arguments per compared method. "munba" is hf_munba's recommended configuration
 # (what `--method munba` does with no other flag: the forget player leaves once satisfied);
-# "munba-paper" is the paper's plain rule (equal powers every step). "ga" is gradient ascent on
-# the forget set's denoising loss alongside the retain loss (L_r - L_f, i.e. GradDiff); "retain"
+# "munba-paper" is the paper's plain rule (equal powers every step). "weighted-ga" is gradient
+# ascent on the forget set's denoising loss alongside the retain loss (L_r - L_f, i.e. GradDiff;
+# the registry's "ga" is ascent on D_f alone); "retain"
 # fine-tunes on D_r only (lambda = 0), the "does forgetting come for free?" control.
 METHODS: Dict[str, List[str]] = {
     "munba": ["--method", "munba", "--forget_objective", "remap"],
     "munba-paper": ["--method", "munba-paper", "--forget_objective", "remap"],
     **{f"weighted-{lam:g}": ["--method", "weighted", "--forget_weight", f"{lam:g}",
                              "--forget_objective", "remap"] for lam in WEIGHTED_LAMBDAS},
-    "ga": ["--method", "weighted", "--forget_weight", "1.0", "--forget_objective", "ga"],
+    "weighted-ga": ["--method", "weighted", "--forget_weight", "1.0", "--forget_objective", "ga"],
     "retain": ["--method", "weighted", "--forget_weight", "0.0", "--forget_objective", "remap"],
 }
 

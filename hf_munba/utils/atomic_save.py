@@ -48,16 +48,25 @@ def ensure_output_dir(output_dir: str | os.PathLike, overwrite: bool, allow_exis
 
 
 @contextlib.contextmanager
-def staged_output(output_dir: str) -> Iterator[str]:
-    """Yield a staging folder; on success move its files into ``output_dir``, markers last."""
-    os.makedirs(output_dir, exist_ok=True)
-    for name in os.listdir(output_dir):  # left half-written by a run killed while saving
-        if name.startswith(".staging-"):
-            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
-    stage = tempfile.mkdtemp(prefix=".staging-", dir=output_dir)
+def staged_output(output_dir: str | os.PathLike, *, beside: bool = False) -> Iterator[str]:
+    """Yield a staging folder; on success move its entries into ``output_dir``, markers last.
+
+    The staging folder is a hidden ``.staging-*`` inside ``output_dir``, or with ``beside`` a
+    ``.<name>.staging-*`` next to it (the SD pipeline: ``output_dir`` may already hold
+    checkpoints and logs, and a Hub upload of the folder should never pick up a half-written
+    staging copy). Either way it is on the same file system, so each move is a rename. Stale
+    staging folders of a run killed while saving are removed first; on an exception nothing is
+    moved and the staging folder is deleted.
+    """
+    out = Path(output_dir)
+    where, prefix = (out.parent, f".{out.name}.staging-") if beside else (out, ".staging-")
+    where.mkdir(parents=True, exist_ok=True)
+    for stale in where.glob(f"{prefix}*"):  # left half-written by a run killed while saving
+        shutil.rmtree(stale, ignore_errors=True)
+    stage = tempfile.mkdtemp(prefix=prefix, dir=where)
     try:
         yield stage
-        commit_staged(stage, output_dir)
+        commit_staged(stage, out)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 
