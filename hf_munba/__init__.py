@@ -34,6 +34,7 @@ _LAZY = {
     "generate_images": ".diffusion.generation",
     "PairedUnlearningDataset": ".diffusion.data", "load_imagefolder": ".diffusion.data",
     "SDUnlearner": ".diffusion.unlearner",
+    "SDUnlearningConfig": ".diffusion.config", "train_sd": ".diffusion.trainer",
     # the shared step and the method registry
     "SkippedStepGuard": ".unlearning.step", "TooManySkippedSteps": ".unlearning.step",
     "guarded_step": ".unlearning.step",

@@ -92,14 +92,14 @@ def test_post_init_refuses_bad_values_with_one_message(kwargs, message):
 
 
 def test_distributed_refusal_is_the_shared_one(monkeypatch):
-    from hf_munba.unlearning.distributed import DEEPSPEED_MESSAGE, FSDP_MESSAGE
+    from hf_munba.unlearning.distributed import DEEPSPEED_MESSAGE, FSDP_UNSHARDED_MESSAGE
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(ValueError) as e:
-        SDUnlearningConfig(pretrained_model_name_or_path="p", report_to="none")
-    assert str(e.value) == FSDP_MESSAGE
-    # a constant weighting only sums gradients: FSDP can run it
-    SDUnlearningConfig(pretrained_model_name_or_path="p", report_to="none", method="weighted")
+    # the SD trainer saves whole weights: FSDP is refused for every method, bargaining or not
+    for method in ("munba", "weighted"):
+        with pytest.raises(ValueError) as e:
+            SDUnlearningConfig(pretrained_model_name_or_path="p", report_to="none", method=method)
+        assert str(e.value) == FSDP_UNSHARDED_MESSAGE
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(ValueError) as e:
         SDUnlearningConfig(pretrained_model_name_or_path="p", report_to="none", method="weighted")

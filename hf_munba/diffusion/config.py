@@ -221,7 +221,7 @@ class SDUnlearningConfig:
         if self.method == "ga" and self.forget_objective != "ga":
             raise ValueError(f"--method ga is gradient ascent on D_f alone: it takes "
                              f"--forget_objective ga, not {self.forget_objective}")
-        msg = unsupported_distributed_message(bargains=method.bargains)
+        msg = unsupported_distributed_message(bargains=method.bargains, sharded_weights=False)
         if msg:
             raise ValueError(msg)
         import torch

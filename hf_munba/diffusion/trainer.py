@@ -305,7 +305,8 @@ def train(config: SDUnlearningConfig, *, sources: Optional[Tuple] = None) -> Pat
         dataloader_config=DataLoaderConfiguration(non_blocking=True),
     )
     refused = unsupported_distributed_message(bargains=method.bargains,
-                                              distributed_type=accelerator.distributed_type)
+                                              distributed_type=accelerator.distributed_type,
+                                              sharded_weights=False)
     if refused:
         raise InputError(refused)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",

@@ -56,15 +56,15 @@ FORGET_THRESHOLD = 5.0
 # (what `--method munba` does with no other flag: the forget player leaves once satisfied);
 # "munba-paper" is the paper's plain rule (equal powers every step). "weighted-ga" is gradient
 # ascent on the forget set's denoising loss alongside the retain loss (L_r - L_f, i.e. GradDiff;
-# the registry's "ga" is ascent on D_f alone); "retain"
-# fine-tunes on D_r only (lambda = 0), the "does forgetting come for free?" control.
+# the registry's "ga" is ascent on D_f alone); "retain" fine-tunes on D_r only (the registry's
+# "ft"), the "does forgetting come for free?" control.
 METHODS: Dict[str, List[str]] = {
     "munba": ["--method", "munba", "--forget_objective", "remap"],
     "munba-paper": ["--method", "munba-paper", "--forget_objective", "remap"],
     **{f"weighted-{lam:g}": ["--method", "weighted", "--forget_weight", f"{lam:g}",
                              "--forget_objective", "remap"] for lam in WEIGHTED_LAMBDAS},
     "weighted-ga": ["--method", "weighted", "--forget_weight", "1.0", "--forget_objective", "ga"],
-    "retain": ["--method", "weighted", "--forget_weight", "0.0", "--forget_objective", "remap"],
+    "retain": ["--method", "ft"],
 }
 
 
