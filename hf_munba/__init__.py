@@ -34,7 +34,7 @@ _LAZY = {
     "generate_images": ".diffusion.generation",
     "PairedUnlearningDataset": ".diffusion.data", "load_imagefolder": ".diffusion.data",
     "SDUnlearner": ".diffusion.unlearner",
-    "SDUnlearningConfig": ".diffusion.config", "train_sd": ".diffusion.trainer",
+    "SDUnlearningConfig": ".diffusion.config", "train_sd": (".diffusion.trainer", "train"),
     # the shared step and the method registry
     "SkippedStepGuard": ".unlearning.step", "TooManySkippedSteps": ".unlearning.step",
     "guarded_step": ".unlearning.step",
@@ -69,5 +69,6 @@ __all__ = [
 
 def __getattr__(name):
     if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+        module, attr = _LAZY[name] if isinstance(_LAZY[name], tuple) else (_LAZY[name], name)
+        return getattr(importlib.import_module(module, __name__), attr)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -47,3 +47,11 @@ def test_import_hf_munba_loads_no_front_end_and_no_test_factories():
     assert heavy == []
     assert not [m for m in out if m.startswith("hf_munba.testing")]
     assert not [m for m in out if m.startswith(("hf_munba.diffusion", "hf_munba.classification"))]
+
+
+def test_every_public_name_of_hf_munba_resolves():
+    import hf_munba
+
+    for name in hf_munba.__all__:
+        assert getattr(hf_munba, name) is not None, name
+    assert hf_munba.train_sd.__name__ == "train"
