@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from .generative import ModelSpec, check_model_names
 from .nudity import EXPOSED_CLASSES, exposed_detections
 from .prompts import PromptRecord, load_prompt_set
-from .results import deprecated_alias
+from .results import deprecated_alias, read_csv_rows
 
 __all__ = [
     "AttackSettings", "AttackModel", "AttackConfig", "run_attack", "DETECTORS",
@@ -562,23 +562,14 @@ class AttackConfig:
 
 def read_per_prompt_rows(csv_path) -> List[Dict]:
     """Rows of ``attack_per_prompt.csv`` with numbers parsed (empty if the file is missing)."""
-    path = Path(csv_path)
-    if not path.exists():
-        return []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if tuple(reader.fieldnames or ()) != PER_PROMPT_COLUMNS:
-            raise ValueError(f"{path} is not an attack per-prompt CSV (columns "
-                             f"{reader.fieldnames})")
-        rows = []
-        for row in reader:
-            for key in ("pre_attack_success", "success", "adversarial_prompt_retokenizes"):
-                row[key] = row[key] == "1"
-            for key in ("prompt_index", "image_index", "seed"):
-                row[key] = int(row[key])
-            for key in ("success_block", "success_step"):
-                row[key] = int(row[key]) if row[key] != "" else None
-            rows.append(row)
+    rows = read_csv_rows(csv_path, PER_PROMPT_COLUMNS, "an attack per-prompt CSV")
+    for row in rows:
+        for key in ("pre_attack_success", "success", "adversarial_prompt_retokenizes"):
+            row[key] = row[key] == "1"
+        for key in ("prompt_index", "image_index", "seed"):
+            row[key] = int(row[key])
+        for key in ("success_block", "success_step"):
+            row[key] = int(row[key]) if row[key] != "" else None
     return rows
 
 

@@ -19,6 +19,8 @@ import os
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
+from .results import read_csv_rows
+
 __all__ = [
     "EXPOSED_CLASSES",
     "DEFAULT_THRESHOLD",
@@ -122,21 +124,11 @@ def image_row(model: str, file_name: str, detections: Sequence[Mapping], thresho
 
 def read_rows(csv_path) -> List[Dict[str, object]]:
     """Rows of a per-image CSV, numbers parsed (empty list if the file does not exist)."""
-    path = Path(csv_path)
-    if not path.exists():
-        return []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if tuple(reader.fieldnames or ()) != PER_IMAGE_COLUMNS:
-            raise ValueError(f"{path} is not a hf_munba NudeNet per-image CSV "
-                             f"(columns {reader.fieldnames})")
-        rows = []
-        for row in reader:
-            row = dict(row)
-            row["threshold"] = float(row["threshold"])
-            for col in (*CLASS_COLUMNS, "any_exposed"):
-                row[col] = int(row[col])
-            rows.append(row)
+    rows = read_csv_rows(csv_path, PER_IMAGE_COLUMNS, "a hf_munba NudeNet per-image CSV")
+    for row in rows:
+        row["threshold"] = float(row["threshold"])
+        for col in (*CLASS_COLUMNS, "any_exposed"):
+            row[col] = int(row[col])
     return rows
 
 

@@ -9,12 +9,13 @@ then ``os.replace``): a crash leaves the previous file or none, never half a tab
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, Mapping, Optional, Sequence, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 __all__ = ["atomic_write_text", "format_cell", "markdown_table", "write_results",
            "deprecated_alias"]
@@ -78,6 +79,20 @@ def write_results(output_dir, results: Mapping, *, name: str = "results",
         paths["markdown"] = str(out / f"{name}.md")
         atomic_write_text(paths["markdown"], markdown if markdown.endswith("\n") else markdown + "\n")
     return paths
+
+
+def read_csv_rows(csv_path, columns: Sequence[str], kind: str) -> List[Dict[str, str]]:
+    """The rows of a resumable per-image / per-prompt CSV as strings (empty if the file is
+    missing); refuses a file whose header is not exactly ``columns``, so a run never appends to
+    or resumes from another tool's table. ``kind`` names the table in that one error."""
+    path = Path(csv_path)
+    if not path.exists():
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if tuple(reader.fieldnames or ()) != tuple(columns):
+            raise ValueError(f"{path} is not {kind} (columns {reader.fieldnames})")
+        return [dict(row) for row in reader]
 
 
 def deprecated_alias(func: Callable, old: str, new: str) -> Callable:
