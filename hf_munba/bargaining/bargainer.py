@@ -46,6 +46,14 @@ class BargainStats:
                 out[f"{prefix}grad_norm_{name}"] = self.norms[i]
         if self.cos is not None:
             out[f"{prefix}cos"] = self.cos
+        elif len(self.norms) > 2:  # K players: every pair's cosine (None-safe: zero gradients)
+            for i in range(len(self.norms)):
+                for j in range(i + 1, len(self.norms)):
+                    ni, nj = self.norms[i], self.norms[j]
+                    if ni > 0 and nj > 0 and math.isfinite(ni) and math.isfinite(nj):
+                        a = names[i] if i < len(names) else str(i)
+                        b = names[j] if j < len(names) else str(j)
+                        out[f"{prefix}cos_{a}_{b}"] = self.gram[i][j] / (ni * nj)
         out[f"{prefix}fallback"] = float(self.status is not BargainingStatus.OK)
         for i, w in enumerate(self.powers or [1.0] * len(self.weights)):
             name = names[i] if i < len(names) else str(i)

@@ -26,8 +26,9 @@ run (e.g. SalUn needs a classifier's saliency) list it in ``front_ends``.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -37,7 +38,8 @@ from ..bargaining import (DEFAULT_OPPOSED_TOL, DEFAULT_SATISFIED_POWER, Constant
 from .registry import METHODS, available_methods, get_method, register_method
 
 __all__ = ["UnlearningMethod", "METHODS", "register_method", "get_method", "available_methods",
-           "FRONT_ENDS", "MethodSetting", "method_settings", "settings_fields", "validate_settings"]
+           "FRONT_ENDS", "MethodSetting", "check_forget_names", "method_settings", "settings_fields",
+           "validate_settings"]
 
 FRONT_ENDS = ("diffusion", "classification")
 
@@ -154,6 +156,30 @@ def validate_settings(config: Any, front_end: Optional[str] = None) -> None:
             setting.validate(key, getattr(config, key))
 
 
+_FORGET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def check_forget_names(names: Optional[Sequence[str]]) -> Tuple[str, ...]:
+    """Validate the names of separate forget players (concepts): non-empty, unique, and safe as
+    part of a tracker key and a file name. None or () means one pooled forget player."""
+    if names is None:
+        return ()
+    if isinstance(names, str):
+        raise ValueError(f"forget names must be a sequence of names, got the string {names!r}")
+    names = tuple(names)
+    for n in names:
+        if not isinstance(n, str) or not _FORGET_NAME.match(n):
+            raise ValueError(f"a forget concept name must be letters, digits, '_', '-' or '.', "
+                             f"starting with a letter or digit; got {n!r}")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"forget concept names must be unique; repeated: {dup}")
+    if len(names) == 1:
+        raise ValueError("one forget concept is the pooled forget player: give no names, or at "
+                         f"least two concepts (got {list(names)})")
+    return names
+
+
 class UnlearningMethod:
     """Base: fine-tuning on D_r (one player, retain); subclasses switch pieces on or off."""
 
@@ -171,8 +197,9 @@ class UnlearningMethod:
     #: the options this method reads: field name -> :class:`MethodSetting` (see the module doc)
     settings: ClassVar[Mapping[str, MethodSetting]] = {}
 
-    def __init__(self, config: Any = None):
+    def __init__(self, config: Any = None, forget_names: Optional[Sequence[str]] = None):
         self.config = config
+        self.forget_names: Tuple[str, ...] = check_forget_names(forget_names)
 
     def setting(self, name: str):
         """``name`` from the front end's config, or the declared default when it has none."""
@@ -184,19 +211,31 @@ class UnlearningMethod:
         return getattr(self.config, name, default) if self.config is not None else default
 
     # ---- players and their combination ----------------------------------------------------
-    @classmethod
-    def players(cls) -> Tuple[str, ...]:
-        """Names of the players, in bargainer order: retain (if used) before forget."""
-        return tuple(n for n, used in (("retain", cls.uses_retain), ("forget", cls.uses_forget))
-                     if used)
+    def players(self) -> Tuple[str, ...]:
+        """Names of the players, in bargainer order: retain (if used) before the forget players.
+
+        One forget player is named ``forget`` (every forget concept pooled into one loss);
+        with ``forget_names`` each concept is its own player, ``forget_<name>``, so no concept
+        can dominate the others (the dominance bargaining exists to prevent)."""
+        out = ("retain",) if self.uses_retain else ()
+        if self.uses_forget:
+            out += tuple(f"forget_{n}" for n in self.forget_names) or ("forget",)
+        return out
+
+    @property
+    def forget_players(self) -> Tuple[int, ...]:
+        """Bargainer indices of the forget players (empty when the method uses no D_f)."""
+        return tuple(i for i, p in enumerate(self.players()) if p.startswith("forget"))
 
     @property
     def forget_player(self) -> Optional[int]:
-        return self.players().index("forget") if self.uses_forget else None
+        """The first (with one concept: the only) forget player's index, or None."""
+        return self.forget_players[0] if self.forget_players else None
 
     @property
     def forget_weight(self) -> float:
-        """The forget loss's weight in a constant weighting (1 unless the method says otherwise)."""
+        """The forget loss's weight in a constant weighting (1 unless the method says otherwise).
+        With several forget players each concept's loss gets this weight."""
         return 1.0
 
     def weighting(self) -> Weighting:
@@ -212,7 +251,8 @@ class UnlearningMethod:
                              weighting=self.weighting(), **kwargs)
 
     def powers(self) -> Optional[List[float]]:
-        """Fixed bargaining powers when no forget rule sets them (None: all 1)."""
+        """Fixed bargaining powers when no forget rule sets them (None: all 1); every forget
+        player gets ``bargaining_power_forget``."""
         if not self.bargains or "bargaining_power_forget" not in self.settings:
             return None
         w = self.setting("bargaining_power_forget")
@@ -230,6 +270,14 @@ class UnlearningMethod:
             ema=s("forget_target_ema"), hysteresis=s("forget_target_hysteresis"),
             reference_steps=s("forget_target_reference_steps"),
             satisfied_power=s("satisfied_power_forget"), power=s("bargaining_power_forget"))
+
+    def forget_rules(self, forget_loss: str) -> Dict[int, SatisfactionRule]:
+        """One independent satisfied-player rule per forget player (bargainer index -> rule):
+        a concept that is forgotten yields its share while the others are still bargained for.
+        Empty when the method has no rule."""
+        if self.forget_rule(forget_loss) is None:
+            return {}
+        return {i: self.forget_rule(forget_loss) for i in self.forget_players}
 
     # ---- hooks ------------------------------------------------------------------------------
     def setup(self, model: torch.nn.Module, context: Any = None) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -45,10 +45,15 @@ def _grads_finite(params) -> bool:
     return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
 
 
+def _name(player_names: Sequence[str], i: int) -> str:
+    return player_names[i] if i < len(player_names) else str(i)
+
+
 def unlearning_step(bargainer, optimizer, *, losses: torch.Tensor | Sequence[float],
                     lr_scheduler=None, clip: Optional[Callable[[], object]] = None, scaler=None,
                     reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
                     forget_rule=None, forget_player: int = 1,
+                    forget_rules: Optional[Mapping[int, object]] = None,
                     powers: Optional[Sequence[float]] = None,
                     edit_gradients: Optional[Callable[[List[torch.nn.Parameter]], None]] = None,
                     guard: Optional["SkippedStepGuard"] = None, step: Optional[int] = None,
@@ -64,6 +69,9 @@ def unlearning_step(bargainer, optimizer, *, losses: torch.Tensor | Sequence[flo
     ``lambda t: accelerator.reduce(t, "mean")``), so every rank takes the same decision.
     ``forget_rule``: a :class:`~hf_munba.bargaining.SatisfactionRule` updated with the forget
     player's loss; its power replaces ``powers[forget_player]`` (``powers`` default: all 1).
+    ``forget_rules``: several forget players (one per concept), each with its own rule
+    (bargainer index -> rule); each concept is satisfied, and yields, on its own loss. Give
+    either ``forget_rule`` or ``forget_rules``.
     ``clip``: returns the pre-clip gradient norm (``accelerator.clip_grad_norm_``); a non-finite
     norm skips the step. ``edit_gradients(params)``: a method's last change to the combined
     gradient (e.g. SalUn's mask), before clipping. ``guard``: counts skips and raises
@@ -79,16 +87,22 @@ def unlearning_step(bargainer, optimizer, *, losses: torch.Tensor | Sequence[flo
         t = reduce(t)
     values = [float(v) for v in t.tolist()]  # the step's host sync for the losses
     nonfinite = not all(math.isfinite(v) for v in values)
-    logs: Dict[str, float] = {f"loss/{player_names[i] if i < len(player_names) else i}": v
-                              for i, v in enumerate(values)}
+    logs: Dict[str, float] = {f"loss/{_name(player_names, i)}": v for i, v in enumerate(values)}
     stats = None
     params = list(bargainer.params) if bargainer is not None else [
         p for group in optimizer.param_groups for p in group["params"]]
     if bargainer is not None:
+        rules = dict(forget_rules or {})
         if forget_rule is not None:
+            if rules:
+                raise ValueError("give forget_rule (one forget player) or forget_rules, not both")
+            rules = {forget_player: forget_rule}
+        if rules:
             powers = list(powers) if powers is not None else [1.0] * bargainer.num_players
-            powers[forget_player] = forget_rule.update(values[forget_player])
-            logs.update(forget_rule.log_dict())
+            for i, rule in sorted(rules.items()):
+                powers[i] = rule.update(values[i])
+                logs.update(rule.log_dict(
+                    name="forget" if forget_rule is not None else _name(player_names, i)))
         from ..bargaining.solver import BargainingStatus
 
         stats = bargainer.combine(grad_scale=scaler.get_scale() if scaler is not None
