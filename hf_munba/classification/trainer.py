@@ -3,9 +3,11 @@
 Users keep their Trainer habits (``TrainingArguments``, datasets with ``pixel_values`` and
 ``labels``, callbacks, checkpoints, ``accelerate launch``). The retain set is the Trainer's
 ``train_dataset`` so an epoch covers D_r once; the forget set is a second, independently
-shuffled stream that cycles. Each micro-batch runs one backward pass per player; on the last
-micro-batch of an optimizer step the two accumulated gradients are bargained (method
-``munba``) and the Trainer then clips and steps as usual. Hooking in at ``training_step`` (and
+shuffled stream that cycles. Several forget sets (``forget_dataset={"cat": ..., "dog": ...}``)
+are separate players, each with its own stream, so no concept dominates the others. Each
+micro-batch runs one backward pass per player; on the last micro-batch of an optimizer step
+the accumulated gradients are bargained (method ``munba``) and the Trainer then clips and
+steps as usual. Hooking in at ``training_step`` (and
 not re-writing the loop) keeps every Trainer feature working: gradient accumulation
 (``accelerator.sync_gradients`` marks the last micro-batch), DDP ``no_sync``, autocast,
 GradScaler, clipping, logging, evaluation, saving, resuming.
@@ -18,13 +20,13 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields, make_dataclass
-from typing import Any, Dict, Iterator, List, Mapping, Optional
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
 from ..bargaining import NashBargainer, SatisfactionRule
 from ..unlearning.distributed import unsupported_distributed_message
-from ..unlearning.methods import settings_fields, validate_settings
+from ..unlearning.methods import check_forget_names, settings_fields, validate_settings
 from ..unlearning.step import SkippedStepGuard, TooManySkippedSteps, unlearning_step
 from .methods import FRONT_END, ClassifierContext, UnlearningMethod, available_methods, get_method
 from .objectives import FORGET_LOSSES, get_forget_loss, retain_cross_entropy
@@ -33,7 +35,7 @@ from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 __all__ = ["MunbaArguments", "MunbaTrainerArguments", "MunbaTrainer", "ForgetStream", "NonFiniteTrainingError",
-           "MUNBA_STATE_NAME", "last_complete_checkpoint"]
+           "MUNBA_STATE_NAME", "last_complete_checkpoint", "forget_sets_by_player"]
 
 MUNBA_STATE_NAME = "munba_state.json"
 
@@ -191,13 +193,60 @@ class ForgetStream:
         self.batches_drawn = int(state["batches_drawn"])
 
 
+def forget_sets_by_player(forget_dataset, method: str) -> Tuple[Tuple[str, ...], Dict[str, Any]]:
+    """``forget_dataset`` as (concept names, player name -> dataset), checked before any model work.
+
+    One dataset: one pooled forget player, ``forget`` (no names). A mapping name -> dataset:
+    one player per concept, ``forget_<name>``, so each concept's gradient is its own proposal
+    in the bargain (a mapping with a single entry is the pooled player). Empty datasets, bad
+    names, and several sets for a method that uses no D_f are one ``ValueError`` each.
+    """
+    method_cls = get_method(method)
+    if forget_dataset is None:
+        if method_cls.uses_forget:
+            raise ValueError(f"method {method!r} needs a forget_dataset")
+        return (), {}
+    if isinstance(forget_dataset, (list, tuple)):
+        raise ValueError("forget_dataset must be one dataset (one pooled forget player) or a dict "
+                         "name -> dataset (one player per concept), not a "
+                         f"{type(forget_dataset).__name__}")
+    if isinstance(forget_dataset, Mapping):
+        if not forget_dataset:
+            raise ValueError("forget_dataset is an empty dict: give at least one concept")
+        names = tuple(forget_dataset)
+        if len(names) > 1:
+            check_forget_names(names)  # letters/digits/_-., unique; part of log keys and state
+            if not method_cls.uses_forget:
+                raise ValueError(f"method {method!r} uses no forget set, but {len(names)} forget sets "
+                                 f"were given ({list(names)}); choose a method that unlearns D_f")
+        for n, ds in forget_dataset.items():
+            if ds is None or (method_cls.uses_forget and len(ds) == 0):
+                raise ValueError(f"the forget set of concept {n!r} is empty")
+        if len(names) == 1:
+            return (), {"forget": forget_dataset[names[0]]}
+        return names, {f"forget_{n}": forget_dataset[n] for n in names}
+    if method_cls.uses_forget and len(forget_dataset) == 0:
+        raise ValueError("forget_dataset is empty")
+    return (), {"forget": forget_dataset}
+
+
 class MunbaTrainer(Trainer):
     """A ``transformers.Trainer`` that unlearns ``forget_dataset`` while keeping ``train_dataset``.
 
     ``train_dataset`` is the retain set D_r. With no unlearning options it runs the paper's
     method (``munba`` with the random-label forget loss). Logs ``loss_retain``,
     ``loss_forget`` and, for ``munba``, the bargaining ``munba/cos`` and ``munba/weight_*``.
-    The loss logged as ``loss`` is L_r + L_f (for ``ga``: -CE on D_f). The number of steps
+    The loss logged as ``loss`` is L_r + L_f (for ``ga``: -CE on D_f).
+
+    ``forget_dataset`` is one dataset (every forget sample in one pooled player) or a dict
+    name -> dataset: one bargaining player per concept (``forget_<name>``), each with its own
+    stream drawing one forget batch per micro-batch (``forget_batch_size`` each), its own
+    satisfied-player rule, and its own logs (``loss_forget_<name>``,
+    ``munba/weight_forget_<name>``, ``munba/cos_<a>_<b>`` for every pair). Why: a pooled loss
+    is an average over concepts, so the concept with the largest, best-aligned gradient sets
+    the direction and a hard concept can stay unforgotten; separate players each need a
+    positive gain on every step. ``loss`` is then L_r + the sum of the concepts' losses, and
+    the ``weighted`` sum gives each concept ``forget_weight``. The number of steps
     always follows the retain loader (epochs x |D_r| / batch), also for ``ga``, which ignores
     the retain batches: give ``ga`` a ``max_steps``.
     """
@@ -215,11 +264,7 @@ class MunbaTrainer(Trainer):
         if FRONT_END not in method_cls.front_ends:
             raise ValueError(f"method {munba_args.method!r} is not for classifiers; choose one of "
                              f"{available_methods(FRONT_END)}")
-        if method_cls.uses_forget:
-            if forget_dataset is None:
-                raise ValueError(f"method {munba_args.method!r} needs a forget_dataset")
-            if len(forget_dataset) == 0:
-                raise ValueError("forget_dataset is empty")
+        forget_names, forget_sets = forget_sets_by_player(forget_dataset, munba_args.method)
         train_dataset = kwargs.get("train_dataset")
         if method_cls.uses_retain and train_dataset is not None and len(train_dataset) == 0:
             raise ValueError("train_dataset (the retain set) is empty")
@@ -231,11 +276,16 @@ class MunbaTrainer(Trainer):
         if refused:  # the one rule both front ends apply (hf_munba.unlearning.distributed)
             raise ValueError(f"MunbaTrainer: {refused}")
         self.munba_args = munba_args
-        self.method: UnlearningMethod = method_cls(munba_args)
+        self.method: UnlearningMethod = method_cls(munba_args, forget_names=forget_names)
         self.forget_dataset = forget_dataset
+        #: forget player name ("forget", or "forget_<name>" per concept) -> its dataset
+        self.forget_datasets: Dict[str, Any] = forget_sets
         self.bargainer: Optional[NashBargainer] = None
+        #: the pooled forget player's rule; with several concepts see ``forget_rules``
         self.forget_rule: Optional[SatisfactionRule] = None
-        self._forget_stream: Optional[ForgetStream] = None
+        #: one rule per concept (bargainer index -> rule) when there are several forget players
+        self.forget_rules: Dict[int, SatisfactionRule] = {}
+        self._forget_streams: Dict[str, ForgetStream] = {}
         self._forget_loss = get_forget_loss(munba_args.forget_loss_name)
         self.skip_guard = SkippedStepGuard(munba_args.max_consecutive_skips)
         self._logs_acc: Dict[str, List[float]] = {}
@@ -255,18 +305,36 @@ class MunbaTrainer(Trainer):
             collator = self._get_collator_with_removed_columns(collator, description="forget")
         return collator
 
-    def _new_forget_stream(self) -> ForgetStream:
+    @property
+    def _forget_stream(self) -> Optional[ForgetStream]:
+        """The pooled forget player's stream (None with several concepts or no D_f)."""
+        return self._forget_streams.get("forget")
+
+    def _new_forget_stream(self, player: str = "forget") -> ForgetStream:
+        """A fresh stream of one forget player. The pooled one is seeded with ``args.seed`` (as
+        always); concept k's with a seed of its own, so the concepts' shuffles and random labels
+        are not the same draws."""
         bs = self.munba_args.forget_batch_size or self.args.per_device_train_batch_size
-        return ForgetStream(self.forget_dataset, bs, self._forget_collator(), self.args.seed,
-                            rank=self.args.process_index, world_size=self.args.world_size)
+        k = list(self.forget_datasets).index(player)
+        seed = self.args.seed if player == "forget" else self.args.seed + 7919 * (k + 1)
+        try:
+            return ForgetStream(self.forget_datasets[player], bs, self._forget_collator(), seed,
+                                rank=self.args.process_index, world_size=self.args.world_size)
+        except ValueError as e:
+            raise ValueError(f"{player}: {e}") from None
+
+    def _new_forget_streams(self) -> Dict[str, ForgetStream]:
+        return {player: self._new_forget_stream(player) for player in self.forget_datasets}
 
     def iter_forget_batches_once(self) -> Iterator[Dict[str, Any]]:
-        """Every forget sample once, in order, on the model's device (for method setup)."""
+        """Every forget sample once, in order, on the model's device (for method setup); with
+        several concepts, every concept's samples (concept after concept)."""
         bs = self.munba_args.forget_batch_size or self.args.per_device_train_batch_size
         collate = self._forget_collator()
-        for start in range(0, len(self.forget_dataset), bs):
-            rows = [self.forget_dataset[i] for i in range(start, min(start + bs, len(self.forget_dataset)))]
-            yield self._prepare_inputs(collate(rows))
+        for ds in self.forget_datasets.values():
+            for start in range(0, len(ds), bs):
+                rows = [ds[i] for i in range(start, min(start + bs, len(ds)))]
+                yield self._prepare_inputs(collate(rows))
 
     @staticmethod
     def model_logits(model, inputs: Dict[str, Any]) -> torch.Tensor:
@@ -279,13 +347,16 @@ class MunbaTrainer(Trainer):
         # passed in, before any checkpoint is loaded, so a resumed run prepares identically.
         self.method.setup(self.model, ClassifierContext(self.iter_forget_batches_once,
                                                         self.model_logits, self.args.seed))
-        if self.method.uses_forget:
-            self._forget_stream = self._new_forget_stream()
+        self._forget_streams = self._new_forget_streams() if self.method.uses_forget else {}
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         if not trainable:
             raise ValueError("the model has no trainable parameters")
         self.bargainer = self.method.make_bargainer(trainable)
-        self.forget_rule = self.munba_args.make_forget_rule()
+        if self.method.forget_names:  # one rule per concept: each is satisfied on its own loss
+            self.forget_rule = None
+            self.forget_rules = self.method.forget_rules(self.munba_args.forget_loss_name)
+        else:
+            self.forget_rule = self.munba_args.make_forget_rule()
         if resume_from_checkpoint is True or resume_from_checkpoint == "latest":
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
@@ -317,8 +388,14 @@ class MunbaTrainer(Trainer):
         if state.get("method") != self.munba_args.method:
             raise ValueError(f"checkpoint was trained with method {state.get('method')!r}, "
                              f"not {self.munba_args.method!r}")
+        saved_names = list(state.get("forget_names", []))
+        if saved_names != list(self.method.forget_names):
+            raise ValueError(f"checkpoint was trained with forget players {saved_names or 'pooled'}, "
+                             f"not {list(self.method.forget_names) or 'pooled'}")
         if self._forget_stream is not None and state.get("forget_stream"):
             self._forget_stream.load_state_dict(state["forget_stream"])
+        for player, stream_state in state.get("forget_streams", {}).items():
+            self._forget_streams[player].load_state_dict(stream_state)
         if "skip_guard" in state:
             self.skip_guard.load_state_dict(state["skip_guard"])
         else:  # written before the shared skip guard: only the total was kept
@@ -327,6 +404,9 @@ class MunbaTrainer(Trainer):
             self.bargainer.load_state_dict(state.get("bargainer", {}))
         if self.forget_rule is not None and state.get("forget_rule"):
             self.forget_rule.load_state_dict(state["forget_rule"])
+        players = self.method.players()
+        for player, rule_state in state.get("forget_rules", {}).items():
+            self.forget_rules[players.index(player)].load_state_dict(rule_state)
 
     def _reload_renamed_weights(self, checkpoint: str, model=None) -> None:
         """The Trainer restores ``model.safetensors`` with a plain ``load_state_dict(strict=False)``,
@@ -355,7 +435,12 @@ class MunbaTrainer(Trainer):
         state = {"method": self.munba_args.method, "munba_args": self.munba_args.to_dict(),
                  "num_nonfinite_steps": self.num_nonfinite_steps,
                  "skip_guard": self.skip_guard.state_dict()}
-        if self._forget_stream is not None:
+        if self.method.forget_names:  # several concepts: every stream and rule by player name
+            state["forget_names"] = list(self.method.forget_names)
+            state["forget_streams"] = {p: s.state_dict() for p, s in self._forget_streams.items()}
+            players = self.method.players()
+            state["forget_rules"] = {players[i]: r.state_dict() for i, r in self.forget_rules.items()}
+        elif self._forget_stream is not None:
             state["forget_stream"] = self._forget_stream.state_dict()
         if self.bargainer is not None:
             state["bargainer"] = self.bargainer.state_dict()
@@ -457,10 +542,10 @@ class MunbaTrainer(Trainer):
             self._backward_player("retain", loss_r)
             total = total + loss_r.detach()
             step_losses[self.method.players().index("retain")] = loss_r.detach().float()
-        if self.method.uses_forget:
-            stream = self._forget_stream
-            gen = torch.Generator().manual_seed(
-                (self.args.seed * 1_000_003 + stream.batches_drawn) * 131 + self.args.process_index)
+        players = self.method.players()
+        for player, stream in self._forget_streams.items():  # one batch, one backward per concept
+            gen = torch.Generator().manual_seed(  # the random labels: one draw per stream and batch
+                (stream.seed * 1_000_003 + stream.batches_drawn) * 131 + self.args.process_index)
             f_inputs = self._prepare_inputs(next(stream))
             labels = f_inputs["labels"]
             with self.compute_loss_context_manager():
@@ -468,9 +553,9 @@ class MunbaTrainer(Trainer):
                     self._forget_loss(self.model_logits(model, f_inputs), labels, generator=gen),
                     model) / div
             del f_inputs
-            self._backward_player("forget", loss_f)
+            self._backward_player(player, loss_f)
             total = total + loss_f.detach()
-            step_losses[self.method.forget_player] = loss_f.detach().float()
+            step_losses[players.index(player)] = loss_f.detach().float()
         self._step_losses = step_losses if self._step_losses is None \
             else self._step_losses + step_losses
         if self.accelerator.sync_gradients:
@@ -490,6 +575,7 @@ class MunbaTrainer(Trainer):
             clip=(lambda: accelerator.clip_grad_norm_(params, max_norm)) if max_norm and max_norm > 0
             else None,
             scaler=getattr(accelerator, "scaler", None), forget_rule=self.forget_rule,
+            forget_rules=self.forget_rules or None,
             forget_player=self.method.forget_player or 0, powers=self.method.powers(),
             edit_gradients=self.method.edit_gradients, guard=self.skip_guard,
             step=self.state.global_step + 1, zero_grad=True, player_names=self.method.players())
