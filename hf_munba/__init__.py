@@ -47,6 +47,7 @@ _LAZY = {
     "ForgetSpec": ".classification.forget_sets",
     "split_forget_retain": ".classification.forget_sets",
     "CLIPZeroShotClassifier": ".classification.clip_zero_shot",
+    "unlearn_classifier": ".classification.unlearn",  # one call: model + dataset -> unlearned model
 }
 
 __all__ = [

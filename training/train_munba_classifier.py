@@ -6,6 +6,13 @@
         --method munba --output_dir out/munba --learning_rate 0.05 --num_train_epochs 5 \
         --per_device_train_batch_size 64 --optim sgd --max_grad_norm 1.0
 
+Several classes (``--forget_classes 3,7``) are one bargaining player each (``--forget_players
+per_class``, the default for methods that unlearn D_f): pooled into one forget loss, the class
+with the largest, best-aligned gradient would set the direction and a hard class could stay
+remembered, the dominance Nash bargaining exists to prevent. ``--forget_players pooled`` is the
+one-player baseline. The run logic is the library's (``hf_munba.classification.unlearn``,
+also ``hf_munba.unlearn_classifier``); this script parses flags and loads model and data.
+
 Without a ``--forget_*`` option nothing is forgotten and the whole training split is D_r: that
 is how the original model is trained (``--method ft`` from ``tiny-resnet``/a config .json, or
 ``--method retrain``, which re-initialises the weights). The README shows the whole recipe
@@ -31,13 +38,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from transformers import HfArgumentParser, TrainingArguments  # noqa: E402
 
 from hf_munba.unlearning.distributed import unsupported_distributed_message  # noqa: E402
-from hf_munba.utils.atomic_save import ensure_output_dir, staged_output  # noqa: E402
-from hf_munba.classification.model_io import (has_image_processor, load_image_classifier, validate_model_source,
-                                    write_model_card)  # noqa: E402
-from hf_munba.classification.forget_sets import ForgetSpec, forget_spec_from_strings, split_forget_retain  # noqa: E402
-from hf_munba.classification.trainer import MunbaArguments, MunbaTrainer, last_complete_checkpoint  # noqa: E402
+from hf_munba.utils.atomic_save import ensure_output_dir  # noqa: E402
+from hf_munba.classification.model_io import (has_image_processor, load_image_classifier,  # noqa: E402
+                                              validate_model_source)
+from hf_munba.classification.forget_sets import forget_spec_from_strings  # noqa: E402
+from hf_munba.classification.trainer import MunbaArguments, last_complete_checkpoint  # noqa: E402
+from hf_munba.classification.unlearn import (CHECKPOINTS, FORGET_PLAYERS, ForgetPlan,  # noqa: E402
+                                             forget_plan, run_unlearning, split_forget_sets)
 
-CHECKPOINTS = "checkpoints"
 def test_model_sources():
     """``tiny-resnet`` / ``tiny-vit``: the testing factories' random tiny classifiers, which
     the library never imports; the CLIs hand them to ``load_image_classifier``."""
@@ -64,6 +72,9 @@ class ScriptArguments:
     forget_indices: Optional[str] = field(default=None, metadata={
         "help": "comma-separated training-row indices, or a .json file holding a list"})
     forget_seed: int = field(default=0, metadata={"help": "seed of --forget_fraction"})
+    forget_players: Optional[str] = field(default=None, metadata={
+        "help": "several --forget_classes: 'per_class' (one bargaining player each; the default for "
+                "methods that unlearn D_f) or 'pooled' (one forget player, the baseline)"})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "replace a non-empty output_dir"})
     clip_zero_shot: bool = field(default=False, metadata={"help": "treat the model as CLIP zero-shot"})
     clip_train_encoder: str = field(default="image", metadata={"help": "'image' or 'text'"})
@@ -79,24 +90,27 @@ class ScriptArguments:
             raise ValueError(f"--clip_train_encoder must be 'image' or 'text', got {self.clip_train_encoder!r}")
         if not 0.0 < self.test_size < 1.0:
             raise ValueError("--test_size must be in (0, 1)")
+        if self.forget_players not in (None, *FORGET_PLAYERS):
+            raise ValueError(f"--forget_players must be one of {list(FORGET_PLAYERS)}, got {self.forget_players!r}")
 
 
 def has_forget_spec(a: ScriptArguments) -> bool:
     return any(x is not None for x in (a.forget_classes, a.forget_fraction, a.forget_indices))
 
 
-def forget_spec(a: ScriptArguments, label2id) -> ForgetSpec:
-    return forget_spec_from_strings(a.forget_classes, a.forget_fraction, a.forget_indices, a.forget_seed, label2id)
-
-
-def split_data(a: ScriptArguments, train, names):
-    """(D_f, D_r, spec). Without a forget option nothing is forgotten: D_r is the whole training
-    split and D_f is None, which is how the script trains the original model (``--method ft``)."""
+def plan_forget(a: ScriptArguments, names, method: str) -> Optional[ForgetPlan]:
+    """What to forget, and as how many players. Without a forget option nothing is forgotten:
+    D_r is the whole training split, which is how the script trains the original model
+    (``--method ft``)."""
     if not has_forget_spec(a):
-        return None, train, None
-    spec = forget_spec(a, {n: i for i, n in enumerate(names)})
-    forget_set, retain_set = split_forget_retain(train, spec)
-    return forget_set, retain_set, spec
+        if a.forget_players is not None:
+            raise ValueError("--forget_players needs --forget_classes")
+        return None
+    spec = forget_spec_from_strings(a.forget_classes, a.forget_fraction, a.forget_indices, a.forget_seed,
+                                    {n: i for i, n in enumerate(names)})  # parses indices files too
+    classes = a.forget_classes.split(",") if a.forget_classes is not None else None
+    return forget_plan([c.strip() for c in classes if c.strip()] if classes else None, spec.fraction,
+                       spec.indices, a.forget_seed, a.forget_players, names, method)
 
 
 def check_label_count(script: ScriptArguments, num_classes: int) -> None:
@@ -171,25 +185,26 @@ def main(argv=None):
             data = digits_dataset(test_size=script.test_size, seed=script.split_seed)
             num_channels = 1
             names = data["train"].features["labels"].names
-            forget_set, retain_set, spec = split_data(script, data["train"], names)
         else:
             from hf_munba.classification.data import imagefolder_class_names, validate_imagefolder
 
             validate_imagefolder(script.train_dir)
             data, num_channels = None, 3
             names = imagefolder_class_names(script.train_dir)
-            spec = forget_spec(script, {n: i for i, n in enumerate(names)}) if has_forget_spec(script) else None
-            if spec is not None and spec.classes is not None and max(spec.classes) >= len(names):
-                raise ValueError(f"forget classes {spec.classes} are not labels of this dataset ({names})")
             if not has_image_processor(script.model_name_or_path):
                 raise ValueError("--train_dir needs a model folder holding its image processor "
                                  "(preprocessor_config.json or processor_config.json)")
+        plan = plan_forget(script, names, munba.method)
+        if plan is not None and plan.spec.classes is not None and max(plan.spec.classes) >= len(names):
+            raise ValueError(f"forget classes {plan.spec.classes} are not labels of this dataset ({names})")
+        if data is not None:  # digits: the split is checked before the model loads
+            split_forget_sets(data["train"], plan)
         check_label_count(script, len(names))
     except (ValueError, ImportError) as e:
         fail(str(e))
     # The membership attack of the final evaluation needs scikit-learn (an extra); training does not.
-    mia = spec is not None and sklearn_available()
-    if spec is not None and not mia:
+    mia = plan is not None and sklearn_available()
+    if plan is not None and not mia:
         print("warning: scikit-learn is not installed, so the final evaluation leaves out "
               "MIA-efficacy (pip install 'hf_munba[eval]')", file=sys.stderr)
 
@@ -205,48 +220,21 @@ def main(argv=None):
         if data["train"].features["labels"].names != names:
             fail(f"imagefolder classes {data['train'].features['labels'].names} differ from {names}")
         try:
-            forget_set, retain_set, spec = split_data(script, data["train"], names)
+            split_forget_sets(data["train"], plan)
         except ValueError as e:
             fail(str(e))
         targs.remove_unused_columns = False
 
-    # every rank validated above (so all stop together); only the main one touches the disk, and
-    # the others do not look again (they would race with it and find the folder it just made)
-    if targs.process_index == 0:
-        ensure_output_dir(final_dir, script.overwrite_output_dir, allow_existing=resume is not None)
-        if script.overwrite_output_dir and resume is None:
-            import shutil
-
-            shutil.rmtree(os.path.join(final_dir, CHECKPOINTS), ignore_errors=True)
-    targs.output_dir = os.path.join(final_dir, CHECKPOINTS)
-    trainer = MunbaTrainer(model=model, args=targs, train_dataset=retain_set, forget_dataset=forget_set,
-                           munba_args=munba)
-    result = trainer.train(resume_from_checkpoint=resume)
-    trainer.accelerator.wait_for_everyone()
-    if not trainer.is_world_process_zero():
+    # every rank validated above (so all stop together); the library makes the folder on the
+    # main rank only, trains, evaluates and saves the model, its card and metrics atomically
+    out = run_unlearning(model, data["train"], data["test"], plan=plan, munba_args=munba, training_args=targs,
+                         output_dir=final_dir, overwrite_output_dir=script.overwrite_output_dir,
+                         processor=processor, base_model=script.model_name_or_path,
+                         dataset_name=script.dataset or script.train_dir,
+                         eval_batch_size=script.eval_batch_size, mia=mia)
+    if not out.trainer.is_world_process_zero():
         return
-
-    from hf_munba.evaluation.classification import evaluate_unlearning
-
-    metrics = evaluate_unlearning(trainer.accelerator.unwrap_model(trainer.model), forget_set, retain_set,
-                                  data["test"], batch_size=script.eval_batch_size, mia=mia)
-    metrics["runtime_s"] = float(result.metrics.get("train_runtime", float("nan")))
-    metrics["nonfinite_steps"] = trainer.num_nonfinite_steps
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    forget = spec.to_dict() if spec is not None else {}
-    with staged_output(final_dir) as stage:
-        if hasattr(model, "prompt_ids"):  # CLIP zero-shot wrapper: its own save format
-            model.save_pretrained(stage)
-            trainer._save_extras(stage)
-        else:
-            trainer.save_model(stage)
-        if processor is not None:
-            processor.save_pretrained(stage)
-        with open(os.path.join(stage, "unlearning_metrics.json"), "w") as f:
-            json.dump({"forget": forget, "method": munba.method, "metrics": metrics}, f, indent=2)
-        write_model_card(stage, base_model=script.model_name_or_path, method=munba.method,
-                         forget=forget, munba_args=munba.to_dict(), metrics=metrics,
-                         dataset=script.dataset or script.train_dir, training_args=targs)
+    metrics = out.metrics
     print(json.dumps({"output_dir": final_dir, **metrics}))
 
 

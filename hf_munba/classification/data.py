@@ -12,7 +12,7 @@ import os
 import numpy as np
 
 __all__ = ["digits_dataset", "require_sklearn", "sklearn_available", "imagefolder_dataset", "imagefolder_class_names", "validate_imagefolder",
-           "InMemoryDataset",
+           "image_transform", "InMemoryDataset",
            "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -94,15 +94,21 @@ def imagefolder_dataset(data_dir: str, image_processor, test_size: float = 0.2, 
     if "test" not in ds:
         ds = ds["train"].train_test_split(test_size=test_size, seed=seed, stratify_by_column="label")
     ds = ds.rename_column("label", "labels")
-
-    def transform(batch):
-        images = [im.convert("RGB") for im in batch["image"]]
-        out = image_processor(images=images, return_tensors="pt")
-        return {"pixel_values": out["pixel_values"], "labels": batch["labels"]}
-
+    transform = image_transform(image_processor)
     for split in ds:
         ds[split] = ds[split].with_transform(transform)
     return ds
+
+
+def image_transform(image_processor, image_column: str = "image"):
+    """A ``datasets`` transform: RGB images of ``image_column`` -> ``pixel_values`` (and ``labels``)."""
+
+    def transform(batch):
+        images = [im.convert("RGB") for im in batch[image_column]]
+        out = image_processor(images=images, return_tensors="pt")
+        return {"pixel_values": out["pixel_values"], "labels": batch["labels"]}
+
+    return transform
 
 
 class InMemoryDataset:
