@@ -104,6 +104,8 @@ def test_named_concepts_from_an_image_column(tmp_path):
     (dict(forget_classes=[3, 7], forget_players="per_class", method="ft"), "uses no forget set"),
     (dict(forget_classes=[3, 7], forget_players="several"), "forget players must be"),
     (dict(forget_classes=["three"]), "unknown forget class"),
+    (dict(forget_classes=[3, 12]), "not labels of this dataset"),
+    (dict(forget_indices=[0, 10**6]), "out of range"),
     (dict(), "needs a forget set"),
     (dict(forget_classes=[3], forget_fraction=0.1), "exactly one"),
 ])

@@ -236,7 +236,9 @@ class MunbaTrainer(Trainer):
     ``train_dataset`` is the retain set D_r. With no unlearning options it runs the paper's
     method (``munba`` with the random-label forget loss). Logs ``loss_retain``,
     ``loss_forget`` and, for ``munba``, the bargaining ``munba/cos`` and ``munba/weight_*``.
-    The loss logged as ``loss`` is L_r + L_f (for ``ga``: -CE on D_f).
+    The loss logged as ``loss`` is L_r + L_f (for ``ga``: -CE on D_f). The number of steps
+    always follows the retain loader (epochs x |D_r| / batch), also for ``ga``, which ignores
+    the retain batches: give ``ga`` a ``max_steps``.
 
     ``forget_dataset`` is one dataset (every forget sample in one pooled player) or a dict
     name -> dataset: one bargaining player per concept (``forget_<name>``), each with its own
@@ -246,9 +248,7 @@ class MunbaTrainer(Trainer):
     is an average over concepts, so the concept with the largest, best-aligned gradient sets
     the direction and a hard concept can stay unforgotten; separate players each need a
     positive gain on every step. ``loss`` is then L_r + the sum of the concepts' losses, and
-    the ``weighted`` sum gives each concept ``forget_weight``. The number of steps
-    always follows the retain loader (epochs x |D_r| / batch), also for ``ga``, which ignores
-    the retain batches: give ``ga`` a ``max_steps``.
+    the ``weighted`` sum gives each concept ``forget_weight``.
     """
 
     def __init__(self, model=None, args=None, *, forget_dataset=None,

@@ -249,8 +249,6 @@ def _split_options(options: Mapping[str, Any]):
         said = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
         raise ValueError(f"unknown option(s) {said}: options are TrainingArguments or MunbaArguments "
                          "fields (e.g. learning_rate, max_steps, forget_batch_size)")
-    if "output_dir" in options or "method" in options:
-        raise ValueError("give output_dir and method as unlearn_classifier's own arguments")
     return ({k: v for k, v in options.items() if k in targ_names},
             {k: v for k, v in options.items() if k in munba_names})
 
@@ -350,13 +348,18 @@ def unlearn_classifier(model, dataset, forget_classes: Union[None, str, Sequence
     else:
         plan = forget_plan(forget_classes, forget_fraction, forget_indices, forget_seed,
                            forget_players, names, method)
+        split_forget_sets(train, plan)  # unknown classes, out-of-range indices: before any model work
     base_model = model if isinstance(model, str) else getattr(getattr(model, "config", None),
                                                                 "_name_or_path", "") or ""
     processor = None
     if isinstance(model, str):
         from .model_io import load_image_classifier
 
-        model, processor = load_image_classifier(model, seed=training_args.seed)
+        model, processor = load_image_classifier(model, num_labels=len(names) if names else 10,
+                                                 label_names=names, seed=training_args.seed)
+    num_labels = getattr(getattr(model, "config", None), "num_labels", None)
+    if names and num_labels is not None and num_labels != len(names) and not hasattr(model, "prompt_ids"):
+        raise ValueError(f"the model has {num_labels} labels but the dataset has {len(names)} classes")
     processor = image_processor or processor
     if image_col is not None:
         if processor is None:
