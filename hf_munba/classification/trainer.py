@@ -17,6 +17,7 @@ import functools
 import json
 import math
 import os
+import time
 from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from typing import Any, Dict, Iterator, List, Mapping, Optional
 
@@ -263,10 +264,18 @@ class MunbaTrainer(Trainer):
     def iter_forget_batches_once(self) -> Iterator[Dict[str, Any]]:
         """Every forget sample once, in order, on the model's device (for method setup)."""
         bs = self.munba_args.forget_batch_size or self.args.per_device_train_batch_size
-        collate = self._forget_collator()
-        for start in range(0, len(self.forget_dataset), bs):
-            rows = [self.forget_dataset[i] for i in range(start, min(start + bs, len(self.forget_dataset)))]
-            yield self._prepare_inputs(collate(rows))
+        yield from self._iter_batches_once(self.forget_dataset, range(len(self.forget_dataset)), bs)
+
+    def iter_retain_batches_once(self) -> Iterator[Dict[str, Any]]:
+        """Every retain sample once, in a seeded random order, on the model's device (for setup)."""
+        order = torch.randperm(len(self.train_dataset), generator=torch.Generator().manual_seed(self.args.seed))
+        yield from self._iter_batches_once(self.train_dataset, order.tolist(),
+                                           self.args.per_device_train_batch_size)
+
+    def _iter_batches_once(self, dataset, order, bs: int) -> Iterator[Dict[str, Any]]:
+        collate, order = self._forget_collator(), list(order)
+        for start in range(0, len(order), bs):
+            yield self._prepare_inputs(collate([dataset[i] for i in order[start:start + bs]]))
 
     @staticmethod
     def model_logits(model, inputs: Dict[str, Any]) -> torch.Tensor:
@@ -275,10 +284,24 @@ class MunbaTrainer(Trainer):
 
     # -------------------------------------------------------------- training
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        try:
+            return self._train_unlearning(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+        finally:  # a method's last word before the model is saved (BE drops its shadow class)
+            finish = getattr(self.method, "finish", None)
+            if finish is not None:
+                finish(self.accelerator.unwrap_model(self.model))
+
+    def _train_unlearning(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         # Method setup (SalUn's mask, retrain's re-initialisation) sees the weights the user
         # passed in, before any checkpoint is loaded, so a resumed run prepares identically.
-        self.method.setup(self.model, ClassifierContext(self.iter_forget_batches_once,
-                                                        self.model_logits, self.args.seed))
+        t0 = time.time()
+        self.method.setup(self.model, ClassifierContext(
+            self.iter_forget_batches_once, self.model_logits, self.args.seed,
+            retain_batches=self.iter_retain_batches_once if self.train_dataset is not None else None))
+        if not getattr(self.method, "trains", True):  # e.g. IU: setup was the whole method
+            from transformers.trainer_utils import TrainOutput
+
+            return TrainOutput(0, 0.0, {"train_runtime": time.time() - t0})
         if self.method.uses_forget:
             self._forget_stream = self._new_forget_stream()
         trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -465,8 +488,7 @@ class MunbaTrainer(Trainer):
             labels = f_inputs["labels"]
             with self.compute_loss_context_manager():
                 loss_f = self.method.forget_loss(
-                    self._forget_loss(self.model_logits(model, f_inputs), labels, generator=gen),
-                    model) / div
+                    self._forget_batch_loss(model, f_inputs, labels, gen), model) / div
             del f_inputs
             self._backward_player("forget", loss_f)
             total = total + loss_f.detach()
@@ -476,6 +498,14 @@ class MunbaTrainer(Trainer):
         if self.accelerator.sync_gradients:
             self._finish_step()
         return total
+
+    def _forget_batch_loss(self, model, inputs, labels, generator) -> torch.Tensor:
+        """The forget loss on one batch; a classifier method may compute its own (BE, BS)."""
+        default = functools.partial(self._forget_loss, generator=generator)
+        own = getattr(self.method, "forget_batch_loss", None)
+        if own is not None:
+            return own(model, inputs, labels, logits=self.model_logits, default=default)
+        return default(self.model_logits(model, inputs), labels)
 
     def _finish_step(self) -> None:
         """Once per optimizer step: the shared unlearning step (combine, clip, guard, step)."""
