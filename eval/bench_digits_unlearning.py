@@ -59,12 +59,20 @@ def default_rows():
     """Every classifier method of the registry, with ``weighted`` as its lambda sweep: the
     bargaining methods first, then ``weighted-<lam>`` for lam in WEIGHTS, then the baselines.
     Left out: ``retrain`` (the reference, always run) and ``rl`` (exactly ``weighted-1``: the
-    same losses and weights). A newly registered method is benchmarked without touching this file."""
-    from hf_munba.unlearning import available_methods, get_method
+    same losses and weights). A newly registered method is benchmarked without touching this file.
+    Imported from ``hf_munba.classification``: that import registers the classifier-only methods
+    (``salun``, ``l1``, ``iu``, ``be``, ``bs``, ``shs``, ...); ``hf_munba.unlearning`` alone has
+    only the shared ones."""
+    from hf_munba.classification.methods import available_methods, get_method
 
     methods = [m for m in available_methods("classification") if m not in ("retrain", "rl", "weighted")]
     bargaining = [m for m in methods if get_method(m).bargains]
-    return [*bargaining, *[f"weighted-{w:g}" for w in WEIGHTS], *[m for m in methods if m not in bargaining]]
+    rest = sorted((m for m in methods if m not in bargaining),  # the paper's order, then the others
+                  key=lambda m: (PAPER_BASELINES.index(m) if m in PAPER_BASELINES else len(PAPER_BASELINES), m))
+    return [*bargaining, *[f"weighted-{w:g}" for w in WEIGHTS], *rest]
+
+
+PAPER_BASELINES = ("ft", "ga", "iu", "be", "bs", "l1", "salun", "shs")  # its Table 5's order
 
 
 ALL_METHODS = default_rows()

@@ -98,14 +98,18 @@ def test_bs_trains_d_f_towards_the_fgsm_nearest_wrong_class(tmp_path, eps):
 
 
 def _sherman_morrison_inverse_product(v, samples, damping):
-    """WoodFisher's recursion (Singh & Alistarh 2020) as a dense matrix: F_0^-1 = I / damping,
-    F_k^-1 = F_{k-1}^-1 - F_{k-1}^-1 g g^T F_{k-1}^-1 / (K + g^T F_{k-1}^-1 g)."""
-    k = len(samples)
-    inv = torch.eye(v.numel(), dtype=torch.float64) / damping
+    """WoodFisher's recursion (Singh & Alistarh 2020): F_0^-1 = I / damping,
+    F_k^-1 = F_{k-1}^-1 - u_k u_k^T / (K + g_k . u_k) with u_k = F_{k-1}^-1 g_k, kept as the
+    rank-one terms (u_k, K + g_k . u_k) instead of P x P matrices."""
+    k, terms = len(samples), []
+
+    def apply(x):  # F_n^-1 x for the terms so far
+        return x / damping - sum((u * (u @ x) / den for u, den in terms), torch.zeros_like(x))
+
     for g in samples.double():
-        u = inv @ g
-        inv = inv - torch.outer(u, u) / (k + g @ u)
-    return inv @ v.double()
+        u = apply(g)
+        terms.append((u, k + g @ u))
+    return apply(v.double())
 
 
 def test_woodfisher_inverse_product_is_the_recursion_and_the_inverse():

@@ -266,3 +266,28 @@ def test_default_rows_come_from_the_method_registry():
         assert bench.row_spec("test-new-baseline") == ("test-new-baseline", {})
     finally:
         METHODS.pop("test-new-baseline", None)
+
+
+def test_the_paper_baselines_are_rows_and_iu_searches_its_influence_scale(tmp_path):
+    """iu, be, bs and shs are default rows; iu (which does not train) searches iu_alpha, not the
+    learning rate, has a two-point curve (the original model, then its one edit) and the table
+    names the value that won."""
+    bench = _bench()
+    assert {"iu", "be", "bs", "shs"} <= set(bench.default_rows())
+    out = tmp_path / "out"
+    recipes = {"original": {"max_steps": 10}, "retrain": {"max_steps": 2}, "be": {"max_steps": 3}}
+    bench.main(["--seeds", "0", "--methods", "iu,be", "--settings", "class", "--lr_grid", "0.1",
+                "--iu_alpha_grid", "1,20", "--eval_every", "2", "--output_dir", str(out),
+                "--recipes", json.dumps(recipes)])
+    res = json.loads((out / "digits_class.json").read_text())
+    search = res["lr_search"]["iu"]
+    assert search["searched"] == "iu_alpha" and set(search["runs"]) == {"1", "20"}
+    assert "chosen_lr" not in search and search["chosen"] in (1.0, 20.0)
+    (run,) = res["runs"]["iu"]
+    assert [p["step"] for p in run["curve"]] == [0, 1] and run["lr"] is None
+    assert run["curve"][0]["acc_forget"] == pytest.approx(res["runs"]["original"][0]["end"]["acc_forget"])
+    assert run["end"]["acc_forget"] == pytest.approx(run["curve"][-1]["acc_forget"])
+    assert res["table"]["iu"]["searched"] == {"name": "iu_alpha", "value": search["chosen"]}
+    assert res["table"]["be"]["searched"] == {"name": "lr", "value": 0.1} and "be" not in res["lr_search"]
+    md = (out / "digits_class.md").read_text()
+    assert f"| iu | iu_alpha {search['chosen']:g} |" in md and "| be | lr 0.1 |" in md
