@@ -291,3 +291,17 @@ def test_the_paper_baselines_are_rows_and_iu_searches_its_influence_scale(tmp_pa
     assert res["table"]["be"]["searched"] == {"name": "lr", "value": 0.1} and "be" not in res["lr_search"]
     md = (out / "digits_class.md").read_text()
     assert f"| iu | iu_alpha {search['chosen']:g} |" in md and "| be | lr 0.1 |" in md
+
+
+def test_default_rows_in_a_fresh_process_include_the_classifier_only_methods():
+    """The CLI builds its default rows at import, before anything imported hf_munba.classification
+    (which registers salun, l1, iu, be, bs, shs): they must be there all the same."""
+    import subprocess
+    import sys
+
+    code = ("import importlib.util as u; s = u.spec_from_file_location('b', %r); m = u.module_from_spec(s); "
+            "s.loader.exec_module(m); print(','.join(m.ALL_METHODS))" % str(ROOT / "eval" / "bench_digits_unlearning.py"))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    rows = out.stdout.strip().splitlines()[-1].split(",")
+    assert {"salun", "l1", "iu", "be", "bs", "shs"} <= set(rows)
+    assert rows.index("ft") < rows.index("ga") < rows.index("iu") < rows.index("be") < rows.index("shs")
