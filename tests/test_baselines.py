@@ -204,3 +204,23 @@ def test_shs_reinitialises_the_top_connection_sensitivity_share_and_projects(tmp
 def test_a_bad_baseline_setting_fails_before_any_model_work(bad, word):
     with pytest.raises(ValueError, match=word):
         MunbaArguments(**bad)
+
+
+def test_be_resumes_exactly_with_its_shadow_row(tmp_path):
+    """A checkpoint holds the shadow row (it is a parameter for the run); resuming restores it, also
+    for a ViT (whose checkpoints reload through from_pretrained, which knows no shadow row)."""
+    forget, retain = tiny_classification_data()
+    model = tiny_vit_classifier(num_labels=NUM_CLASSES)
+
+    def trainer(folder, m):
+        args = targs(folder, per_device_train_batch_size=8, max_steps=4, save_strategy="steps", save_steps=2)
+        return MunbaTrainer(model=m, args=args, train_dataset=retain, forget_dataset=forget, method="be")
+
+    full = trainer(tmp_path / "full", copy.deepcopy(model))
+    full.train()
+    resumed = trainer(tmp_path / "full", copy.deepcopy(model))  # the same folder: its checkpoint-2
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "out" / "checkpoint-2"))
+    for a, b in zip(full.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b)
+    for name in BoundaryExpanding.SHADOW:
+        assert torch.equal(full.method.shadow[name], resumed.method.shadow[name])
