@@ -7,8 +7,9 @@ scratch on D_r (the gold reference) and run every unlearning method from the ori
 through ``MunbaTrainer``, recording Acc(D_f), Acc(D_r) and Acc(D_t) every ``--eval_every``
 optimizer steps (``hf_munba.evaluation.tradeoff.AccuracyCurveCallback``).
 
-Each method row gets the same small learning-rate search (``--lr_grid``), decided on the first
-seed by a rule fixed in advance (``select_run``: best test accuracy at equal forgetting, then
+Each method row gets the same small learning-rate search (``--lr_grid``), except ``iu``, which
+does not train and searches its influence scale ``iu_alpha`` instead (``--iu_alpha_grid``),
+decided on the first seed by a rule fixed in advance (``select_run``: best test accuracy at equal forgetting, then
 the first point's, then the earliest). Forget criterion: class-wise Acc(D_f) <= 5 %; random
 10 %: |Acc(D_f) - Acc_retrain(D_f)| <= 2 points (the same seed's retrained model). Per row it
 reports the test accuracy at the FIRST evaluation meeting the criterion and the BEST over such
@@ -20,7 +21,8 @@ run) and a trade-off PNG per setting.
     python eval/bench_digits_unlearning.py --seeds 0 --methods munba,weighted-1  # quick look
 
 Rows: a classifier method of the registry (``hf_munba.unlearning.available_methods("classification")``:
-``munba``, ``munba-paper``, ``ft``, ``ga``, ``rl``, ``salun``, ``l1``, ...) or ``weighted-<lam>``
+``munba``, ``munba-paper``, ``ft``, ``ga``, ``rl``, ``salun``, ``l1``, ``iu``, ``be``, ``bs``,
+``shs``, ...) or ``weighted-<lam>``
 (``weighted`` with ``forget_weight=lam``). ``rl`` is exactly ``weighted-1`` (same losses), so the
 default list (``default_rows``) runs it only under that name. Runs
 single-threaded (``--threads``) so timings are comparable on a shared machine.
@@ -47,6 +49,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _TRAIN = dict(lr=0.1, epochs=30)
 RECIPES = {"class": dict(epochs=3), "random": dict(epochs=3)}
 LR_GRID = (0.003, 0.01, 0.03, 0.1)
+# IU takes no training step: its one hyper-parameter, the influence scale alpha (the reference
+# uses 10 on CIFAR-10), is searched instead of the learning rate.
+IU_ALPHA_GRID = (1, 2, 5, 10, 20, 50)
 WEIGHTS = (0.1, 0.3, 1, 3)
 
 
@@ -54,17 +59,33 @@ def default_rows():
     """Every classifier method of the registry, with ``weighted`` as its lambda sweep: the
     bargaining methods first, then ``weighted-<lam>`` for lam in WEIGHTS, then the baselines.
     Left out: ``retrain`` (the reference, always run) and ``rl`` (exactly ``weighted-1``: the
-    same losses and weights). A newly registered method is benchmarked without touching this file."""
-    from hf_munba.unlearning import available_methods, get_method
+    same losses and weights). A newly registered method is benchmarked without touching this file.
+    Imported from ``hf_munba.classification``: that import registers the classifier-only methods
+    (``salun``, ``l1``, ``iu``, ``be``, ``bs``, ``shs``, ...); ``hf_munba.unlearning`` alone has
+    only the shared ones."""
+    from hf_munba.classification.methods import available_methods, get_method
 
     methods = [m for m in available_methods("classification") if m not in ("retrain", "rl", "weighted")]
     bargaining = [m for m in methods if get_method(m).bargains]
-    return [*bargaining, *[f"weighted-{w:g}" for w in WEIGHTS], *[m for m in methods if m not in bargaining]]
+    rest = sorted((m for m in methods if m not in bargaining),  # the paper's order, then the others
+                  key=lambda m: (PAPER_BASELINES.index(m) if m in PAPER_BASELINES else len(PAPER_BASELINES), m))
+    return [*bargaining, *[f"weighted-{w:g}" for w in WEIGHTS], *rest]
+
+
+PAPER_BASELINES = ("ft", "ga", "iu", "be", "bs", "l1", "salun", "shs")  # its Table 5's order
 
 
 ALL_METHODS = default_rows()
 CLASS_THRESHOLD = 5.0     # class-wise: Acc(D_f) <= 5 % counts as forgotten
 MATCH_TOLERANCE = 2.0     # random: |Acc(D_f) - retrain's| <= 2 points counts as equal forgetting
+
+
+def searched(a, row):
+    """(the hyper-parameter searched for ``row``, its grid): the learning rate, or for a method
+    that does not train (``iu``) its own scale."""
+    if row_spec(row)[0] == "iu":
+        return "iu_alpha", a.iu_alpha_grid
+    return "lr", a.lr_grid
 
 
 def row_spec(name: str):
@@ -127,6 +148,8 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--lr_grid", default=",".join(f"{x:g}" for x in LR_GRID),
                    help="learning rates searched per row and setting on the first seed (one value: no search)")
+    p.add_argument("--iu_alpha_grid", default=",".join(f"{x:g}" for x in IU_ALPHA_GRID),
+                   help="influence scales searched for iu (which does not train) on the first seed")
     p.add_argument("--eval_every", type=int, default=2, help="optimizer steps between curve points")
     p.add_argument("--class_threshold", type=float, default=CLASS_THRESHOLD,
                    help="class-wise forget criterion: Acc(D_f) <= this (percent)")
@@ -144,8 +167,11 @@ def parse_args(argv=None):
     a.methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     a.settings = [s.strip() for s in a.settings.split(",") if s.strip()]
     a.lr_grid = [float(x) for x in a.lr_grid.split(",") if x.strip()]
-    if not a.seeds or not a.methods or not a.lr_grid:
-        p.error("--seeds, --methods and --lr_grid must not be empty")
+    a.iu_alpha_grid = [float(x) for x in a.iu_alpha_grid.split(",") if x.strip()]
+    if not a.seeds or not a.methods or not a.lr_grid or not a.iu_alpha_grid:
+        p.error("--seeds, --methods, --lr_grid and --iu_alpha_grid must not be empty")
+    if any(not (math.isfinite(x) and x > 0) for x in a.lr_grid + a.iu_alpha_grid):
+        p.error("--lr_grid and --iu_alpha_grid take positive numbers")
     if len(set(a.methods)) != len(a.methods):
         p.error("--methods lists a row twice")
     if a.eval_every < 1:
@@ -171,8 +197,9 @@ def parse_args(argv=None):
     return a
 
 
-def train(model, row, retain, forget, recipe, batch_size, seed, workdir, callbacks=()):
-    """One MunbaTrainer run; returns (model, training seconds without curve evaluation)."""
+def train(model, row, retain, forget, recipe, batch_size, seed, workdir, callbacks=(), extra_args=None):
+    """One MunbaTrainer run; returns (model, training seconds without curve evaluation).
+    ``extra_args``: more MunbaArguments for the row (a searched setting such as ``iu_alpha``)."""
     import torch
     from transformers import PrinterCallback, TrainingArguments
 
@@ -186,7 +213,8 @@ def train(model, row, retain, forget, recipe, batch_size, seed, workdir, callbac
         max_grad_norm=1.0, seed=seed, data_seed=seed, save_strategy="no", report_to=[],
         logging_strategy="no", disable_tqdm=True, use_cpu=True, dataloader_num_workers=0)
     trainer = MunbaTrainer(model=model, args=args, train_dataset=retain, forget_dataset=forget,
-                           munba_args=MunbaArguments(method=method, **extra), callbacks=list(callbacks))
+                           munba_args=MunbaArguments(method=method, **extra, **(extra_args or {})),
+                           callbacks=list(callbacks))
     trainer.remove_callback(PrinterCallback)  # its per-run metrics dict would drown the summary lines
     t0 = time.perf_counter()
     trainer.train()
@@ -204,30 +232,43 @@ def forget_distance(criterion, acc_forget: float) -> float:
 
 
 def run_row(a, row, setting, seed, original, sets, criterion, work):
-    """One row on one seed: the lr search (first seed) or the chosen lr; curve + end metrics."""
+    """One row on one seed: the search (first seed) or the chosen value; curve + end metrics.
+
+    The searched value is the learning rate, or ``iu_alpha`` for ``iu`` (see :func:`searched`).
+    A method that does not train (``iu``) has a two-point curve: the original model at step 0
+    and its one edit at step 1."""
+    from hf_munba.classification.methods import get_method
     from hf_munba.evaluation.classification import evaluate_unlearning
     from hf_munba.evaluation.tradeoff import AccuracyCurveCallback, first_and_best, select_run
 
     recipe = a.recipes[setting][row]
-    lrs = [recipe["lr"]] if "lr" in recipe else (a.lr_grid if seed == a.seeds[0] else [a.chosen[setting][row]])
+    name, grid = searched(a, row)
+    fixed = recipe.get(name) if name == "lr" else None
+    values = [fixed] if fixed is not None else (grid if seed == a.seeds[0] else [a.chosen[setting][row]])
+    trains = getattr(get_method(row_spec(row)[0]), "trains", True)
     runs = {}
-    for lr in lrs:
+    for value in values:
         cb = AccuracyCurveCallback(sets, eval_every=a.eval_every)
+        lr = value if name == "lr" else recipe.get("lr", a.lr_grid[0])
         model, rt = train(copy.deepcopy(original), row, sets["retain"], sets["forget"], {**recipe, "lr": lr},
-                          a.batch_size, seed, work, callbacks=[cb])
+                          a.batch_size, seed, work, callbacks=[cb],
+                          extra_args=None if name == "lr" else {name: value})
+        if not trains:
+            cb.evaluate(original, 0, 0.0)
+            cb.evaluate(model, 1, 1.0)
         end = {**evaluate_unlearning(model, sets["forget"], sets["retain"], sets["test"]), "runtime_s": rt}
-        runs[lr] = {"lr": lr, "curve": cb.points, "end": end,
-                    "at_forgetting": first_and_best(cb.points, criterion)}
+        runs[value] = {"lr": lr if trains else None, "searched": {"name": name, "value": value},
+                       "curve": cb.points, "end": end, "at_forgetting": first_and_best(cb.points, criterion)}
     if len(runs) > 1:
-        chosen = select_run({lr: r["at_forgetting"] for lr, r in runs.items()},
-                            {lr: forget_distance(criterion, r["end"]["acc_forget"]) for lr, r in runs.items()})
+        chosen = select_run({v: r["at_forgetting"] for v, r in runs.items()},
+                            {v: forget_distance(criterion, r["end"]["acc_forget"]) for v, r in runs.items()})
     else:
         chosen = next(iter(runs))
     a.chosen[setting][row] = chosen
     search = None
     if len(runs) > 1:
-        search = {f"{lr:g}": {"at_forgetting": r["at_forgetting"], "end": r["end"], "curve": r["curve"]}
-                  for lr, r in runs.items()}
+        search = {f"{v:g}": {"at_forgetting": r["at_forgetting"], "end": r["end"], "curve": r["curve"]}
+                  for v, r in runs.items()}
     return runs[chosen], search
 
 
@@ -241,6 +282,7 @@ def summarise(setting_runs, methods):
         row = {"end": aggregate_runs([r["end"] for r in per_seed])}
         if name in methods:
             row["lr"] = per_seed[0]["lr"]
+            row["searched"] = per_seed[0].get("searched", {"name": "lr", "value": row["lr"]})
             row["at_forgetting"] = aggregate_first_best([r["at_forgetting"] for r in per_seed])
             row["curve"] = aggregate_curves([r["curve"] for r in per_seed])
             if per_seed[0].get("same_run_as"):
@@ -270,7 +312,7 @@ def markdown_table(table, title, criterion_text):
     lines = [f"**{title}**", "", f"Forget criterion: {criterion_text}. Curve columns: test accuracy at "
              "the first evaluation meeting it and the best over evaluations meeting it (seeds that "
              "reached it), the step of the first, and how many seeds reached it.", "",
-             "| Method | lr | Acc D_f | Acc D_r | Acc D_t | MIA-efficacy | Avg. Gap | Run-time (s) | "
+             "| Method | searched: won | Acc D_f | Acc D_r | Acc D_t | MIA-efficacy | Avg. Gap | Run-time (s) | "
              "reached | D_t @first | step @first | D_t @best |",
              "|---|" + "---|" * 11]
     for name, row in table.items():
@@ -280,12 +322,15 @@ def markdown_table(table, title, criterion_text):
             af = row["at_forgetting"]
             curve = [f"{af['reached']}/{af['seeds']}", _cell(af["first"]), _cell(af["first_step"], 0),
                      _cell(af["best"])]
-            lr = f"{row['lr']:g}"
+            won = row.get("searched", {"name": "lr", "value": row["lr"]})
+            lr = f"{won['name']} {won['value']:g}"
         else:
             curve, lr = ["–"] * 4, "–"
         lines.append(f"| {name} | {lr} | " + " | ".join(cells + curve) + " |")
     notes = [f"`{n}` runs exactly the configuration of `{r['same_run_as']}` (identical MunbaArguments and "
              "recipe), so one run serves both rows." for n, r in table.items() if r.get("same_run_as")]
+    notes.append("`searched: won`: the value the search on the first seed chose (the learning rate; for "
+                 "`iu`, which does not train, its influence scale `iu_alpha`).")
     return "\n".join(lines) + "\n" + "".join(f"\n{x}\n" for x in notes)
 
 
@@ -347,7 +392,8 @@ def render(payload, output_dir, name):
 def write_setting(a, setting, table, per_seed_runs, search, criteria, title, criterion_text):
     name = f"digits_{setting}"
     payload = {"title": title, "criterion": criterion_text, "criteria_per_seed": criteria,
-               "seeds": a.seeds, "lr_grid": a.lr_grid, "eval_every": a.eval_every,
+               "seeds": a.seeds, "lr_grid": a.lr_grid, "iu_alpha_grid": a.iu_alpha_grid,
+               "eval_every": a.eval_every,
                "recipes": a.recipes[setting],
                "best_weighted": {w: best_weighted(table, w) for w in ("first", "best")},
                "table": table, "runs": per_seed_runs, "lr_search": search}
@@ -430,20 +476,23 @@ def main(argv=None):
                         results[row] = {**copy.deepcopy(results[first]), "same_run_as": first}
                         a.chosen[setting][row] = a.chosen[setting][first]
                         if first in search[setting] and seed == a.seeds[0]:
-                            search[setting][row] = {"same_run_as": first,
-                                                    "chosen_lr": search[setting][first]["chosen_lr"]}
+                            search[setting][row] = {**{k: v for k, v in search[setting][first].items()
+                                                       if k != "runs"}, "same_run_as": first}
                         continue
                     done[key] = row
                     results[row], row_search = run_row(a, row, setting, seed, original, sets, criterion, work)
                     if row_search is not None:
-                        search[setting][row] = {"chosen_lr": a.chosen[setting][row], "runs": row_search}
+                        name = searched(a, row)[0]
+                        search[setting][row] = {"searched": name, "chosen": a.chosen[setting][row],
+                                                **({"chosen_lr": a.chosen[setting][row]} if name == "lr" else {}),
+                                                "runs": row_search}
                 for name, r in results.items():
                     r["end"]["avg_gap"] = avg_gap(r["end"], results["retrain"]["end"])
                     r["seed"] = seed
                     runs[setting].setdefault(name, []).append(r)
                 print(f"[seed {seed} {setting}, {criterion.describe()}] " + ", ".join(
                     f"{n}: Df {r['end']['acc_forget']:.1f} Dt {r['end']['acc_test']:.1f}"
-                    + (f" lr {r['lr']:g} first {r['at_forgetting']['first']:.1f}"
+                    + (f" {r['searched']['name']} {r['searched']['value']:g} first {r['at_forgetting']['first']:.1f}"
                        f"@{r['at_forgetting']['first_step']} best {r['at_forgetting']['best']:.1f}"
                        if "at_forgetting" in r else "")
                     for n, r in results.items()), flush=True)
@@ -464,7 +513,8 @@ def main(argv=None):
                                     title, text))
     footer = (f"\nOriginal model training: {np.mean(originals):.1f} s per seed. Total benchmark wall "
               f"time: {total:.0f} s with {a.threads} thread(s). Learning rates searched on seed "
-              f"{a.seeds[0]}: {a.lr_grid}; curve points every {a.eval_every} optimizer steps.\n"
+              f"{a.seeds[0]}: {a.lr_grid} (iu: iu_alpha in {a.iu_alpha_grid}); curve points every "
+              f"{a.eval_every} optimizer steps.\n"
               f"Recipes: {json.dumps(a.recipes)}\n")
     text = "\n".join(report) + footer
     with open(os.path.join(a.output_dir, "digits_benchmark.md"), "w") as f:

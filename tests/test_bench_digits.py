@@ -266,3 +266,42 @@ def test_default_rows_come_from_the_method_registry():
         assert bench.row_spec("test-new-baseline") == ("test-new-baseline", {})
     finally:
         METHODS.pop("test-new-baseline", None)
+
+
+def test_the_paper_baselines_are_rows_and_iu_searches_its_influence_scale(tmp_path):
+    """iu, be, bs and shs are default rows; iu (which does not train) searches iu_alpha, not the
+    learning rate, has a two-point curve (the original model, then its one edit) and the table
+    names the value that won."""
+    bench = _bench()
+    assert {"iu", "be", "bs", "shs"} <= set(bench.default_rows())
+    out = tmp_path / "out"
+    recipes = {"original": {"max_steps": 10}, "retrain": {"max_steps": 2}, "be": {"max_steps": 3}}
+    bench.main(["--seeds", "0", "--methods", "iu,be", "--settings", "class", "--lr_grid", "0.1",
+                "--iu_alpha_grid", "1,20", "--eval_every", "2", "--output_dir", str(out),
+                "--recipes", json.dumps(recipes)])
+    res = json.loads((out / "digits_class.json").read_text())
+    search = res["lr_search"]["iu"]
+    assert search["searched"] == "iu_alpha" and set(search["runs"]) == {"1", "20"}
+    assert "chosen_lr" not in search and search["chosen"] in (1.0, 20.0)
+    (run,) = res["runs"]["iu"]
+    assert [p["step"] for p in run["curve"]] == [0, 1] and run["lr"] is None
+    assert run["curve"][0]["acc_forget"] == pytest.approx(res["runs"]["original"][0]["end"]["acc_forget"])
+    assert run["end"]["acc_forget"] == pytest.approx(run["curve"][-1]["acc_forget"])
+    assert res["table"]["iu"]["searched"] == {"name": "iu_alpha", "value": search["chosen"]}
+    assert res["table"]["be"]["searched"] == {"name": "lr", "value": 0.1} and "be" not in res["lr_search"]
+    md = (out / "digits_class.md").read_text()
+    assert f"| iu | iu_alpha {search['chosen']:g} |" in md and "| be | lr 0.1 |" in md
+
+
+def test_default_rows_in_a_fresh_process_include_the_classifier_only_methods():
+    """The CLI builds its default rows at import, before anything imported hf_munba.classification
+    (which registers salun, l1, iu, be, bs, shs): they must be there all the same."""
+    import subprocess
+    import sys
+
+    code = ("import importlib.util as u; s = u.spec_from_file_location('b', %r); m = u.module_from_spec(s); "
+            "s.loader.exec_module(m); print(','.join(m.ALL_METHODS))" % str(ROOT / "eval" / "bench_digits_unlearning.py"))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    rows = out.stdout.strip().splitlines()[-1].split(",")
+    assert {"salun", "l1", "iu", "be", "bs", "shs"} <= set(rows)
+    assert rows.index("ft") < rows.index("ga") < rows.index("iu") < rows.index("be") < rows.index("shs")

@@ -22,8 +22,13 @@ LEGACY_FIELDS = {
 }
 
 
+# The settings of the paper's other baselines (hf_munba/classification/baselines.py).
+BASELINE_FIELDS = {"iu_alpha": 10.0, "iu_damping": 1.0, "iu_fisher_batches": 64, "bs_epsilon": 0.1,
+                   "shs_ratio": 0.03, "shs_lambda": 0.05}
+
+
 def test_every_legacy_field_keeps_its_name_and_default():
-    assert MunbaArguments().to_dict() == LEGACY_FIELDS
+    assert MunbaArguments().to_dict() == {**LEGACY_FIELDS, **BASELINE_FIELDS}
 
 
 def test_method_fields_come_from_the_methods_that_declare_them():

@@ -272,3 +272,22 @@ def test_clip_zero_shot_through_the_script(tmp_path):
     model = CLIPZeroShotClassifier.from_pretrained(str(out))
     assert model.class_names == ["cat", "dog", "fox"] and model.train_encoder == "text"
     assert json.loads((out / "unlearning_metrics.json").read_text())["forget"]["classes"] == [1]
+
+
+@pytest.mark.parametrize("method", ["be", "iu"])
+def test_the_script_runs_the_paper_baselines(tmp_path, method):
+    """``--method be`` saves a model with the original 10 classes (its shadow class is gone) and
+    ``--method iu`` (no training step) saves its one edit; both load with ``from_pretrained``."""
+    from safetensors import safe_open
+    from transformers import AutoModelForImageClassification
+
+    out = tmp_path / method
+    _load_script().main(["--model_name_or_path", "tiny-resnet", "--dataset", "digits", "--forget_classes", "3",
+                         "--method", method, "--output_dir", str(out), "--max_steps", "3",
+                         "--iu_fisher_batches", "4", *COMMON])
+    record = json.loads((out / "unlearning_metrics.json").read_text())
+    assert record["method"] == method and record["metrics"]["runtime_s"] >= 0
+    model = AutoModelForImageClassification.from_pretrained(out, use_safetensors=True)
+    assert model.config.num_labels == 10
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        assert set(f.keys()) == set(model.state_dict())  # no shadow row, nothing missing

@@ -13,7 +13,7 @@ A method's options are declared on the class (``settings``: ``l1_alpha`` on ``l1
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 
@@ -21,19 +21,58 @@ from ..unlearning.methods import (METHODS, MethodSetting, UnlearningMethod, avai
                                   get_method, register_method)
 from .objectives import retain_cross_entropy
 
-__all__ = ["ClassifierContext", "UnlearningMethod", "METHODS", "register_method", "get_method",
-           "available_methods", "reinitialise_"]
+__all__ = ["ClassifierContext", "forget_gradients", "top_share_masks", "UnlearningMethod", "METHODS",
+           "register_method", "get_method", "available_methods", "reinitialise_"]
 
 FRONT_END = "classification"
 
 
 @dataclass
 class ClassifierContext:
-    """What a classifier method's ``setup`` may use: the forget set once, logits, the seed."""
+    """What a classifier method's ``setup`` may use: the forget (and retain) set once, logits,
+    the seed. ``retain_batches`` is None where the front end has no retain set to offer."""
 
     forget_batches: Callable[[], Iterator[Dict[str, Any]]]  # every D_f sample once, on device
     logits: Callable[[torch.nn.Module, Dict[str, Any]], torch.Tensor]
     seed: int = 0
+    #: every D_r sample once, in a seeded random order, on device (IU's Fisher samples)
+    retain_batches: Optional[Callable[[], Iterator[Dict[str, Any]]]] = None
+
+
+def forget_gradients(model: torch.nn.Module, context: ClassifierContext,
+                     params: List[torch.nn.Parameter], *, absolute: bool = True,
+                     sign: float = 1.0) -> List[torch.Tensor]:
+    """Sum over D_f's batches of the gradient of ``sign`` * cross-entropy (true labels) w.r.t.
+    ``params``, in eval mode (no dropout, frozen batch statistics); with ``absolute`` the sum of
+    the per-batch magnitudes (SalUn's saliency, Scissorhands' sensitivity). Zeros where unused."""
+    grads = [torch.zeros_like(p) for p in params]
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in context.forget_batches():
+            labels = batch.pop("labels")
+            loss = sign * retain_cross_entropy(context.logits(model, batch), labels)
+            g = torch.autograd.grad(loss, params, allow_unused=True)
+            for acc, gi in zip(grads, g):
+                if gi is not None:
+                    acc.add_(gi.abs() if absolute else gi)
+    finally:
+        model.train(was_training)
+    return grads
+
+
+def top_share_masks(scores: List[torch.Tensor], ratio: float) -> List[torch.Tensor]:
+    """Boolean masks (shaped like ``scores``) of the top ``ratio`` share of all entries taken
+    together: exactly ``max(1, round(ratio * n))`` of them, even among ties (e.g. at 0)."""
+    flat = torch.cat([s.flatten().float() for s in scores])
+    k = max(1, int(round(ratio * flat.numel())))
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    keep[torch.topk(flat, k, sorted=False).indices] = True
+    out, start = [], 0
+    for s in scores:
+        out.append(keep[start:start + s.numel()].view_as(s))
+        start += s.numel()
+    return out
 
 
 @register_method("rl")
@@ -74,25 +113,8 @@ class SalUn(UnlearningMethod):
 
     def setup(self, model, context: ClassifierContext):
         params = [p for p in model.parameters() if p.requires_grad]
-        grads = [torch.zeros_like(p) for p in params]
-        was_training = model.training
-        model.eval()
-        for batch in context.forget_batches():
-            labels = batch.pop("labels")
-            logits = context.logits(model, batch)
-            g = torch.autograd.grad(retain_cross_entropy(logits, labels), params, allow_unused=True)
-            for acc, gi in zip(grads, g):
-                if gi is not None:
-                    acc.add_(gi.abs())
-        model.train(was_training)
-        flat = torch.cat([g.flatten().float() for g in grads])
-        k = max(1, int(round(self.setting("salun_ratio") * flat.numel())))
-        keep = torch.zeros_like(flat, dtype=torch.bool)
-        keep[torch.topk(flat, k, sorted=False).indices] = True  # exactly k, even among ties at 0
-        self.masks, start = [], 0
-        for p in params:
-            self.masks.append(keep[start:start + p.numel()].view_as(p).to(p.dtype))
-            start += p.numel()
+        grads = forget_gradients(model, context, params)
+        self.masks = [m.to(p.dtype) for m, p in zip(top_share_masks(grads, self.setting("salun_ratio")), params)]
         self.mask_params = params
 
     def edit_gradients(self, params):
@@ -121,7 +143,8 @@ def reinitialise_(model: torch.nn.Module, seed: int) -> None:
         return
     config = getattr(model, "config", None)
     if config is None:
-        raise ValueError("method 'retrain' needs a transformers PreTrainedModel (with a config)")
+        raise ValueError("re-initialising the weights (methods 'retrain', 'shs') needs a transformers "
+                         "PreTrainedModel (with a config)")
     torch.manual_seed(seed)
     fresh = type(model)(config)
     model.load_state_dict(fresh.state_dict())

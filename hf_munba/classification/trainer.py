@@ -19,6 +19,7 @@ import functools
 import json
 import math
 import os
+import time
 from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
@@ -330,11 +331,19 @@ class MunbaTrainer(Trainer):
         """Every forget sample once, in order, on the model's device (for method setup); with
         several concepts, every concept's samples (concept after concept)."""
         bs = self.munba_args.forget_batch_size or self.args.per_device_train_batch_size
-        collate = self._forget_collator()
         for ds in self.forget_datasets.values():
-            for start in range(0, len(ds), bs):
-                rows = [ds[i] for i in range(start, min(start + bs, len(ds)))]
-                yield self._prepare_inputs(collate(rows))
+            yield from self._iter_batches_once(ds, range(len(ds)), bs)
+
+    def iter_retain_batches_once(self) -> Iterator[Dict[str, Any]]:
+        """Every retain sample once, in a seeded random order, on the model's device (for setup)."""
+        order = torch.randperm(len(self.train_dataset), generator=torch.Generator().manual_seed(self.args.seed))
+        yield from self._iter_batches_once(self.train_dataset, order.tolist(),
+                                           self.args.per_device_train_batch_size)
+
+    def _iter_batches_once(self, dataset, order, bs: int) -> Iterator[Dict[str, Any]]:
+        collate, order = self._forget_collator(), list(order)
+        for start in range(0, len(order), bs):
+            yield self._prepare_inputs(collate([dataset[i] for i in order[start:start + bs]]))
 
     @staticmethod
     def model_logits(model, inputs: Dict[str, Any]) -> torch.Tensor:
@@ -343,10 +352,24 @@ class MunbaTrainer(Trainer):
 
     # -------------------------------------------------------------- training
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        try:
+            return self._train_unlearning(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+        finally:  # a method's last word before the model is saved (BE drops its shadow class)
+            finish = getattr(self.method, "finish", None)
+            if finish is not None:
+                finish(self.accelerator.unwrap_model(self.model))
+
+    def _train_unlearning(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         # Method setup (SalUn's mask, retrain's re-initialisation) sees the weights the user
         # passed in, before any checkpoint is loaded, so a resumed run prepares identically.
-        self.method.setup(self.model, ClassifierContext(self.iter_forget_batches_once,
-                                                        self.model_logits, self.args.seed))
+        t0 = time.time()
+        self.method.setup(self.model, ClassifierContext(
+            self.iter_forget_batches_once, self.model_logits, self.args.seed,
+            retain_batches=self.iter_retain_batches_once if self.train_dataset is not None else None))
+        if not getattr(self.method, "trains", True):  # e.g. IU: setup was the whole method
+            from transformers.trainer_utils import TrainOutput
+
+            return TrainOutput(0, 0.0, {"train_runtime": time.time() - t0})
         self._forget_streams = self._new_forget_streams() if self.method.uses_forget else {}
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         if not trainable:
@@ -427,6 +450,7 @@ class MunbaTrainer(Trainer):
         loaded = type(model).from_pretrained(checkpoint, use_safetensors=True,
                                              dtype=next(model.parameters()).dtype)
         missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+        missing = [k for k in missing if k not in saved]  # restored by name above (BE: shadow row)
         if missing or unexpected:
             raise ValueError(f"{checkpoint} does not match the model: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
@@ -550,8 +574,7 @@ class MunbaTrainer(Trainer):
             labels = f_inputs["labels"]
             with self.compute_loss_context_manager():
                 loss_f = self.method.forget_loss(
-                    self._forget_loss(self.model_logits(model, f_inputs), labels, generator=gen),
-                    model) / div
+                    self._forget_batch_loss(model, f_inputs, labels, gen), model) / div
             del f_inputs
             self._backward_player(player, loss_f)
             total = total + loss_f.detach()
@@ -561,6 +584,14 @@ class MunbaTrainer(Trainer):
         if self.accelerator.sync_gradients:
             self._finish_step()
         return total
+
+    def _forget_batch_loss(self, model, inputs, labels, generator) -> torch.Tensor:
+        """The forget loss on one batch; a classifier method may compute its own (BE, BS)."""
+        default = functools.partial(self._forget_loss, generator=generator)
+        own = getattr(self.method, "forget_batch_loss", None)
+        if own is not None:
+            return own(model, inputs, labels, logits=self.model_logits, default=default)
+        return default(self.model_logits(model, inputs), labels)
 
     def _finish_step(self) -> None:
         """Once per optimizer step: the shared unlearning step (combine, clip, guard, step)."""
