@@ -37,7 +37,8 @@ def test_docstring_example_runs():
 def test_api_end_to_end_saves_model_card_metrics_and_per_class_state(tmp_path, digits):
     out = tmp_path / "unlearned"
     model, metrics = hf_munba.unlearn_classifier(
-        tiny_resnet_classifier(num_labels=10), digits, forget_classes=[3, 7], output_dir=str(out),
+        tiny_resnet_classifier(num_labels=10), digits, forget_classes=[3, 7],
+        forget_players="per_class", output_dir=str(out),
         save_strategy="steps", save_steps=2, return_metrics=True, **FAST)
     record = json.loads((out / "unlearning_metrics.json").read_text())
     assert record["forget"] == {"classes": [3, 7], "seed": 0, "players": "per_class",
@@ -63,10 +64,14 @@ def test_api_end_to_end_saves_model_card_metrics_and_per_class_state(tmp_path, d
 
 def test_per_class_and_pooled_bargain_differently(digits):
     per_class = hf_munba.unlearn_classifier(tiny_resnet_classifier(num_labels=10), digits,
-                                            forget_classes=[3, 7], **FAST)
+                                            forget_classes=[3, 7], forget_players="per_class",
+                                            **FAST)
     pooled = hf_munba.unlearn_classifier(tiny_resnet_classifier(num_labels=10), digits,
-                                         forget_classes=[3, 7], forget_players="pooled", **FAST)
+                                         forget_classes=[3, 7], **FAST)  # pooled: the default
+    explicit = hf_munba.unlearn_classifier(tiny_resnet_classifier(num_labels=10), digits,
+                                           forget_classes=[3, 7], forget_players="pooled", **FAST)
     assert not torch.equal(params_vector(per_class), params_vector(pooled))
+    assert torch.equal(params_vector(explicit), params_vector(pooled))
 
 
 def test_named_concepts_from_an_image_column(tmp_path):
@@ -133,11 +138,11 @@ def _script(tmp_path, name, *extra):
             json.loads((ckpt / "trainer_state.json").read_text())["log_history"][0])
 
 
-def test_script_several_classes_per_class_by_default_and_pooled(tmp_path, capsys):
-    record, state, logs = _script(tmp_path, "per_class")
+def test_script_several_classes_pooled_by_default_and_per_class(tmp_path, capsys):
+    record, state, logs = _script(tmp_path, "per_class", "--forget_players", "per_class")
     assert record["forget"]["players"] == "per_class" and state["forget_names"] == ["3", "7"]
     assert "munba/weight_forget_7" in logs and "acc_forget_7" in record["metrics"]
-    record, state, logs = _script(tmp_path, "pooled", "--forget_players", "pooled")
+    record, state, logs = _script(tmp_path, "pooled")  # the default
     assert record["forget"]["players"] == "pooled" and "forget_names" not in state
     assert "munba/weight_forget" in logs and "munba/weight_forget_7" not in logs
     assert "acc_forget_3" in record["metrics"]  # each class's forgetting is still reported

@@ -6,11 +6,9 @@
         --method munba --output_dir out/munba --learning_rate 0.05 --num_train_epochs 5 \
         --per_device_train_batch_size 64 --optim sgd --max_grad_norm 1.0
 
-Several classes (``--forget_classes 3,7``) are one bargaining player each (``--forget_players
-per_class``, the default for methods that unlearn D_f): pooled into one forget loss, the class
-with the largest, best-aligned gradient would set the direction and a hard class could stay
-remembered, the dominance Nash bargaining exists to prevent. ``--forget_players pooled`` is the
-one-player baseline. The run logic is the library's (``hf_munba.classification.unlearn``,
+Several classes (``--forget_classes 3,7``) are pooled into one forget player by default;
+``--forget_players per_class`` makes each its own bargaining player (docs/classification.md
+compares both on digits: pooling forgot more reliably there). The run logic is the library's (``hf_munba.classification.unlearn``,
 also ``hf_munba.unlearn_classifier``); this script parses flags and loads model and data.
 
 Without a ``--forget_*`` option nothing is forgotten and the whole training split is D_r: that
@@ -73,8 +71,8 @@ class ScriptArguments:
         "help": "comma-separated training-row indices, or a .json file holding a list"})
     forget_seed: int = field(default=0, metadata={"help": "seed of --forget_fraction"})
     forget_players: Optional[str] = field(default=None, metadata={
-        "help": "several --forget_classes: 'per_class' (one bargaining player each; the default for "
-                "methods that unlearn D_f) or 'pooled' (one forget player, the baseline)"})
+        "help": "several --forget_classes: 'pooled' (one forget player; the default) or "
+                "'per_class' (one bargaining player each)"})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "replace a non-empty output_dir"})
     clip_zero_shot: bool = field(default=False, metadata={"help": "treat the model as CLIP zero-shot"})
     clip_train_encoder: str = field(default="image", metadata={"help": "'image' or 'text'"})
