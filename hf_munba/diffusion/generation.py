@@ -217,7 +217,8 @@ def generate_from_plan(pipe, plan: Sequence[Dict], output_dir: str | os.PathLike
     return [done[n] for n in wanted]
 
 
-def generate_unlearning_data(pipe, output_dir: str | os.PathLike, *, forget, retain: Sequence[str],
+def generate_unlearning_data(pipe, output_dir: str | os.PathLike, *, forget,
+                             retain: Optional[Sequence[str]],
                              num_images_per_prompt: int = 100,
                              num_retain_images_per_prompt: Optional[int] = None, seed: int = 0,
                              batch_size: int = 4, guidance_scale: float = 7.5,
@@ -233,18 +234,23 @@ def generate_unlearning_data(pipe, output_dir: str | os.PathLike, *, forget, ret
     (the paper: |D_r| = |D_f|). Image k of the whole job is seeded ``seed + k`` over the forget
     concepts in order and then D_r, so no two images share their initial noise.
 
+    ``forget`` or ``retain`` None (or empty): that set is not generated (its entry is None),
+    e.g. when the other comes from a folder.
+
     Returns ``{"forget": folder or {name: folder}, "retain": folder, "manifest": path or None}``.
     """
     from ..unlearning.methods import check_forget_names
 
     concepts = dict(forget) if isinstance(forget, Mapping) else None
+    if not forget and not retain:
+        raise ValueError("nothing to generate: no forget and no retain prompts")
     if concepts is not None:
         check_forget_names(list(concepts))  # the names become folders and player names
         concepts = {n: [p] if isinstance(p, str) else list(p) for n, p in concepts.items()}
     elif isinstance(forget, str):
         forget = [forget]
-    retain = [retain] if isinstance(retain, str) else list(retain)
-    n_forget = sum(len(p) for p in concepts.values()) if concepts else len(forget)
+    retain = [retain] if isinstance(retain, str) else list(retain or ())
+    n_forget = sum(len(p) for p in concepts.values()) if concepts else len(forget or ())
     n_r = num_retain_images_per_prompt or max(1, num_images_per_prompt * n_forget
                                               // max(1, len(retain)))
     out = Path(output_dir)
@@ -252,7 +258,10 @@ def generate_unlearning_data(pipe, output_dir: str | os.PathLike, *, forget, ret
                   num_inference_steps=num_inference_steps, height=height, width=width,
                   progress=progress)
     next_seed = seed
-    if concepts is None:
+    folders = manifest = None
+    if not forget:
+        pass
+    elif concepts is None:
         recs = generate_images(pipe, forget, out / "forget", seed=next_seed,
                                num_images_per_prompt=num_images_per_prompt, **common)
         next_seed += len(recs)
@@ -270,6 +279,8 @@ def generate_unlearning_data(pipe, output_dir: str | os.PathLike, *, forget, ret
                                    for n, p in concepts.items()}, indent=2) + "\n")
         os.replace(tmp, manifest)
         manifest = str(manifest)
-    generate_images(pipe, retain, out / "retain", seed=next_seed, num_images_per_prompt=n_r,
-                    **common)
-    return {"forget": folders, "retain": str(out / "retain"), "manifest": manifest}
+    if retain:
+        generate_images(pipe, retain, out / "retain", seed=next_seed, num_images_per_prompt=n_r,
+                        **common)
+    return {"forget": folders, "retain": str(out / "retain") if retain else None,
+            "manifest": manifest}
