@@ -161,3 +161,22 @@ def test_concepts_sharing_an_image_are_refused(assets, tmp_path):
     args[i + 2] = f"copy={assets['root'] / 'nudity'}"
     proc = _run(TRAIN, args, expect_ok=False)
     assert proc.returncode == 2 and "forget concepts 'nudity' and 'copy' overlap" in proc.stderr
+
+
+def test_generation_script_writes_each_concept_and_a_manifest(assets, tmp_path):
+    from test_sd_train import GENERATE
+
+    out = tmp_path / "data"
+    proc = _run(GENERATE, ["--pretrained_model_name_or_path", assets["pipe"], "--output_dir", out,
+                           "--forget_concepts", "fruit=apple", "fruit=pear", "cat=a cat",
+                           "--retain_prompts", "a dog", "--num_images_per_prompt", 1,
+                           "--num_inference_steps", 2, "--resolution", 16])
+    manifest = json.loads((out / "concepts.json").read_text())
+    assert manifest == {"fruit": {"data_dir": "forget_fruit", "prompts": ["apple", "pear"]},
+                        "cat": {"data_dir": "forget_cat", "prompts": ["a cat"]}}
+    assert len((out / "forget_fruit" / "metadata.jsonl").read_text().splitlines()) == 2
+    assert len((out / "retain" / "metadata.jsonl").read_text().splitlines()) == 3  # |D_r| = |D_f|
+    assert "--forget_manifest" in proc.stdout
+    bad = _run(GENERATE, ["--pretrained_model_name_or_path", assets["pipe"], "--output_dir",
+                          tmp_path / "x", "--forget_concepts", "solo=apple"], expect_ok=False)
+    assert bad.returncode != 0 and "at least two concepts" in bad.stderr
