@@ -43,7 +43,10 @@ def test_prompts_and_a_dataset_with_output_dir_round_trip(tmp_path, retain_datas
     base = tiny_sd_pipeline()
     before = {k: v.clone() for k, v in base.unet.state_dict().items()}
     out = tmp_path / "out"
-    pipe = hf_munba.unlearn(base, forget=["nudity", "naked"], retain=retain_dataset,
+    # one named concept is the single forget set; its manifest keys become the flags
+    pipe = hf_munba.unlearn(base, forget={"nudity": {"prompts": ["nudity", "naked"],
+                                                     "anchor_prompt": "a dressed person"}},
+                            retain=retain_dataset,
                             output_dir=out, max_train_steps=2, train_batch_size=2,
                             learning_rate=1e-2, num_images_per_prompt=2,
                             generation_inference_steps=2, seed=3)
@@ -55,6 +58,7 @@ def test_prompts_and_a_dataset_with_output_dir_round_trip(tmp_path, retain_datas
     assert all(torch.equal(trained[k], reloaded[k]) for k in trained)
     args = json.loads((out / "training_args.json").read_text())
     assert args["forget_prompts"] == ["nudity", "naked"] and args["seed"] == 3
+    assert args["anchor_prompt"] == "a dressed person"
     assert args["resolution"] == 16  # the pipeline's native size
     history = [json.loads(l) for l in (out / "history.jsonl").read_text().splitlines()]
     assert {"loss/retain", "loss/forget"} <= set(history[-1])

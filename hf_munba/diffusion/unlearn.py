@@ -156,8 +156,15 @@ def unlearn(pipeline_or_path, forget, retain, method: str = "munba",
     if concepts is not None and not concepts:
         raise ValueError("forget: the dict of concepts is empty")
     if concepts is not None and len(concepts) == 1:  # one named concept: the single forget set
-        (forget,) = concepts.values()
+        (name, entry), = concepts.items()
+        _entry_kind(entry, f"forget[{name!r}]")
         concepts = None
+        forget = _source(entry)
+        if isinstance(entry, Mapping):  # its manifest keys become the single-set flags
+            if entry.get("anchor_prompt") is not None:
+                options.setdefault("anchor_prompt", entry["anchor_prompt"])
+            if entry.get("prompts") is not None and _source(entry) is not entry["prompts"]:
+                options.setdefault("forget_prompts", _as_prompts(entry["prompts"]))
     kinds = {name: _entry_kind(v, f"forget[{name!r}]") for name, v in concepts.items()} \
         if concepts is not None else None
     forget_kind = None if concepts is not None else _kind(forget, "forget")
