@@ -180,3 +180,29 @@ def test_generation_script_writes_each_concept_and_a_manifest(assets, tmp_path):
     bad = _run(GENERATE, ["--pretrained_model_name_or_path", assets["pipe"], "--output_dir",
                           tmp_path / "x", "--forget_concepts", "solo=apple"], expect_ok=False)
     assert bad.returncode != 0 and "at least two concepts" in bad.stderr
+
+
+def test_digits_multiconcept_protocol_pieces(tmp_path):
+    """The experiment's remaps skip forgotten digits, and its argument lists parse as the
+    script's config (per concept / pooled with the manifest, one digit of the sequential chain)."""
+    import sys
+
+    from hf_munba.testing.digits_unlearning import (concept_remaps, concept_train_script_args,
+                                                    write_concept_manifest)
+
+    assert concept_remaps([3, 7]) == {3: 4, 7: 8}
+    assert concept_remaps([3, 4, 9]) == {3: 5, 4: 5, 9: 0}
+    with pytest.raises(ValueError):
+        concept_remaps([3, 3])
+    data = {"forget": {3: str(tmp_path / "f3"), 7: str(tmp_path / "f7")}, "retain": "r"}
+    manifest = write_concept_manifest(tmp_path / "c.json", data, [3, 7])
+    entries = json.loads(Path(manifest).read_text())
+    assert entries["three"]["anchor_prompt"] == "a handwritten digit four"
+    sys.path.insert(0, str(TRAIN.parent))
+    from train_munba_sd import parse_args
+
+    for kw in ({"manifest": manifest, "forget_players": "pooled"},
+               {"single": (data["forget"][7], 7, 8), "use_lora": True, "fuse_lora": True}):
+        cfg = parse_args(concept_train_script_args(method="munba", pretrained="p", retain_dir="r",
+                                                   output_dir=str(tmp_path / "o"), **kw))
+        assert cfg.forget_players_mode == ("pooled" if "manifest" in kw else None)
