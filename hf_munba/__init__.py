@@ -35,6 +35,7 @@ _LAZY = {
     "PairedUnlearningDataset": ".diffusion.data", "load_imagefolder": ".diffusion.data",
     "SDUnlearner": ".diffusion.unlearner",
     "SDUnlearningConfig": ".diffusion.config", "train_sd": (".diffusion.trainer", "train"),
+    "unlearn": ".diffusion.unlearn",  # one call: pipeline + concept(s) -> unlearned pipeline
     # the shared step and the method registry
     "SkippedStepGuard": ".unlearning.step", "TooManySkippedSteps": ".unlearning.step",
     "guarded_step": ".unlearning.step",

@@ -7,9 +7,16 @@
     python training/generate_unlearning_data.py ... --class_names tench "English springer" ... \
         --forget_class "English springer"                      # class-wise (Imagenette)
 
+    python training/generate_unlearning_data.py ... --forget_concepts nudity=nudity nudity=naked \
+        violence=violence violence=blood                        # several concepts
+
 Writes ``OUTPUT/forget`` and ``OUTPUT/retain`` imagefolders (images + metadata.jsonl with
 file_name, text, seed, guidance_scale, num_inference_steps) that train_munba_sd.py reads with
---forget_data_dir / --retain_data_dir. Re-running the same command resumes a killed run.
+--forget_data_dir / --retain_data_dir; with --forget_concepts one ``OUTPUT/forget_<name>`` per
+concept and ``OUTPUT/concepts.json`` for train_munba_sd.py --forget_manifest (each concept its
+own bargaining player). Re-running the same command resumes a killed run. The work is
+:func:`hf_munba.diffusion.generation.generate_unlearning_data`, which ``hf_munba.unlearn`` also
+calls when it is given prompts only.
 """
 
 import argparse
@@ -18,7 +25,6 @@ from pathlib import Path
 
 import torch
 
-from hf_munba.diffusion.generation import generate_images
 from hf_munba.diffusion.data import class_prompts, remap_class
 from hf_munba.evaluation.prompts import NUDITY_PROMPTS
 
@@ -36,6 +42,9 @@ def parse_args(argv=None):
     a("--variant", default=None, help='weight file variant, e.g. "fp16"')
     a("--output_dir", required=True, help="writes OUTPUT/forget and OUTPUT/retain imagefolders")
     a("--forget_prompts", nargs="+", default=None, help=f"default: {DEFAULT_FORGET}")
+    a("--forget_concepts", nargs="+", action="extend", default=None, metavar="NAME=PROMPT",
+      help="several concepts, each its own D_f: NAME=PROMPT entries (a name given again adds a "
+           "prompt to that concept); instead of --forget_prompts")
     a("--retain_prompts", nargs="+", default=None, help=f"default: {DEFAULT_RETAIN}")
     a("--class_names", nargs="+", default=None, help="class-wise: all class names")
     a("--forget_class", default=None, help="class-wise: the class whose images form D_f")
@@ -67,11 +76,28 @@ def main(argv=None):
             sys.exit(f"error: {e}")
         i = args.class_names.index(args.forget_class)
         forget, retain = [prompts[i]], prompts[:i] + prompts[i + 1:]
+        if args.forget_concepts:
+            sys.exit("error: --forget_concepts and --class_names are two ways to name D_f; "
+                     "give one")
+    elif args.forget_concepts:
+        if args.forget_prompts:
+            sys.exit("error: give --forget_concepts or --forget_prompts, not both")
+        forget = {}
+        for entry in args.forget_concepts:
+            name, sep, prompt = entry.partition("=")
+            if not sep or not name.strip() or not prompt.strip():
+                sys.exit(f"error: --forget_concepts entry {entry!r} is not NAME=PROMPT")
+            forget.setdefault(name.strip(), []).append(prompt.strip())
+        from hf_munba.unlearning.methods import check_forget_names
+
+        try:
+            check_forget_names(list(forget))
+        except ValueError as e:
+            sys.exit(f"error: --forget_concepts: {e}")
+        retain = args.retain_prompts or DEFAULT_RETAIN
     else:
         forget = args.forget_prompts or DEFAULT_FORGET
         retain = args.retain_prompts or DEFAULT_RETAIN
-    n_f = args.num_images_per_prompt
-    n_r = args.num_retain_images_per_prompt or max(1, n_f * len(forget) // len(retain))
     for name in ("num_images_per_prompt", "batch_size", "num_inference_steps"):
         if getattr(args, name) < 1:
             sys.exit(f"error: --{name} must be >= 1")
@@ -93,20 +119,25 @@ def main(argv=None):
         args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
         dtype=dtype, safety_checker=None, requires_safety_checker=False).to(device)
     pipe.set_progress_bar_config(disable=True)
-    common = dict(seed=args.seed, batch_size=args.batch_size, guidance_scale=args.guidance_scale,
-                  num_inference_steps=args.num_inference_steps, height=args.resolution,
-                  width=args.resolution)
+    from hf_munba.diffusion.generation import generate_unlearning_data
+
     out = Path(args.output_dir)
     try:
-        f = generate_images(pipe, forget, out / "forget", num_images_per_prompt=n_f, **common)
-        # different seeds for D_r, so no retain image shares its initial noise with a forget image
-        common["seed"] = args.seed + len(f)
-        r = generate_images(pipe, retain, out / "retain", num_images_per_prompt=n_r, **common)
+        made = generate_unlearning_data(
+            pipe, out, forget=forget, retain=retain,
+            num_images_per_prompt=args.num_images_per_prompt,
+            num_retain_images_per_prompt=args.num_retain_images_per_prompt, seed=args.seed,
+            batch_size=args.batch_size, guidance_scale=args.guidance_scale,
+            num_inference_steps=args.num_inference_steps, height=args.resolution,
+            width=args.resolution)
     except ValueError as e:
         sys.exit(f"error: {e}")
-    print(f"wrote {len(f)} forget images to {out / 'forget'} and {len(r)} retain images to "
-          f"{out / 'retain'}")
-
+    if made["manifest"]:
+        print(f"wrote the concepts {', '.join(made['forget'])} to {out} and their manifest "
+              f"{made['manifest']} (train_munba_sd.py --forget_manifest), D_r to {made['retain']}")
+    else:
+        print(f"wrote the forget images to {made['forget']} and the retain images to "
+              f"{made['retain']}")
 
 if __name__ == "__main__":
     main()

@@ -13,7 +13,8 @@ costs nothing until a name is used.
 import importlib
 
 _LAZY = {"SDUnlearningConfig": ".config", "train": ".trainer", "check_inputs": ".trainer",
-         "SDUnlearner": ".unlearner", "PairedUnlearningDataset": ".data"}
+         "SDUnlearner": ".unlearner", "PairedUnlearningDataset": ".data",
+         "generate_unlearning_data": ".generation"}
 
 __all__ = list(_LAZY)
 

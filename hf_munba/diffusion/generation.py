@@ -21,12 +21,12 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
 import torch
 
 __all__ = ["GenerationRecord", "generation_plan", "generate_images", "generate_from_plan", "read_manifest",
-           "MANIFEST_NAME"]
+           "generate_unlearning_data", "MANIFEST_NAME"]
 
 MANIFEST_NAME = "metadata.jsonl"
 
@@ -215,3 +215,72 @@ def generate_from_plan(pipe, plan: Sequence[Dict], output_dir: str | os.PathLike
     if not todo:
         _write_manifest(folder, [done[n] for n in wanted])
     return [done[n] for n in wanted]
+
+
+def generate_unlearning_data(pipe, output_dir: str | os.PathLike, *, forget,
+                             retain: Optional[Sequence[str]],
+                             num_images_per_prompt: int = 100,
+                             num_retain_images_per_prompt: Optional[int] = None, seed: int = 0,
+                             batch_size: int = 4, guidance_scale: float = 7.5,
+                             num_inference_steps: int = 50, height: Optional[int] = None,
+                             width: Optional[int] = None, progress: bool = True) -> Dict:
+    """D_f and D_r from the base pipeline, as the paper builds them (seeded, resumable).
+
+    ``forget``: prompts (one forget set, written to ``OUTPUT/forget``) or a mapping name ->
+    prompts (several concepts: ``OUTPUT/forget_<name>`` each, and ``OUTPUT/concepts.json``, the
+    ``--forget_manifest`` of the training script with each concept's folder and prompts).
+    ``num_images_per_prompt`` per forget prompt; D_r (``OUTPUT/retain``) gets
+    ``num_retain_images_per_prompt`` per retain prompt, default as many images in all as D_f
+    (the paper: |D_r| = |D_f|). Image k of the whole job is seeded ``seed + k`` over the forget
+    concepts in order and then D_r, so no two images share their initial noise.
+
+    ``forget`` or ``retain`` None (or empty): that set is not generated (its entry is None),
+    e.g. when the other comes from a folder.
+
+    Returns ``{"forget": folder or {name: folder}, "retain": folder, "manifest": path or None}``.
+    """
+    from ..unlearning.methods import check_forget_names
+
+    concepts = dict(forget) if isinstance(forget, Mapping) else None
+    if not forget and not retain:
+        raise ValueError("nothing to generate: no forget and no retain prompts")
+    if concepts is not None:
+        check_forget_names(list(concepts))  # the names become folders and player names
+        concepts = {n: [p] if isinstance(p, str) else list(p) for n, p in concepts.items()}
+    elif isinstance(forget, str):
+        forget = [forget]
+    retain = [retain] if isinstance(retain, str) else list(retain or ())
+    n_forget = sum(len(p) for p in concepts.values()) if concepts else len(forget or ())
+    n_r = num_retain_images_per_prompt or max(1, num_images_per_prompt * n_forget
+                                              // max(1, len(retain)))
+    out = Path(output_dir)
+    common = dict(batch_size=batch_size, guidance_scale=guidance_scale,
+                  num_inference_steps=num_inference_steps, height=height, width=width,
+                  progress=progress)
+    next_seed = seed
+    folders = manifest = None
+    if not forget:
+        pass
+    elif concepts is None:
+        recs = generate_images(pipe, forget, out / "forget", seed=next_seed,
+                               num_images_per_prompt=num_images_per_prompt, **common)
+        next_seed += len(recs)
+        folders, manifest = str(out / "forget"), None
+    else:
+        folders = {}
+        for name, prompts in concepts.items():
+            recs = generate_images(pipe, prompts, out / f"forget_{name}", seed=next_seed,
+                                   num_images_per_prompt=num_images_per_prompt, **common)
+            next_seed += len(recs)
+            folders[name] = str(out / f"forget_{name}")
+        manifest = out / "concepts.json"
+        tmp = manifest.with_name(manifest.name + ".tmp")
+        tmp.write_text(json.dumps({n: {"data_dir": f"forget_{n}", "prompts": p}
+                                   for n, p in concepts.items()}, indent=2) + "\n")
+        os.replace(tmp, manifest)
+        manifest = str(manifest)
+    if retain:
+        generate_images(pipe, retain, out / "retain", seed=next_seed, num_images_per_prompt=n_r,
+                        **common)
+    return {"forget": folders, "retain": str(out / "retain") if retain else None,
+            "manifest": manifest}

@@ -44,7 +44,13 @@ from .digits import DIGIT_WORDS, PROMPT_TEMPLATE, digit_prompt, load_digits
 __all__ = ["METHODS", "WEIGHTED_LAMBDAS", "FORGET_THRESHOLD", "write_digit_imagefolders",
            "write_digit_prompt_csv", "train_script_args", "evaluate_checkpoints",
            "summarize_runs", "summary_markdown", "summarize_curves", "curve_markdown",
-           "best_weighted", "plot_digit_curves", "plot_tradeoff_curves"]
+           "best_weighted", "plot_digit_curves", "plot_tradeoff_curves", "concept_remaps",
+           "write_concept_imagefolders", "write_concept_manifest", "concept_train_script_args",
+           "CONCEPT_MODES"]
+
+# How several forgotten digits are unlearned: each its own bargaining player, all pooled into one
+# forget player, or one after the other (one run per digit, each starting from the last's model).
+CONCEPT_MODES = ("per_concept", "pooled", "sequential")
 
 # The weighted sum's lambda sweep (each its own method, weighted-<lambda>): the baseline gets its
 # own small hyper-parameter search before it is compared.
@@ -119,6 +125,101 @@ def write_digit_imagefolders(output_dir: str | os.PathLike, forget_digit: int,
         _write_folder(tmp / "retain", images[~is_forget], labels[~is_forget])
         (tmp / "digits_data.json").write_text(json.dumps(spec))
     return {"forget": str(out / "forget"), "retain": str(out / "retain")}
+
+
+def concept_remaps(forget_digits: Sequence[int]) -> Dict[int, int]:
+    """Each forgotten digit's remap target: the next digit that is not itself forgotten (the
+    paper's c -> c+1, skipping digits that are being erased)."""
+    digits = [_check_digit(d, "forget digit") for d in forget_digits]
+    if len(set(digits)) != len(digits) or len(digits) > 9:
+        raise ValueError(f"forget digits must be distinct and leave one digit, got {digits}")
+    out = {}
+    for d in digits:
+        r = (d + 1) % 10
+        while r in digits:
+            r = (r + 1) % 10
+        out[d] = r
+    return out
+
+
+def write_concept_imagefolders(output_dir: str | os.PathLike, forget_digits: Sequence[int],
+                               resolution: int = 16) -> Dict[str, object]:
+    """Several forgotten digits: ``<output_dir>/forget_<word>`` per digit (all its real images)
+    and ``<output_dir>/retain`` (every digit not forgotten); returns ``{"forget": {digit: folder},
+    "retain": folder}``. Atomic and reused as :func:`write_digit_imagefolders` is."""
+    digits = sorted(concept_remaps(forget_digits))
+    out = Path(output_dir)
+    marker = out / "digits_data.json"
+    spec = {"forget_digits": digits, "resolution": resolution}
+    paths = {"forget": {d: str(out / f"forget_{DIGIT_WORDS[d]}") for d in digits},
+             "retain": str(out / "retain")}
+    if marker.is_file():
+        if json.loads(marker.read_text()) != spec:
+            raise ValueError(f"{out} holds digit data for {marker.read_text()}, not {spec}")
+        return paths
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists, is not empty and holds no digits data")
+    images, labels, _ = load_digits(resolution)
+    forgotten = torch.zeros_like(labels, dtype=torch.bool)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_directory(out) as tmp:
+        for d in digits:
+            _write_folder(tmp / f"forget_{DIGIT_WORDS[d]}", images[labels == d], labels[labels == d])
+            forgotten |= labels == d
+        _write_folder(tmp / "retain", images[~forgotten], labels[~forgotten])
+        (tmp / "digits_data.json").write_text(json.dumps(spec))
+    return paths
+
+
+def write_concept_manifest(path: str | os.PathLike, data: Mapping, forget_digits: Sequence[int]
+                           ) -> str:
+    """The ``--forget_manifest`` of several digits: per digit (named by its word) its folder,
+    its prompt and its remap target's prompt as the anchor."""
+    remap = concept_remaps(forget_digits)
+    manifest = {DIGIT_WORDS[d]: {"data_dir": data["forget"][d], "prompts": [digit_prompt(d)],
+                                 "anchor_prompt": digit_prompt(remap[d])} for d in forget_digits}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return str(path)
+
+
+def concept_train_script_args(*, method: str, pretrained: str, retain_dir: str, output_dir: str,
+                              manifest: Optional[str] = None,
+                              single: Optional[Tuple[str, int, int]] = None,
+                              forget_players: Optional[str] = None, seed: int = 0,
+                              use_lora: bool = False, fuse_lora: bool = False,
+                              train_params: str = "xattn", max_train_steps: int = 100,
+                              train_batch_size: int = 8, learning_rate: float = 1e-4,
+                              rank: int = 4, resolution: int = 16,
+                              checkpointing_steps: Optional[int] = None,
+                              extra_args: Sequence[str] = ()) -> List[str]:
+    """``training/train_munba_sd.py`` arguments for forgetting several digits.
+
+    Either ``manifest`` (every digit at once, ``forget_players`` per_concept or pooled) or
+    ``single = (folder, digit, remap digit)`` (one digit: a step of the sequential protocol, its
+    prompt remapped to the remap digit's as in :func:`train_script_args`).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
+    if (manifest is None) == (single is None):
+        raise ValueError("give exactly one of manifest and single")
+    args = ["--pretrained_model_name_or_path", pretrained, "--retain_data_dir", retain_dir,
+            "--output_dir", output_dir, "--seed", str(seed)]
+    if manifest is not None:
+        args += ["--forget_manifest", manifest, "--forget_players", forget_players or "per_concept"]
+    else:
+        folder, digit, remap = single
+        args += ["--forget_data_dir", folder, "--forget_prompts", digit_prompt(digit),
+                 "--anchor_prompt", digit_prompt(remap)]
+    args += ["--resolution", str(resolution), "--cache_latents",
+             "--train_params", train_params, "--max_train_steps", str(max_train_steps),
+             "--train_batch_size", str(train_batch_size), "--learning_rate", str(learning_rate),
+             "--checkpointing_steps", str(checkpointing_steps or 10 ** 9), "--report_to", "none",
+             *METHODS[method], *map(str, extra_args)]
+    if use_lora:
+        args += ["--use_lora", "--rank", str(rank)] + (["--fuse_lora"] if fuse_lora else [])
+    return args
 
 
 def write_digit_prompt_csv(path: str | os.PathLike) -> str:
@@ -222,7 +323,7 @@ def summary_markdown(rows: Sequence[Mapping], base: Mapping) -> str:
 
 def evaluate_checkpoints(pipeline_path: str, classifier_path: str,
                          checkpoints: Sequence[Tuple[int, Optional[str]]], *, lora: bool,
-                         forget_digit: int, num_images_per_prompt: int = 20,
+                         forget_digit, num_images_per_prompt: int = 20,
                          guidance_scale: float = 2.0, num_inference_steps: int = 25,
                          seed: int = 0, grid_dir: Optional[str] = None,
                          grid_images: int = 6) -> List[Dict]:
@@ -237,6 +338,11 @@ def evaluate_checkpoints(pipeline_path: str, classifier_path: str,
     classifier calls that digit; retained: the same pooled over the other nine prompts.
     ``grid_dir``: the last point's images for a grid row (``grid_images`` of the forgotten
     digit, then one per other digit) are written there with a ``metadata.jsonl``.
+
+    ``forget_digit`` may be several digits: then ``forget_accuracy`` is the highest of their
+    forget accuracies (so "forget accuracy <= 5%" means every digit is forgotten),
+    ``forget_accuracy_per_digit`` holds each, and the retained accuracy pools the digits not
+    forgotten; the grid row shows ``grid_images`` of the first forgotten digit.
     """
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
@@ -244,7 +350,9 @@ def evaluate_checkpoints(pipeline_path: str, classifier_path: str,
 
     from .digits import classify_digit_images, generate_digit_images
 
-    _check_digit(forget_digit, "forget_digit")
+    forgotten = [forget_digit] if isinstance(forget_digit, int) else list(forget_digit)
+    for d in forgotten:
+        _check_digit(d, "forget_digit")
     pipe = StableDiffusionPipeline.from_pretrained(pipeline_path, safety_checker=None,
                                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
@@ -262,15 +370,18 @@ def evaluate_checkpoints(pipeline_path: str, classifier_path: str,
                                        seed, num_inference_steps)
         preds = classify_digit_images(classifier, images).view(10, num_images_per_prompt)
         hits = (preds == torch.arange(10)[:, None]).float()
-        keep = [d for d in range(10) if d != forget_digit]
-        out.append({"step": int(step),
-                    "forget_accuracy": 100.0 * float(hits[forget_digit].mean()),
-                    "retain_accuracy": 100.0 * float(hits[keep].mean()),
-                    "per_class": {str(d): 100.0 * float(hits[d].mean()) for d in range(10)}})
+        keep = [d for d in range(10) if d not in forgotten]
+        per_digit = {str(d): 100.0 * float(hits[d].mean()) for d in forgotten}
+        point = {"step": int(step), "forget_accuracy": max(per_digit.values()),
+                 "retain_accuracy": 100.0 * float(hits[keep].mean()),
+                 "per_class": {str(d): 100.0 * float(hits[d].mean()) for d in range(10)}}
+        if len(forgotten) > 1:
+            point["forget_accuracy_per_digit"] = per_digit
+        out.append(point)
         if grid_dir is not None and n == len(checkpoints) - 1:
             _write_grid_row(Path(grid_dir), images.view(10, num_images_per_prompt,
                                                         *images.shape[1:]),
-                            forget_digit, grid_images)
+                            forgotten[0], grid_images)
         if folder is not None and lora:
             pipe.unload_lora_weights()
         elif folder is not None:
