@@ -175,3 +175,33 @@ def test_t5_lora_targets_are_its_attention(pipes):
     targets = lora_target_modules(t5, "full", "text_encoder_3")
     assert targets and all(t.rsplit(".", 1)[-1] in "qkvo" and "SelfAttention" in t for t in targets)
     assert all("SelfAttention" in n for n in select_parameter_names(t5, "selfattn", "text_encoder_3"))
+
+
+LORA_PARTS = {"sd": ("unet", "text_encoder"), "sdxl": ("unet", "text_encoder", "text_encoder_2"),
+              "sd3": ("transformer", "text_encoder", "text_encoder_2"),
+              "flux": ("transformer", "text_encoder")}
+
+
+@pytest.mark.parametrize("name", ["sd", "sdxl", "sd3", "flux"])
+def test_lora_of_every_component_saves_in_the_familys_format(tmp_path, name):
+    from hf_munba.diffusion.export import lora_components, save_lora
+    from hf_munba.diffusion.params import add_lora_adapter
+
+    pipe = TINY_FAMILY_PIPELINES[name](0)
+    assert lora_components(type(pipe)) == LORA_PARTS[name]
+    for part in LORA_PARTS[name]:
+        params = add_lora_adapter(getattr(pipe, part), rank=2, alpha=4, component=part)
+        with torch.no_grad():
+            for p in params:  # a trained adapter: B != 0, so the output changes
+                p.add_(0.05 * torch.randn_like(p))
+    kw = dict(num_inference_steps=2, height=16, width=16, output_type="np")
+    trained = pipe("a cat", generator=torch.Generator().manual_seed(0), **kw).images
+    save_lora(tmp_path, pipeline_class=type(pipe), **{p: getattr(pipe, p) for p in LORA_PARTS[name]})
+    fresh = TINY_FAMILY_PIPELINES[name](0)
+    base = fresh("a cat", generator=torch.Generator().manual_seed(0), **kw).images
+    fresh.load_lora_weights(str(tmp_path))
+    again = fresh("a cat", generator=torch.Generator().manual_seed(0), **kw).images
+    assert abs(base - trained).max() > 1e-4
+    assert abs(again - trained).max() < 1e-5
+    with pytest.raises(ValueError, match="stores LoRA layers of"):
+        save_lora(tmp_path, pipeline_class=type(pipe), text_encoder_3=pipe.text_encoder)
