@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Literal, Optional
 from ..evaluation.prompts import NUDITY_PROMPTS
 from ..unlearning.distributed import unsupported_distributed_message
 from ..unlearning.registry import available_methods, get_method
+from .data import FORGET_PLAYER_MODES
 from .inputs import LR_SCHEDULERS
 from .objectives import FORGET_OBJECTIVES, TARGET_MODELS
 from .params import TEXT_ENCODER_SUBSETS, UNET_SUBSETS
@@ -75,6 +76,25 @@ class SDUnlearningConfig:
     retain_data_dir: Optional[str] = _f(None, "imagefolder (images + metadata.jsonl) of D_r")
     forget_dataset_name: Optional[str] = _f(None, "a datasets name/path for D_f")
     retain_dataset_name: Optional[str] = _f(None, "a datasets name/path for D_r")
+    forget_concepts: Optional[List[str]] = field(default=None, metadata={
+        "action": "extend",
+        "help": "several concepts to forget, each NAME=FOLDER (an imagefolder of that concept's "
+                "D_f; its captions are the prompts to forget), e.g. --forget_concepts "
+                "nudity=data/nudity violence=data/violence (or repeat the flag). Each concept "
+                "is its own bargaining player (see --forget_players); replaces "
+                "--forget_data_dir/--forget_dataset_name/--forget_prompts"})
+    forget_manifest: Optional[str] = _f(
+        None, 'several concepts to forget from a JSON file: {"NAME": {"data_dir": FOLDER or '
+              '"dataset_name": NAME, optional "prompts": [...] (what its player conditions on; '
+              'default: the captions) and "anchor_prompt": "..." (its remap target; default '
+              '--anchor_prompt)}, ...}; relative folders are relative to the file. Instead of '
+              '--forget_concepts')
+    forget_players: Optional[Literal["per_concept", "pooled"]] = _f(
+        None, "with several concepts: per_concept (the default) makes each concept its own "
+              "bargaining player (players retain, forget_<name>, ...; each draws its own forget "
+              "batch every step and has its own satisfied-player rule), so no concept dominates "
+              "the others; pooled puts every concept's images into one forget player (the "
+              "baseline: one loss, one rule)")
     dataset_split: str = _f("train", "split of --forget/--retain_dataset_name")
     image_column: str = _f("image", "image column of the datasets")
     caption_column: str = _f("text", "caption column of the datasets / metadata.jsonl")
@@ -210,11 +230,12 @@ class SDUnlearningConfig:
         if self.method not in DIFFUSION_METHODS:
             raise ValueError(f"--method {self.method!r} is not one of {list(DIFFUSION_METHODS)}")
         for name in ("forget_objective", "target_model", "train_component", "train_params",
-                     "forget_target_mode", "mixed_precision", "lr_scheduler"):
+                     "forget_players", "forget_target_mode", "mixed_precision", "lr_scheduler"):
             allowed = _choices(name)
             value = getattr(self, name)
             if allowed is not None and value is not None and value not in allowed:
                 raise ValueError(f"--{name} {value!r} is not one of {list(allowed)}")
+        self._check_concepts()
         method = get_method(self.method)
         if self.forget_objective is None:  # the method's own forget loss (ga: ascent)
             self.forget_objective = method.default_forget_loss["diffusion"]
@@ -279,9 +300,72 @@ class SDUnlearningConfig:
         elif self.forget_class is not None:
             raise ValueError("--forget_class needs --class_names")
 
-    def make_method(self):
-        """The registry's method object for ``method``, reading its settings from this config."""
-        return get_method(self.method)(self)
+    def _check_concepts(self) -> None:
+        """Several forget concepts: one source of them, nothing that names a single D_f."""
+        from .data import parse_forget_concept
+
+        several = self.forget_concepts is not None or self.forget_manifest is not None
+        if self.forget_concepts is not None and self.forget_manifest is not None:
+            raise ValueError("give --forget_concepts or --forget_manifest, not both")
+        if not several:
+            if self.forget_players is not None:
+                raise ValueError("--forget_players needs several concepts (--forget_concepts or "
+                                 "--forget_manifest)")
+            return
+        for single in ("forget_data_dir", "forget_dataset_name", "forget_prompts", "class_names",
+                       "forget_class"):
+            if getattr(self, single) is not None:
+                raise ValueError(f"--{single} names a single forget set; with --forget_concepts "
+                                 f"/ --forget_manifest give each concept's data (and prompts, "
+                                 f"in the manifest) there")
+        if self.forget_concepts is not None:
+            names = [parse_forget_concept(v).name for v in self.forget_concepts]
+            self.check_concept_names(names)
+
+    def check_concept_names(self, names) -> None:
+        """Two or more unique, file- and tracker-safe names (a ``ValueError`` naming them)."""
+        from ..unlearning.methods import check_forget_names
+
+        flag = "--forget_concepts" if self.forget_concepts is not None else "--forget_manifest"
+        if len(names) < 2:
+            raise ValueError(f"{flag} gives {len(names)} concept ({list(names)}): several "
+                             f"concepts need at least two; for one, use --forget_data_dir "
+                             f"(or --forget_dataset_name) with --forget_prompts / --anchor_prompt")
+        try:
+            check_forget_names(names)
+        except ValueError as e:
+            raise ValueError(f"{flag}: {e}") from None
+
+    @property
+    def has_concepts(self) -> bool:
+        """Several named forget concepts (``--forget_concepts`` or ``--forget_manifest``)."""
+        return self.forget_concepts is not None or self.forget_manifest is not None
+
+    @property
+    def forget_players_mode(self) -> Optional[str]:
+        """``per_concept`` / ``pooled`` with several concepts, None with one forget set."""
+        return (self.forget_players or "per_concept") if self.has_concepts else None
+
+    def concept_specs(self):
+        """The concepts as :class:`~hf_munba.diffusion.data.ForgetConceptSpec` (reads the
+        manifest; raises :class:`~hf_munba.diffusion.data.DataValidationError`)."""
+        from .data import DataValidationError, parse_forget_concept, read_forget_manifest
+
+        if self.forget_concepts is not None:
+            return [parse_forget_concept(v) for v in self.forget_concepts]
+        if self.forget_manifest is None:
+            return []
+        specs = read_forget_manifest(self.forget_manifest)
+        try:
+            self.check_concept_names([s.name for s in specs])
+        except ValueError as e:
+            raise DataValidationError(str(e)) from None
+        return specs
+
+    def make_method(self, forget_names=None):
+        """The registry's method object for ``method``, reading its settings from this config;
+        ``forget_names``: one forget player per named concept (see ``--forget_players``)."""
+        return get_method(self.method)(self, forget_names=forget_names)
 
     def forget_rule(self):
         """A fresh satisfied-forget-player rule (``--method munba``), or None.
@@ -363,7 +447,7 @@ def _literals_match_the_library() -> None:
     """The ``Literal`` choices are spelled out for type checkers and the CLI; they must be the
     library's own lists, or a new objective/subset would be refused by the CLI."""
     for name, library in (("forget_objective", FORGET_OBJECTIVES), ("target_model", TARGET_MODELS),
-                          ("train_params", UNET_SUBSETS)):
+                          ("train_params", UNET_SUBSETS), ("forget_players", FORGET_PLAYER_MODES)):
         if tuple(_choices(name)) != tuple(library):
             raise RuntimeError(f"SDUnlearningConfig.{name} choices {_choices(name)} differ from "
                                f"the library's {library}")
@@ -379,6 +463,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     for f in dataclasses.fields(SDUnlearningConfig):
         tp = _strip_optional(hints[f.name])
         kw: Dict[str, Any] = {"help": f.metadata["help"]}
+        if "action" in f.metadata:  # e.g. "extend": a list flag that may also be repeated
+            kw["action"] = f.metadata["action"]
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             kw["required"] = True
         else:

@@ -41,7 +41,12 @@ import torch
 __all__ = ["ImageCaptionSource", "DataValidationError", "load_imagefolder", "load_hub_dataset",
            "dataset_source", "LazyImageColumn", "check_disjoint", "check_cacheable",
            "preprocess_image", "PairedUnlearningDataset", "class_prompts",
-           "remap_class", "LatentCache"]
+           "remap_class", "LatentCache", "ForgetConceptSpec", "ForgetConcept",
+           "parse_forget_concept", "read_forget_manifest", "load_concept", "pool_sources",
+           "check_concepts_disjoint", "FORGET_PLAYER_MODES"]
+
+#: how several forget concepts play: each its own bargaining player, or all in one forget loss
+FORGET_PLAYER_MODES = ("per_concept", "pooled")
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -249,6 +254,153 @@ def check_disjoint(forget: ImageCaptionSource, retain: ImageCaptionSource) -> No
             f"(e.g. {_describe(forget, i)})")
 
 
+def check_concepts_disjoint(concepts: Sequence["ForgetConcept"]) -> None:
+    """Refuse two forget concepts that share an image: it would be forgotten twice, towards
+    two anchors, and a per-concept forget accuracy could not say which concept it measures."""
+    for a in range(len(concepts)):
+        for b in range(a + 1, len(concepts)):
+            shared = set(concepts[a].source.hashes) & set(concepts[b].source.hashes)
+            if shared:
+                i = concepts[a].source.hashes.index(next(iter(shared)))
+                raise DataValidationError(
+                    f"forget concepts {concepts[a].name!r} and {concepts[b].name!r} overlap: "
+                    f"{len(shared)} image(s) appear in both (e.g. "
+                    f"{_describe(concepts[a].source, i)})")
+
+
+# ---- several forget concepts -------------------------------------------------------------------
+@dataclass
+class ForgetConceptSpec:
+    """Where one named forget concept's D_f comes from and how its player conditions, as the
+    user wrote it (``--forget_concepts NAME=FOLDER`` or one ``--forget_manifest`` entry); read from
+    disk by :func:`load_concept`.
+
+    ``prompts``: the prompts this concept's forget player conditions on (cycled; default: the
+    D_f captions); ``anchor_prompt``: what the remap objective steers them to (default: the
+    run's ``--anchor_prompt``).
+    """
+
+    name: str
+    data_dir: Optional[str] = None
+    dataset_name: Optional[str] = None
+    prompts: Optional[List[str]] = None
+    anchor_prompt: Optional[str] = None
+
+    def __post_init__(self):
+        if (self.data_dir is None) == (self.dataset_name is None):
+            raise ValueError(f"forget concept {self.name!r}: give exactly one of data_dir and "
+                             "dataset_name")
+        if self.prompts is not None:
+            if isinstance(self.prompts, str):
+                self.prompts = [self.prompts]
+            if not self.prompts or any(not isinstance(t, str) or not t.strip()
+                                       for t in self.prompts):
+                raise ValueError(f"forget concept {self.name!r}: prompts must be a non-empty "
+                                 "list of non-empty strings")
+            self.prompts = list(self.prompts)
+        if self.anchor_prompt is not None and (not isinstance(self.anchor_prompt, str)
+                                               or not self.anchor_prompt.strip()):
+            raise ValueError(f"forget concept {self.name!r}: anchor_prompt must be a non-empty "
+                             "string")
+
+
+@dataclass
+class ForgetConcept:
+    """A loaded forget concept: its validated D_f and the texts its forget player uses."""
+
+    name: str
+    source: ImageCaptionSource
+    prompts: Optional[List[str]] = None
+    anchor_prompt: Optional[str] = None
+
+
+def parse_forget_concept(value: str) -> ForgetConceptSpec:
+    """``NAME=FOLDER`` (one ``--forget_concepts`` entry) -> a spec; ValueError naming the entry."""
+    name, sep, folder = value.partition("=")
+    if not sep or not name.strip() or not folder.strip():
+        raise ValueError(f"--forget_concepts entry {value!r} is not NAME=FOLDER (e.g. "
+                         "nudity=data/nudity)")
+    return ForgetConceptSpec(name=name.strip(), data_dir=folder.strip())
+
+
+_MANIFEST_KEYS = {"data_dir", "dataset_name", "prompts", "anchor_prompt"}
+
+
+def read_forget_manifest(path: str | os.PathLike) -> List[ForgetConceptSpec]:
+    """A JSON object name -> {data_dir | dataset_name, optional prompts, anchor_prompt}, in file
+    order. A relative ``data_dir`` is relative to the manifest's folder (so a manifest travels
+    with its data). Raises :class:`DataValidationError` naming the file and the entry."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataValidationError(f"--forget_manifest {path}: cannot read a JSON object ({e})") \
+            from None
+    if not isinstance(raw, dict) or not raw:
+        raise DataValidationError(f"--forget_manifest {path} must hold a non-empty JSON object "
+                                  "name -> {data_dir | dataset_name, prompts, anchor_prompt}")
+    specs = []
+    for name, entry in raw.items():
+        if isinstance(entry, str):  # shorthand: name -> folder
+            entry = {"data_dir": entry}
+        if not isinstance(entry, dict):
+            raise DataValidationError(f"--forget_manifest {path}: entry {name!r} must be an "
+                                      "object or a folder")
+        unknown = sorted(set(entry) - _MANIFEST_KEYS)
+        if unknown:
+            raise DataValidationError(f"--forget_manifest {path}: entry {name!r} has unknown "
+                                      f"keys {unknown} (allowed: {sorted(_MANIFEST_KEYS)})")
+        entry = dict(entry)
+        if entry.get("data_dir") is not None:
+            d = Path(os.path.expanduser(entry["data_dir"]))
+            entry["data_dir"] = str(d if d.is_absolute() else path.parent / d)
+        try:
+            specs.append(ForgetConceptSpec(name=name, **entry))
+        except (TypeError, ValueError) as e:
+            raise DataValidationError(f"--forget_manifest {path}: {e}") from None
+    return specs
+
+
+def load_concept(spec: ForgetConceptSpec, caption_column: str = "text",
+                 image_column: str = "image", split: str = "train",
+                 **dataset_kwargs) -> ForgetConcept:
+    """Read and check one concept's D_f (an imagefolder or a ``datasets`` dataset)."""
+    role = f"forget concept {spec.name!r}:"
+    if spec.data_dir is not None:
+        src = load_imagefolder(spec.data_dir, caption_column, role=role)
+    else:
+        src = load_hub_dataset(spec.dataset_name, image_column, caption_column, split=split,
+                               role=role, **dataset_kwargs)
+    return ForgetConcept(spec.name, src, spec.prompts, spec.anchor_prompt)
+
+
+class _ConcatImages:
+    """Several sources' image lists read as one (list or :class:`LazyImageColumn` alike)."""
+
+    def __init__(self, parts):
+        self.parts = list(parts)
+        self.starts = np.cumsum([0] + [len(p) for p in self.parts])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, i: int):
+        k = int(np.searchsorted(self.starts, int(i), side="right")) - 1
+        return self.parts[k][int(i) - int(self.starts[k])]
+
+
+def pool_sources(concepts: Sequence[ForgetConcept]) -> Tuple[ImageCaptionSource, List[int]]:
+    """Every concept's D_f as one source (the pooled forget player), and each image's concept."""
+    srcs = [c.source for c in concepts]
+    images = _ConcatImages([s.images for s in srcs])
+    hashes = [h for s in srcs for h in s.hashes] if all(s.hashes for s in srcs) else []
+    sizes = [z for s in srcs for z in s.sizes] if all(s.sizes for s in srcs) else []
+    pooled = ImageCaptionSource("+".join(c.name for c in concepts), images,
+                                [t for s in srcs for t in s.captions], hashes, sizes)
+    owner = [k for k, s in enumerate(srcs) for _ in range(len(s))]
+    return pooled, owner
+
+
 def preprocess_image(image, resolution: int, *, center_crop: bool = True, flip: bool = False,
                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Resize the shorter side to ``resolution`` (bilinear), crop a square, optionally flip
@@ -363,11 +515,12 @@ class LatentCache:
     @torch.no_grad()
     def build(self, dataset: "PairedUnlearningDataset", vae, text_encoder=None,
               batch_size: int = 8, device=None, dtype=None) -> "LatentCache":
-        check_cacheable((dataset.forget, dataset.retain), dataset.center_crop)
+        roles = dataset.sources()
+        check_cacheable([src for _, src in roles], dataset.center_crop)
         device = device or vae.device
         dtype = dtype or vae.dtype
         flips = (False, True) if dataset.random_flip else (False,)
-        for role, src in (("forget", dataset.forget), ("retain", dataset.retain)):
+        for role, src in roles:
             for flip in flips:
                 for s in range(0, len(src), batch_size):
                     idx = list(range(s, min(len(src), s + batch_size)))
@@ -387,14 +540,37 @@ class LatentCache:
         return self
 
 
-class PairedUnlearningDataset(torch.utils.data.Dataset):
-    """Item i of epoch e: retain sample perm_r(e)[i] paired with the next forget sample of the stream.
+@dataclass
+class _ForgetStream:
+    """One forget player's data: its role (key prefix), source, and each image's concept."""
 
-    Each item holds, for the retain player, the image and its caption; for the forget player, the
-    image, the prompt to forget (its caption, or ``forget_prompts`` cycled) and the anchor prompt
-    whose prediction the remap objective matches (``anchor_prompt`` or, class-wise, per sample).
-    With a :class:`LatentCache`, images become latent (mean, std) and prompts embeddings.
-    ``center_crop`` / ``random_flip``: the augmentation of the module docstring.
+    role: str
+    source: ImageCaptionSource
+    concepts: List[ForgetConcept]
+    owner: Optional[List[int]]  # image -> index into concepts (None: all concept 0)
+    seed_parts: Tuple  # extra seed parts of its shuffled cycles
+
+    @property
+    def anchor_role(self) -> str:
+        return "anchor" + self.role[len("forget"):]
+
+
+class PairedUnlearningDataset(torch.utils.data.Dataset):
+    """Item i of epoch e: retain sample perm_r(e)[i] paired with the next sample of each forget stream.
+
+    Each item holds, for the retain player, the image and its caption; for each forget player,
+    the image, the prompt to forget (its caption, or the prompts cycled) and the anchor prompt
+    whose prediction the remap objective matches. With a :class:`LatentCache`, images become
+    latent (mean, std) and prompts embeddings. ``center_crop`` / ``random_flip``: the
+    augmentation of the module docstring.
+
+    ``forget``: one source (one forget player, keys ``forget_*`` / ``anchor_*``, conditioned on
+    ``forget_prompts`` and ``anchor_prompt``), or a sequence of :class:`ForgetConcept`.
+    With concepts, ``forget_players="per_concept"`` gives each concept its own stream and keys
+    (``forget_<name>_*`` / ``anchor_<name>_*``): every step each concept's player draws its own
+    sample, whatever the concepts' sizes, so a small concept is not drowned by a large one;
+    ``"pooled"`` reads all concepts as one source (keys ``forget_*``), each image conditioned on
+    its own concept's prompts and anchor (the baseline: one forget loss for everything).
 
     The dataset pickles (DataLoader workers under the ``spawn`` start method): its caches of
     permutations and token ids are plain dicts, dropped from the pickle and rebuilt on use.
@@ -402,16 +578,36 @@ class PairedUnlearningDataset(torch.utils.data.Dataset):
 
     _MAX_CACHED_PERMS = 8
 
-    def __init__(self, forget: ImageCaptionSource, retain: ImageCaptionSource, tokenizer,
+    def __init__(self, forget, retain: ImageCaptionSource, tokenizer,
                  resolution: int, *, anchor_prompt: str, seed: int = 0,
                  forget_prompts: Optional[Sequence[str]] = None, uncond_prompt: str = "",
-                 center_crop: bool = True, random_flip: bool = False):
-        self.forget, self.retain = forget, retain
+                 center_crop: bool = True, random_flip: bool = False,
+                 forget_players: str = "per_concept"):
+        if forget_players not in FORGET_PLAYER_MODES:
+            raise ValueError(f"forget_players must be one of {FORGET_PLAYER_MODES}, got "
+                             f"{forget_players!r}")
+        self.retain = retain
         self.tokenizer = tokenizer
         self.resolution = resolution
         self.anchor_prompt = anchor_prompt
         self.uncond_prompt = uncond_prompt
         self.forget_prompts = list(forget_prompts) if forget_prompts else None
+        if isinstance(forget, ImageCaptionSource):
+            concepts = [ForgetConcept("forget", forget, self.forget_prompts, None)]
+            self.streams = [_ForgetStream("forget", forget, concepts, None, ())]
+        else:
+            concepts = list(forget)
+            if not concepts:
+                raise ValueError("no forget concepts given")
+            if forget_players == "pooled" or len(concepts) == 1:
+                pooled, owner = pool_sources(concepts) if len(concepts) > 1 else (
+                    concepts[0].source, None)
+                self.streams = [_ForgetStream("forget", pooled, concepts, owner, ())]
+            else:  # a concept's cycles are shuffled by its name: adding one leaves the others
+                self.streams = [_ForgetStream(f"forget_{c.name}", c.source, [c], None, (c.name,))
+                                for c in concepts]
+        self.concepts = concepts
+        self.forget = self.streams[0].source  # the one forget source (several: the first)
         self.seed = seed
         self.center_crop = center_crop
         self.random_flip = random_flip
@@ -428,11 +624,20 @@ class PairedUnlearningDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.retain)
 
+    @property
+    def forget_roles(self) -> Tuple[str, ...]:
+        """The forget players' key prefixes, in player order (``forget`` or ``forget_<name>``)."""
+        return tuple(s.role for s in self.streams)
+
+    def sources(self) -> List[Tuple[str, ImageCaptionSource]]:
+        """(role, source) of every player's images: the forget streams, then retain."""
+        return [(s.role, s.source) for s in self.streams] + [("retain", self.retain)]
+
     def set_pairing_epoch(self, epoch: int) -> None:
         """Select epoch ``epoch``'s pairing (named so accelerate's own ``set_epoch`` calls miss it)."""
         self.epoch = epoch
 
-    def _permutation(self, n: int, *seed_parts: int) -> torch.Tensor:
+    def _permutation(self, n: int, *seed_parts) -> torch.Tensor:
         """``_perm(n, *seed_parts)``, built once and kept (a few, the most recent ones)."""
         key = (n, *seed_parts)
         perm = self._perms.get(key)
@@ -459,15 +664,39 @@ class PairedUnlearningDataset(torch.utils.data.Dataset):
 
     def all_texts(self) -> List[str]:
         texts = set(self.retain.captions) | {self.anchor_prompt, self.uncond_prompt}
-        texts |= set(self.forget_prompts or self.forget.captions)
+        for s in self.streams:
+            texts |= set(s.source.captions)
+            for c in s.concepts:
+                texts |= set(c.prompts or ())
+                if c.anchor_prompt:
+                    texts.add(c.anchor_prompt)
         return sorted(texts)
 
-    def forget_index(self, i: int, epoch: Optional[int] = None) -> tuple:
-        """(forget sample index, stream position) paired with item ``i`` of ``epoch``."""
+    def _stream(self, role: Optional[str]) -> _ForgetStream:
+        if role is None:
+            return self.streams[0]
+        for s in self.streams:
+            if s.role == role:
+                return s
+        raise KeyError(f"no forget player {role!r}; this dataset has {self.forget_roles}")
+
+    def forget_index(self, i: int, epoch: Optional[int] = None, role: Optional[str] = None
+                     ) -> tuple:
+        """(forget sample index, stream position) of player ``role`` (default: the first)
+        paired with item ``i`` of ``epoch``."""
         epoch = self.epoch if epoch is None else epoch
+        stream = self._stream(role)
         pos = epoch * len(self.retain) + i
-        n = len(self.forget)
-        return int(self._permutation(n, self.seed, pos // n, 1)[pos % n]), pos
+        n = len(stream.source)
+        perm = self._permutation(n, self.seed, pos // n, 1, *stream.seed_parts)
+        return int(perm[pos % n]), pos
+
+    def forget_texts(self, stream: _ForgetStream, f: int, pos: int) -> Tuple[str, str]:
+        """(prompt to forget, anchor prompt) of sample ``f`` at stream position ``pos``."""
+        concept = stream.concepts[stream.owner[f] if stream.owner is not None else 0]
+        prompts = concept.prompts
+        text = prompts[pos % len(prompts)] if prompts else stream.source.captions[f]
+        return text, concept.anchor_prompt or self.anchor_prompt
 
     def augmentation(self, role: str, i: int, epoch: Optional[int] = None
                      ) -> Tuple[bool, Optional[torch.Generator]]:
@@ -481,13 +710,15 @@ class PairedUnlearningDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> Dict[str, Any]:
         r = int(self._permutation(len(self.retain), self.seed, self.epoch, 0)[i])
-        f, pos = self.forget_index(i)
-        forget_text = (self.forget_prompts[pos % len(self.forget_prompts)]
-                       if self.forget_prompts else self.forget.captions[f])
-        texts = {"retain": self.retain.captions[r], "forget": forget_text,
-                 "anchor": self.anchor_prompt, "uncond": self.uncond_prompt}
-        item: Dict[str, Any] = {"retain_index": r, "forget_index": f}
-        for role, src, j in (("retain", self.retain, r), ("forget", self.forget, f)):
+        texts = {"retain": self.retain.captions[r], "uncond": self.uncond_prompt}
+        images = [("retain", self.retain, r)]
+        item: Dict[str, Any] = {"retain_index": r}
+        for stream in self.streams:
+            f, pos = self.forget_index(i, role=stream.role)
+            texts[stream.role], texts[stream.anchor_role] = self.forget_texts(stream, f, pos)
+            item[f"{stream.role}_index"] = f
+            images.append((stream.role, stream.source, f))
+        for role, src, j in images:
             flip, generator = self.augmentation(role, i)
             if self.random_flip:
                 item[f"{role}_flipped"] = flip

@@ -31,6 +31,7 @@ Order of work, and why:
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import math
@@ -104,7 +105,9 @@ def check_inputs(config: SDUnlearningConfig):
     except ValueError as e:
         raise InputError(str(e)) from None
     sources = {}
-    for role in ("forget", "retain"):
+    if config.has_concepts:
+        sources["forget"] = _load_concepts(config)
+    for role in ("retain",) if config.has_concepts else ("forget", "retain"):
         folder, name = getattr(config, f"{role}_data_dir"), getattr(config, f"{role}_dataset_name")
         if (folder is None) == (name is None):
             raise InputError(f"give exactly one of --{role}_data_dir and --{role}_dataset_name")
@@ -119,12 +122,17 @@ def check_inputs(config: SDUnlearningConfig):
         except DataValidationError as e:
             raise InputError(str(e)) from None
     try:
-        check_disjoint(sources["forget"], sources["retain"])
+        if config.has_concepts:
+            for concept in sources["forget"]:
+                check_disjoint(concept.source, sources["retain"])
+        else:
+            check_disjoint(sources["forget"], sources["retain"])
     except DataValidationError as e:
         raise InputError(str(e)) from None
     if config.cache_latents:
         try:
-            check_cacheable(sources.values(), config.center_crop)
+            check_cacheable([c.source for c in sources["forget"]] + [sources["retain"]]
+                            if config.has_concepts else sources.values(), config.center_crop)
         except ValueError as e:
             raise InputError(f"--cache_latents: {e}") from None
     try:  # no Hub retries for a mistyped local path, no output dir for a non-pipeline folder
@@ -148,6 +156,29 @@ def check_inputs(config: SDUnlearningConfig):
     return sources["forget"], sources["retain"]
 
 
+def _load_concepts(config: SDUnlearningConfig):
+    """Every named forget concept read and checked (one ``InputError`` for the first problem):
+    each has data, no two share an image."""
+    from .data import DataValidationError, check_concepts_disjoint, load_concept
+
+    kwargs = {"cache_dir": config.cache_dir} if config.cache_dir else {}
+    try:
+        concepts = [load_concept(spec, config.caption_column, config.image_column,
+                                 config.dataset_split, **kwargs)
+                    for spec in config.concept_specs()]
+        check_concepts_disjoint(concepts)
+    except DataValidationError as e:
+        raise InputError(str(e)) from None
+    return concepts
+
+
+def forget_names(config: SDUnlearningConfig, forget_src) -> Optional[list]:
+    """The concepts that are separate forget players (None: one forget player)."""
+    if config.forget_players_mode != "per_concept":
+        return None
+    return [c.name for c in forget_src]
+
+
 def objective_text(config: SDUnlearningConfig) -> str:
     """One line for the model card: how the players were trained."""
     method = config.make_method()
@@ -163,7 +194,12 @@ def objective_text(config: SDUnlearningConfig) -> str:
         how = f"{config.method}: {method.summary}"
     rule = config.forget_rule()
     if rule is not None:
-        how += f"; the forget player leaves once satisfied ({rule!r})"
+        who = "each concept's forget player" if config.forget_players_mode == "per_concept" \
+            else "the forget player"
+        how += f"; {who} leaves once satisfied ({rule!r})"
+    if config.has_concepts and method.uses_forget:
+        how += ("; each forget concept is its own player" if config.forget_players_mode ==
+                "per_concept" else "; every forget concept pooled into one forget player")
     trained = (f"LoRA rank {config.rank} on the {config.train_component} ({config.train_params})"
                if config.use_lora else f"{config.train_component} parameters: "
                                        f"{config.train_params}")
@@ -291,8 +327,10 @@ def train(config: SDUnlearningConfig, *, sources: Optional[Tuple] = None) -> Pat
         select_parameter_names
     from .unlearner import SDUnlearner
 
-    method = args.make_method()
+    names = forget_names(args, forget_src)
+    method = args.make_method(forget_names=names)
     players = method.players()
+    concepts = forget_src if args.has_concepts else None
     log = get_logger("train_munba_sd", log_level="INFO")
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -385,7 +423,8 @@ def train(config: SDUnlearningConfig, *, sources: Optional[Tuple] = None) -> Pat
     dataset = PairedUnlearningDataset(forget_src, retain_src, tokenizer, args.resolution,
                                       anchor_prompt=args.anchor_prompt, seed=args.seed,
                                       forget_prompts=args.forget_prompts,
-                                      center_crop=args.center_crop, random_flip=args.random_flip)
+                                      center_crop=args.center_crop, random_flip=args.random_flip,
+                                      forget_players=args.forget_players_mode or "pooled")
     if args.cache_latents:
         dataset.cache = LatentCache().build(dataset, vae, text_encoder if on_unet else None,
                                             batch_size=args.train_batch_size)
@@ -393,8 +432,17 @@ def train(config: SDUnlearningConfig, *, sources: Optional[Tuple] = None) -> Pat
         dataset, batch_size=args.train_batch_size, shuffle=False,
         num_workers=args.dataloader_num_workers, pin_memory=accelerator.device.type == "cuda",
         generator=torch.Generator().manual_seed(args.seed))  # keeps the global RNG out of it
-    eval_items = [dataset[i] for i in range(min(len(dataset),
-                                                args.eval_batches * args.train_batch_size))]
+    # The before/after losses are per concept whenever there are several, pooled or not: the
+    # pooled baseline's card must say how each concept fared too (an uncached per-concept view).
+    eval_dataset = dataset
+    if concepts is not None and len(dataset.forget_roles) == 1:
+        eval_dataset = PairedUnlearningDataset(
+            concepts, retain_src, tokenizer, args.resolution, anchor_prompt=args.anchor_prompt,
+            seed=args.seed, center_crop=args.center_crop, random_flip=args.random_flip,
+            forget_players="per_concept")
+    eval_roles = eval_dataset.forget_roles
+    eval_items = [eval_dataset[i] for i in range(min(len(eval_dataset),
+                                                     args.eval_batches * args.train_batch_size))]
     eval_batches = [torch.utils.data.default_collate(eval_items[s:s + args.train_batch_size])
                     for s in range(0, len(eval_items), args.train_batch_size)]
 
@@ -421,8 +469,14 @@ def train(config: SDUnlearningConfig, *, sources: Optional[Tuple] = None) -> Pat
         frozen_text_encoder=None if on_unet else frozen_copy, weight_dtype=weight_dtype,
         num_processes=accelerator.num_processes, process_index=accelerator.process_index)
     player_loss = {"retain": unlearner.retain_loss, "forget": unlearner.forget_loss}
+    for role in dataset.forget_roles:  # forget_<name>: one loss per concept, its own batch keys
+        player_loss.setdefault(role, functools.partial(unlearner.forget_loss, role=role))
     bargainer = method.make_bargainer(params)  # Nash bargaining or a constant weighting
-    forget_rule = args.forget_rule()  # None: equal (or fixed) powers every step
+    # One satisfied-player rule per concept player, or one for the single forget player (None:
+    # equal or fixed powers every step).
+    forget_rules = method.forget_rules(args.forget_objective) if names else {}
+    forget_rule = None if names else args.forget_rule()
+    rule_names = {i: players[i][len("forget_"):] for i in forget_rules}
     guard = SkippedStepGuard(args.max_consecutive_skips)
     history = []
     metrics: Dict = {}
@@ -441,7 +495,9 @@ def train(config: SDUnlearningConfig, *, sources: Optional[Tuple] = None) -> Pat
             state = {"global_step": history[-1]["step"] if history else 0,  # read on resume
                      "guard": guard.state_dict(), "history": history, "metrics": metrics,
                      "bargainer": bargainer.state_dict(),
-                     "forget_rule": None if forget_rule is None else forget_rule.state_dict()}
+                     "forget_rule": None if forget_rule is None else forget_rule.state_dict(),
+                     "forget_rules": {rule_names[i]: r.state_dict()
+                                      for i, r in forget_rules.items()}}
             Path(output_dir, "munba_state.json").write_text(json.dumps(state))
 
     def load_model_hook(models, input_dir):
@@ -469,6 +525,13 @@ def train(config: SDUnlearningConfig, *, sources: Optional[Tuple] = None) -> Pat
             bargainer.load_state_dict(state["bargainer"])
         if forget_rule is not None and state.get("forget_rule"):
             forget_rule.load_state_dict(state["forget_rule"])
+        saved_rules = state.get("forget_rules") or {}
+        if forget_rules and sorted(saved_rules) != sorted(rule_names.values()):
+            raise InputError(f"{input_dir} holds satisfied-player rules for the concepts "
+                             f"{sorted(saved_rules)}, this run has {sorted(rule_names.values())}: "
+                             f"resume with the same concepts")
+        for i, rule in forget_rules.items():
+            rule.load_state_dict(saved_rules[rule_names[i]])
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
@@ -479,7 +542,8 @@ def train(config: SDUnlearningConfig, *, sources: Optional[Tuple] = None) -> Pat
 
     # Forget / retain losses of the base model on fixed batches and noise (the RNG is untouched);
     # a resumed run takes them from its checkpoint.
-    metrics.update({f"before/{k}": v for k, v in unlearner.evaluate(eval_batches, args.seed).items()})
+    metrics.update({f"before/{k}": v for k, v in
+                    unlearner.evaluate(eval_batches, args.seed, eval_roles).items()})
 
     # ---- resume --------------------------------------------------------------------------------
     global_step, first_epoch, resume_batches = 0, 0, 0
@@ -516,7 +580,10 @@ def train(config: SDUnlearningConfig, *, sources: Optional[Tuple] = None) -> Pat
 
     # ---- train ---------------------------------------------------------------------------------
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    log.info(f"D_f: {len(forget_src)} images, D_r: {len(retain_src)} images; {args.max_train_steps} "
+    if concepts is not None:
+        log.info("forget concepts (" + (args.forget_players_mode) + "): " + ", ".join(
+            f"{c.name} ({len(c.source)} images)" for c in concepts))
+    log.info(f"D_f: {len(dataset.forget) if concepts is None else sum(len(c.source) for c in concepts)} images, D_r: {len(retain_src)} images; {args.max_train_steps} "
              f"optimizer steps of {total_batch} pairs; method {args.method} (players "
              f"{', '.join(players)}), objective {args.forget_objective}")
     log.info(f"before unlearning: {metrics}")
@@ -546,6 +613,7 @@ def train(config: SDUnlearningConfig, *, sources: Optional[Tuple] = None) -> Pat
                             bargainer, optimizer, losses=acc_t, lr_scheduler=lr_scheduler,
                             clip=lambda: accelerator.clip_grad_norm_(params, args.max_grad_norm),
                             scaler=scaler, reduce=reduce, forget_rule=forget_rule,
+                            forget_rules=forget_rules or None,
                             forget_player=method.forget_player or 0, powers=powers,
                             edit_gradients=method.edit_gradients, guard=guard,
                             step=global_step + 1, player_names=players)
@@ -584,13 +652,17 @@ def train(config: SDUnlearningConfig, *, sources: Optional[Tuple] = None) -> Pat
 
     # ---- final save ----------------------------------------------------------------------------
     accelerator.wait_for_everyone()
-    metrics.update({f"after/{k}": v for k, v in unlearner.evaluate(eval_batches, args.seed).items()})
+    metrics.update({f"after/{k}": v for k, v in
+                    unlearner.evaluate(eval_batches, args.seed, eval_roles).items()})
     metrics["skipped_steps"] = guard.total
     if method.bargains:
         metrics["bargaining_fallback_steps"] = bargainer.num_fallbacks
     if forget_rule is not None:
         metrics["forget_times_satisfied"] = forget_rule.times_satisfied
         metrics["forget_satisfied_at_end"] = forget_rule.satisfied
+    for i, rule in forget_rules.items():
+        metrics[f"forget_{rule_names[i]}_times_satisfied"] = rule.times_satisfied
+        metrics[f"forget_{rule_names[i]}_satisfied_at_end"] = rule.satisfied
     log.info(f"after unlearning: {metrics}")
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(trained)
@@ -624,7 +696,11 @@ def train(config: SDUnlearningConfig, *, sources: Optional[Tuple] = None) -> Pat
             (tmp / "training_metrics.json").write_text(json.dumps(metrics, indent=2))
             (tmp / "training_args.json").write_text(
                 json.dumps(public_hparams(args.to_dict()), indent=2))
-            forgotten = args.forget_prompts or sorted(set(forget_src.captions))[:10]
+            if concepts is not None:
+                forgotten = [f"{c.name}: " + ", ".join(f"`{t}`" for t in (
+                    c.prompts or sorted(set(c.source.captions))[:5])) for c in concepts]
+            else:
+                forgotten = args.forget_prompts or sorted(set(forget_src.captions))[:10]
             if args.class_names:
                 forgotten = [f"class '{args.forget_class}' (remapped to "
                              f"'{args.anchor_prompt}')"]
@@ -635,7 +711,9 @@ def train(config: SDUnlearningConfig, *, sources: Optional[Tuple] = None) -> Pat
                                  repo_id=args.hub_model_id, objective=objective_text(args),
                                  model_name=(args.hub_model_id.split("/")[-1] if args.hub_model_id
                                              else f"{Path(path).name}-munba"),
-                                 forget_data=args.forget_data_dir or args.forget_dataset_name,
+                                 forget_data=(args.forget_manifest or ", ".join(
+                                     c.source.name for c in concepts)) if concepts is not None
+                                 else args.forget_data_dir or args.forget_dataset_name,
                                  retain_data=args.retain_data_dir or args.retain_dataset_name)
             card.save(str(tmp / "README.md"))
             (tmp / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))

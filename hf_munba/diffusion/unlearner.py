@@ -187,22 +187,28 @@ class SDUnlearner:
         pred = self.unet(noisy.to(self.weight_dtype), t, cond, return_dict=False)[0]
         return retain_loss_from_pred(pred, denoising_target(self.noise_scheduler, latents, noise, t))
 
-    def forget_loss(self, batch: Dict) -> torch.Tensor:
-        latents = self.latents(batch, "forget")
+    def forget_loss(self, batch: Dict, role: str = "forget") -> torch.Tensor:
+        """The forget player's loss; ``role`` picks the player's keys in the batch: ``forget``
+        (one forget player) or ``forget_<name>`` (one concept of several, whose anchor prompt is
+        ``anchor_<name>``; see :class:`~hf_munba.diffusion.data.PairedUnlearningDataset`)."""
+        if not role.startswith("forget"):
+            raise ValueError(f"a forget role starts with 'forget', got {role!r}")
+        anchor_role = "anchor" + role[len("forget"):]
+        latents = self.latents(batch, role)
         noisy, noise, t = self.noisy(latents)
-        cond = self.prompt_embeddings(batch, "forget")
+        cond = self.prompt_embeddings(batch, role)
         if self.forget_objective == "ga":
             target = denoising_target(self.noise_scheduler, latents, noise, t)
         else:
             with self._target() as (unet, text_encoder):
                 x = noisy.to(self.weight_dtype)
                 if self.forget_objective == "remap":
-                    anchor = self._target_embed(batch, "anchor", text_encoder)
+                    anchor = self._target_embed(batch, anchor_role, text_encoder)
                     target = unet(x, t, anchor, return_dict=False)[0]
                 else:
                     e_u = unet(x, t, self._target_embed(batch, "uncond", text_encoder),
                                return_dict=False)[0]
-                    e_c = unet(x, t, self._target_embed(batch, "forget", text_encoder),
+                    e_c = unet(x, t, self._target_embed(batch, role, text_encoder),
                                return_dict=False)[0]
                     target = esd_target(e_u, e_c, self.negative_guidance)
         pred = self.unet(noisy.to(self.weight_dtype), t, cond, return_dict=False)[0]
@@ -213,13 +219,15 @@ class SDUnlearner:
         return self.retain_loss(batch), self.forget_loss(batch)
 
     @torch.no_grad()
-    def evaluate(self, batches, seed: int = 0) -> Dict[str, float]:
+    def evaluate(self, batches, seed: int = 0, forget_roles=("forget",)) -> Dict[str, float]:
         """Mean L_r and L_f over ``batches`` with a fixed seed, leaving the global RNG untouched.
 
-        Every rank evaluates the same whole batches, so the draws are not split over ranks here.
+        ``forget_roles``: the forget players to measure (``forget_<name>`` per concept); with
+        several, each gets ``forget_loss_<name>`` and ``forget_loss`` is their mean. Every rank
+        evaluates the same whole batches, so the draws are not split over ranks here.
         """
-        total_r = total_f = 0.0
-        n = 0
+        roles = tuple(forget_roles)
+        total_r, totals, n = 0.0, {r: 0.0 for r in roles}, 0
         devices = [self.device] if self.device.type == "cuda" else []
         shard, self.num_processes, self.process_index = (self.num_processes, self.process_index), 1, 0
         try:
@@ -227,8 +235,13 @@ class SDUnlearner:
                 torch.manual_seed(seed)
                 for batch in batches:
                     total_r += float(self.retain_loss(batch))
-                    total_f += float(self.forget_loss(batch))
+                    for r in roles:
+                        totals[r] += float(self.forget_loss(batch, r))
                     n += 1
         finally:
             self.num_processes, self.process_index = shard
-        return {"retain_loss": total_r / max(n, 1), "forget_loss": total_f / max(n, 1)}
+        n = max(n, 1)
+        out = {"retain_loss": total_r / n, "forget_loss": sum(totals.values()) / n / len(roles)}
+        if roles != ("forget",):
+            out.update({f"forget_loss_{r[len('forget_'):]}": v / n for r, v in totals.items()})
+        return out
