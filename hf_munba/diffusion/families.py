@@ -35,8 +35,6 @@ ranks draw what one process with the global batch draws.
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -44,7 +42,8 @@ import torch
 
 __all__ = ["ModelFamily", "StableDiffusionFamily", "StableDiffusionXLFamily",
            "StableDiffusion3Family", "FluxFamily", "FAMILIES", "family_for_pipeline_class",
-           "detect_family", "family_of_pipeline", "text_encoder_names", "Rows"]
+           "detect_family", "family_of_pipeline", "text_encoder_names", "Rows", "model_index",
+           "PipelineComponents", "load_components", "PromptTokenizer"]
 
 Rows = Callable[[Callable[[Tuple[int, ...]], torch.Tensor], Sequence[int]], torch.Tensor]
 
@@ -77,8 +76,12 @@ class ModelFamily:
         TextEncoderSlot("tokenizer", "text_encoder", "input_ids"),)
     flow_matching: ClassVar[bool] = False
 
+    #: conditioning tensors besides ``encoder_hidden_states`` (pooled text embeddings)
+    pooled_keys: ClassVar[Tuple[str, ...]] = ()
+
     def __init__(self, scheduler_config: Mapping[str, Any], vae_config: Mapping[str, Any],
-                 denoiser_config: Optional[Mapping[str, Any]] = None):
+                 denoiser_config: Optional[Mapping[str, Any]] = None, *,
+                 noise_scheduler=None):
         self.scheduler_config = dict(scheduler_config)
         self.vae_config = dict(vae_config)
         self.denoiser_config = dict(denoiser_config or {})
@@ -90,7 +93,8 @@ class ModelFamily:
 
             # the training noise schedule: DDPM's alphas from the pipeline's betas, whatever
             # sampler the pipeline ships with (DDIM, Euler, ...), as diffusers' examples do
-            self.noise_scheduler = DDPMScheduler.from_config(self.scheduler_config)
+            self.noise_scheduler = noise_scheduler or DDPMScheduler.from_config(
+                self.scheduler_config)
             self.prediction_type = self.noise_scheduler.config.prediction_type
             if self.prediction_type not in ("epsilon", "v_prediction"):
                 raise ValueError(f"unsupported prediction_type {self.prediction_type!r} "
@@ -142,6 +146,15 @@ class ModelFamily:
         """The denoiser's prediction, in the latents' layout."""
         return denoiser(noisy, timesteps, cond["encoder_hidden_states"], return_dict=False)[0]
 
+    #: extra ``from_pretrained`` arguments for a pipeline that only generates validation images
+    validation_pipeline_kwargs: ClassVar[Dict[str, Any]] = {}
+
+    @property
+    def pipeline_class(self):
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_classes[0])
+
     def describe(self) -> str:
         target = "flow matching (noise - x_0)" if self.flow_matching else self.prediction_type
         return f"{self.name} ({self.pipeline_classes[0]}, {self.denoiser}, target {target})"
@@ -161,6 +174,8 @@ def _clip_penultimate(encoder, ids):
 class StableDiffusionFamily(ModelFamily):
     """SD 1.x and SD 2.x (v-prediction comes from the scheduler's ``prediction_type``)."""
 
+    validation_pipeline_kwargs = {"safety_checker": None, "requires_safety_checker": False}
+
 
 class StableDiffusionXLFamily(ModelFamily):
     """SDXL: two CLIP encoders and the micro-conditioning time ids.
@@ -174,6 +189,7 @@ class StableDiffusionXLFamily(ModelFamily):
 
     name = "sdxl"
     pipeline_classes = ("StableDiffusionXLPipeline",)
+    pooled_keys = ("text_embeds", "time_ids")
     text_encoders = (TextEncoderSlot("tokenizer", "text_encoder", "input_ids"),
                      TextEncoderSlot("tokenizer_2", "text_encoder_2", "input_ids_2"))
 
@@ -214,13 +230,14 @@ class _FlowMatchingFamily(ModelFamily):
 
     flow_matching = True
     denoiser = "transformer"
+    pooled_keys = ("pooled_projections",)
     weighting_scheme: ClassVar[str] = "none"
     max_sequence_length: ClassVar[int] = 512
 
     def __init__(self, scheduler_config, vae_config, denoiser_config=None, *,
                  weighting_scheme: Optional[str] = None, logit_mean: float = 0.0,
                  logit_std: float = 1.0, mode_scale: float = 1.29,
-                 max_sequence_length: Optional[int] = None):
+                 max_sequence_length: Optional[int] = None, noise_scheduler=None):
         super().__init__(scheduler_config, vae_config, denoiser_config)
         from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -347,19 +364,42 @@ def family_for_pipeline_class(class_name: str) -> type:
     raise ValueError(f"unsupported pipeline {class_name!r}: hf_munba unlearns {known}")
 
 
-def _read_json(folder: str, name: str) -> Dict[str, Any]:
-    with open(os.path.join(folder, name), encoding="utf-8") as f:
-        return json.load(f)
+def _load_config(cls, path: str, subfolder: Optional[str], **hub) -> Dict[str, Any]:
+    kwargs = {k: v for k, v in hub.items() if v is not None}
+    if subfolder is not None:
+        kwargs["subfolder"] = subfolder
+    return dict(cls.load_config(path, **kwargs))
 
 
-def detect_family(path: str, **options) -> ModelFamily:
-    """The family adapter of a local pipeline folder, from its ``model_index.json`` and the
-    scheduler / VAE / denoiser configs (no weights are read)."""
-    index = _read_json(path, "model_index.json")
+def model_index(path: str, *, revision: Optional[str] = None,
+                cache_dir: Optional[str] = None) -> Dict[str, Any]:
+    """A pipeline's ``model_index.json`` (a local folder or a Hub repo; configs only)."""
+    from diffusers import DiffusionPipeline
+
+    return _load_config(DiffusionPipeline, path, None, revision=revision, cache_dir=cache_dir)
+
+
+def detect_family(path: str, *, revision: Optional[str] = None, cache_dir: Optional[str] = None,
+                  **options) -> ModelFamily:
+    """The family adapter of a pipeline (a local folder or a Hub repo), from its
+    ``model_index.json`` and the scheduler / VAE / denoiser configs; no weights are read, so a
+    wrong model fails before any download of weights."""
+    # load_config only reads the JSON named by the class's config_name: any scheduler class
+    # reads scheduler_config.json, any model class config.json
+    from diffusers import AutoencoderKL, DDPMScheduler
+
+    index = model_index(path, revision=revision, cache_dir=cache_dir)
     family = family_for_pipeline_class(index.get("_class_name", ""))
-    scheduler = _read_json(os.path.join(path, "scheduler"), "scheduler_config.json")
-    vae = _read_json(os.path.join(path, "vae"), "config.json")
-    denoiser = _read_json(os.path.join(path, family.denoiser), "config.json")
+    missing = [c for c in (family.denoiser, "vae", "scheduler",
+                           *(s.encoder for s in family.text_encoders),
+                           *(s.tokenizer for s in family.text_encoders))
+               if not (isinstance(index.get(c), (list, tuple)) and index[c][0])]
+    if missing:
+        raise ValueError(f"{path}: a {index['_class_name']} without {missing}")
+    hub = dict(revision=revision, cache_dir=cache_dir)
+    scheduler = _load_config(DDPMScheduler, path, "scheduler", **hub)
+    vae = _load_config(AutoencoderKL, path, "vae", **hub)
+    denoiser = _load_config(AutoencoderKL, path, family.denoiser, **hub)
     return family(scheduler, vae, denoiser, **options)
 
 
@@ -372,3 +412,57 @@ def family_of_pipeline(pipe, **options) -> ModelFamily:
 
 def text_encoder_names(family: ModelFamily) -> List[str]:
     return [s.encoder for s in family.text_encoders]
+
+
+def _component_class(library: str, class_name: str):
+    import importlib
+
+    return getattr(importlib.import_module(library), class_name)
+
+
+@dataclass
+class PipelineComponents:
+    """The modules one unlearning run needs (no scheduler: the family keeps its training copy)."""
+
+    family: ModelFamily
+    vae: torch.nn.Module
+    denoiser: torch.nn.Module
+    text_encoders: Dict[str, torch.nn.Module]
+    tokenizers: Dict[str, Any]
+
+
+def load_components(path: str, family: ModelFamily, *, revision: Optional[str] = None,
+                    variant: Optional[str] = None, cache_dir: Optional[str] = None
+                    ) -> PipelineComponents:
+    """Load the VAE, the denoiser, the text encoders and their tokenizers of a pipeline, each
+    with the class its ``model_index.json`` names (what ``DiffusionPipeline.from_pretrained``
+    does, without the parts training does not use: safety checker, feature extractor, ...)."""
+    index = model_index(path, revision=revision, cache_dir=cache_dir)
+    hub = {k: v for k, v in dict(revision=revision, cache_dir=cache_dir).items() if v is not None}
+
+    def load(name, weights=True):
+        library, class_name = index[name]
+        cls = _component_class(library, class_name)
+        extra = dict(hub, variant=variant) if weights and variant else hub
+        return cls.from_pretrained(path, subfolder=name, **extra)
+
+    return PipelineComponents(
+        family=family, vae=load("vae"), denoiser=load(family.denoiser),
+        text_encoders={s.encoder: load(s.encoder) for s in family.text_encoders},
+        tokenizers={s.tokenizer: load(s.tokenizer, weights=False) for s in family.text_encoders})
+
+
+class PromptTokenizer:
+    """Text -> the token ids of every text encoder of a family (``{ids_key: 1-D ids}``), with
+    each tokenizer's padding; what :class:`~hf_munba.diffusion.data.PairedUnlearningDataset`
+    stores per prompt. Plain attributes only, so it pickles into DataLoader workers."""
+
+    def __init__(self, family: ModelFamily, tokenizers: Mapping[str, Any]):
+        self.family, self.tokenizers = family, dict(tokenizers)
+
+    @property
+    def keys(self) -> Tuple[str, ...]:
+        return tuple(s.ids_key for s in self.family.text_encoders)
+
+    def __call__(self, text: str) -> Dict[str, torch.Tensor]:
+        return {k: v[0] for k, v in self.family.tokenize(self.tokenizers, [text]).items()}

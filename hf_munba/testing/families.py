@@ -24,7 +24,7 @@ __all__ = ["tiny_t5_tokenizer", "tiny_t5_encoder", "tiny_sd2_pipeline", "tiny_sd
 _T5_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;:!?'\"-_()/"
 
 
-def tiny_t5_tokenizer(model_max_length: int = 16):
+def tiny_t5_tokenizer(model_max_length: int = 64):
     """A ``T5TokenizerFast`` over single characters (a ``tokenizers`` Unigram model).
 
     ids: 0 <pad>, 1 </s>, 2 <unk>, then one piece per character; the post-processor appends
