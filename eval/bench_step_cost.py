@@ -60,7 +60,9 @@ from hf_munba.unlearning import get_method, unlearning_step  # noqa: E402
 #: ConstantWeighting bargainer, one backward per player, unlearning_step); munba: ``--method
 #: munba`` (Nash bargaining, the forget rule, unlearning_step); reference: the public code's step
 METHODS = ("sum", "weighted", "munba", "reference")
-CPU_CONFIGS = ("sd-tiny", "sd-small", "classifier-digits")
+CPU_CONFIGS = ("sd-tiny", "sd-small", "sdxl-tiny", "sd3-tiny", "flux-tiny", "classifier-digits")
+#: the model families' tiny pipelines (hf_munba.testing.families), trained on their denoiser
+FAMILY_CONFIGS = {"sdxl-tiny": "sdxl", "sd3-tiny": "sd3", "flux-tiny": "flux"}
 CUDA_CONFIGS = ("sd14-noxattn", "sd14-lora4")
 
 
@@ -191,6 +193,63 @@ def _sd_workload(config: str, device: torch.device, autocast, batch: int,
     return work
 
 
+def _family_workload(config: str, device: torch.device, autocast, batch: int,
+                     gradient_checkpointing: bool) -> Workload:
+    """SDXL / SD 3 / Flux in miniature through the same ``SDUnlearner`` and family adapter the
+    training script uses (noxattn subset; cached latents and conditioning, or encoded every
+    step with ``work.encoded_inputs``)."""
+    from hf_munba.diffusion import params as sd_params
+    from hf_munba.diffusion.data import embedding_key
+    from hf_munba.diffusion.families import family_of_pipeline
+    from hf_munba.diffusion.unlearner import SDUnlearner
+    from hf_munba.testing.families import TINY_FAMILY_PIPELINES
+
+    torch.manual_seed(0)
+    pipe = TINY_FAMILY_PIPELINES[FAMILY_CONFIGS[config]](0)
+    family = family_of_pipeline(pipe)
+    denoiser = getattr(pipe, family.denoiser).to(device)
+    encoders = {s.encoder: getattr(pipe, s.encoder).to(device).requires_grad_(False)
+                for s in family.text_encoders}
+    tokenizers = {s.tokenizer: getattr(pipe, s.tokenizer) for s in family.text_encoders}
+    vae = pipe.vae.to(device).requires_grad_(False)
+    params = sd_params.freeze_all_but(denoiser, sd_params.select_parameter_names(
+        denoiser, "noxattn", family.denoiser))
+    if gradient_checkpointing:
+        sd_params.enable_gradient_checkpointing(denoiser)
+    denoiser.train()
+    gen = torch.Generator().manual_seed(1)
+    size = 8  # 16 x 16 pixels
+    shape = (batch, vae.config.latent_channels, size, size)
+    texts = {"retain": "a person wearing clothes", "forget": "nudity",
+             "anchor": "a photo of a person wearing clothes"}
+    encoded = {f"{r}_pixel_values": torch.rand(batch, 3, 2 * size, 2 * size, generator=gen)
+               .to(device) * 2 - 1 for r in ("retain", "forget")}
+    cached = {f"{r}_latent_mean": torch.randn(shape, generator=gen).to(device)
+              for r in ("retain", "forget")}
+    cached.update({f"{r}_latent_std": 0.1 * torch.ones(shape, device=device)
+                   for r in ("retain", "forget")})
+    for role, text in texts.items():
+        ids = {k: v.to(device) for k, v in family.tokenize(tokenizers, [text] * batch).items()}
+        encoded.update({f"{role}_{k}": v for k, v in ids.items()})
+        with torch.no_grad():
+            cached.update({embedding_key(role, k): v for k, v in family.encode(encoders, ids).items()})
+    unlearner = SDUnlearner(denoiser, None, vae, family=family, text_encoders=encoders,
+                            forget_objective="remap", target_model="current")
+    work = Workload(device, params, torch.optim.AdamW(params, lr=1e-5), None, None, autocast,
+                    model=denoiser)
+
+    def retain(i):
+        with work.amp():
+            return unlearner.retain_loss(encoded if work.encoded_inputs else cached)
+
+    def forget(i):
+        with work.amp():
+            return unlearner.forget_loss(encoded if work.encoded_inputs else cached)
+
+    work.retain_loss, work.forget_loss = retain, forget
+    return work
+
+
 def _classifier_workload(device: torch.device, autocast, batch: int) -> Workload:
     from sklearn.datasets import load_digits
 
@@ -235,6 +294,8 @@ def build(config: str, device: str, precision: str, batch_size: int | None = Non
         if gradient_checkpointing:  # transformers' ResNet has no checkpointing
             raise ValueError("gradient checkpointing applies to the SD configurations only")
         work = _classifier_workload(dev, autocast, batch)
+    elif config in FAMILY_CONFIGS:
+        work = _family_workload(config, dev, autocast, batch, gradient_checkpointing)
     else:
         work = _sd_workload(config, dev, autocast, batch, gradient_checkpointing)
     work.batch_size = batch

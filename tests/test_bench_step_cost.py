@@ -105,3 +105,12 @@ def test_cpu_peak_memory_separates_the_methods():
     bench = load_bench()
     peak = {m: bench.cpu_peak_rss("sd-small", "fp32", m, 1, None, False) for m in ("munba", "reference")}
     assert peak["reference"] > 1.03 * peak["munba"], peak
+
+
+def test_every_model_family_has_a_tiny_configuration(capsys):
+    bench = load_bench()
+    rows = bench.main(["--configs", "sdxl-tiny", "sd3-tiny", "flux-tiny", "--steps", "1",
+                       "--warmup", "0", "--batch_size", "2"])
+    assert [r["config"] for r in rows] == ["sdxl-tiny", "sd3-tiny", "flux-tiny"]
+    for r in rows:
+        assert all(r["ms"][m] > 0 for m in ("sum", "weighted", "munba", "reference"))

@@ -208,8 +208,8 @@ def _recorder(tmp_path):
         accelerate.Accelerator.init_trackers = init_trackers
         _forget = su.SDUnlearner.forget_loss
         CALLS = [0]
-        def forget_loss(self, batch):
-            loss = _forget(self, batch)
+        def forget_loss(self, batch, *args, **kwargs):
+            loss = _forget(self, batch, *args, **kwargs)
             if torch.is_grad_enabled():  # training, not the before/after evaluation
                 CALLS[0] += 1
                 if str(CALLS[0]) == os.environ.get("MUNBA_TEST_NAN_CALL"):

@@ -134,7 +134,11 @@ class SDUnlearningConfig:
         "current", "model giving the remap/esd target: the current weights or the frozen "
                    "original (ignored by ga, which has no target)")
     negative_guidance: float = _f(1.0, "eta of --forget_objective esd")
-    train_component: Literal["unet", "text_encoder"] = _f("unet", "which network is edited")
+    train_component: Literal["unet", "transformer", "text_encoder", "text_encoder_2",
+                             "text_encoder_3"] = _f(
+        "unet", "which network is edited: the denoiser (unet; for SD 3 / Flux 'unet' and "
+                "'transformer' both mean their transformer) or one text encoder (SDXL: "
+                "text_encoder_2 is OpenCLIP-G; SD 3: _2 CLIP-G, _3 T5; Flux: _2 T5)")
     train_params: Literal["full", "noxattn", "xattn", "selfattn"] = _f(
         "noxattn", "parameter subset (text encoder: full or selfattn)")
     use_lora: bool = _f(False, "train a peft LoRA adapter on the subset's attention projections "
@@ -255,9 +259,10 @@ class SDUnlearningConfig:
             raise ValueError(f"--lora_alpha must be positive, got {self.lora_alpha}")
         if self.fuse_lora and not self.use_lora:
             raise ValueError("--fuse_lora needs --use_lora")
-        if self.train_component == "text_encoder" and self.train_params not in TEXT_ENCODER_SUBSETS:
+        if self.trains_text_encoder and self.train_params not in TEXT_ENCODER_SUBSETS:
             raise ValueError(f"--train_params {self.train_params} is a UNet subset; with "
-                             f"--train_component text_encoder use one of {TEXT_ENCODER_SUBSETS}")
+                             f"--train_component {self.train_component} use one of "
+                             f"{TEXT_ENCODER_SUBSETS}")
         for name in ("train_batch_size", "num_train_epochs", "gradient_accumulation_steps",
                      "checkpointing_steps", "max_consecutive_skips", "num_validation_images"):
             if getattr(self, name) < 1:
@@ -366,6 +371,10 @@ class SDUnlearningConfig:
         """The registry's method object for ``method``, reading its settings from this config;
         ``forget_names``: one forget player per named concept (see ``--forget_players``)."""
         return get_method(self.method)(self, forget_names=forget_names)
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        return self.train_component.startswith("text_encoder")
 
     def forget_rule(self):
         """A fresh satisfied-forget-player rule (``--method munba``), or None.

@@ -43,7 +43,7 @@ __all__ = ["ImageCaptionSource", "DataValidationError", "load_imagefolder", "loa
            "preprocess_image", "PairedUnlearningDataset", "class_prompts",
            "remap_class", "LatentCache", "ForgetConceptSpec", "ForgetConcept",
            "parse_forget_concept", "read_forget_manifest", "load_concept", "pool_sources",
-           "check_concepts_disjoint", "FORGET_PLAYER_MODES"]
+           "check_concepts_disjoint", "FORGET_PLAYER_MODES", "embedding_key"]
 
 #: how several forget concepts play: each its own bargaining player, or all in one forget loss
 FORGET_PLAYER_MODES = ("per_concept", "pooled")
@@ -498,6 +498,13 @@ def check_cacheable(sources: Sequence[ImageCaptionSource], center_crop: bool) ->
                              "(center_crop=True, --center_crop); a random flip is cached exactly")
 
 
+def embedding_key(role: str, key: str) -> str:
+    """The batch key of one cached conditioning tensor: ``<role>_embeddings`` for the
+    encoder hidden states (every family has them), ``<role>_cond_<key>`` for the rest (SDXL's
+    ``text_embeds``, SD 3's / Flux's ``pooled_projections``)."""
+    return f"{role}_embeddings" if key == "encoder_hidden_states" else f"{role}_cond_{key}"
+
+
 class LatentCache:
     """VAE latent distributions (mean, std) per image and prompt embeddings per distinct text.
 
@@ -510,11 +517,15 @@ class LatentCache:
 
     def __init__(self):
         self.latents: Dict[tuple, tuple] = {}
-        self.embeddings: Dict[str, torch.Tensor] = {}
+        self.embeddings: Dict[str, Dict[str, torch.Tensor]] = {}  # text -> conditioning
 
     @torch.no_grad()
     def build(self, dataset: "PairedUnlearningDataset", vae, text_encoder=None,
-              batch_size: int = 8, device=None, dtype=None) -> "LatentCache":
+              batch_size: int = 8, device=None, dtype=None, encode=None) -> "LatentCache":
+        """Encode every image of the dataset, and every prompt when the text encoders are
+        frozen: ``encode(ids) -> conditioning`` (a family's
+        :meth:`~hf_munba.diffusion.families.ModelFamily.encode` on the frozen encoders), or for
+        SD 1.x/2.x just its ``text_encoder``. Prompts of a trained text encoder are not cached."""
         roles = dataset.sources()
         check_cacheable([src for _, src in roles], dataset.center_crop)
         device = device or vae.device
@@ -529,14 +540,19 @@ class LatentCache:
                     for k, i in enumerate(idx):
                         self.latents[(role, i, flip)] = (dist.mean[k].float().cpu(),
                                                          dist.std[k].float().cpu())
-        if text_encoder is not None:
+        if encode is None and text_encoder is not None:  # SD 1.x/2.x: one CLIP encoder
+            def encode(ids):
+                return {"encoder_hidden_states": text_encoder(ids["input_ids"].to(device),
+                                                              return_dict=False)[0]}
+        if encode is not None:
             texts = sorted(set(dataset.all_texts()))
             for s in range(0, len(texts), batch_size):
                 chunk = texts[s:s + batch_size]
-                ids = torch.stack([dataset.tokenize(t) for t in chunk]).to(device)
-                emb = text_encoder(ids, return_dict=False)[0]
-                for t, e in zip(chunk, emb):
-                    self.embeddings[t] = e.float().cpu()
+                per_text = [dataset.token_ids(t) for t in chunk]
+                ids = {k: torch.stack([d[k] for d in per_text]).to(device) for k in per_text[0]}
+                cond = encode(ids)
+                for k, t in enumerate(chunk):
+                    self.embeddings[t] = {key: v[k].float().cpu() for key, v in cond.items()}
         return self
 
 
@@ -647,15 +663,28 @@ class PairedUnlearningDataset(torch.utils.data.Dataset):
             perm = self._perms[key] = _perm(n, *seed_parts)
         return perm
 
-    def tokenize(self, text: str) -> torch.Tensor:
+    def token_ids(self, text: str) -> Dict[str, torch.Tensor]:
+        """``text``'s token ids for every text encoder (``input_ids``, ``input_ids_2``, ...).
+
+        ``tokenizer`` is one CLIP tokenizer (SD 1.x/2.x) or a family's
+        :class:`~hf_munba.diffusion.families.PromptTokenizer` (SDXL, SD 3, Flux)."""
         ids = self._token_ids.get(text)
         if ids is None:
-            ids = self.tokenizer(text, padding="max_length",
-                                 max_length=self.tokenizer.model_max_length, truncation=True,
-                                 return_tensors="pt").input_ids[0]
+            from .families import PromptTokenizer
+
+            if isinstance(self.tokenizer, PromptTokenizer):
+                ids = self.tokenizer(text)
+            else:
+                ids = {"input_ids": self.tokenizer(
+                    text, padding="max_length", max_length=self.tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids[0]}
             if len(self._token_ids) < 4096:
                 self._token_ids[text] = ids
         return ids
+
+    def tokenize(self, text: str) -> torch.Tensor:
+        """The first text encoder's token ids of ``text``."""
+        return next(iter(self.token_ids(text).values()))
 
     def pixels(self, src: ImageCaptionSource, i: int, *, flip: bool = False,
                generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -729,7 +758,9 @@ class PairedUnlearningDataset(torch.utils.data.Dataset):
                 item[f"{role}_pixel_values"] = self.pixels(src, j, flip=flip, generator=generator)
         for role, text in texts.items():
             if self.cache is not None and self.cache.embeddings:
-                item[f"{role}_embeddings"] = self.cache.embeddings[text]
+                for key, value in self.cache.embeddings[text].items():
+                    item[embedding_key(role, key)] = value
             else:
-                item[f"{role}_input_ids"] = self.tokenize(text)
+                for key, ids in self.token_ids(text).items():
+                    item[f"{role}_{key}"] = ids
         return item

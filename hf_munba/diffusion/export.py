@@ -18,7 +18,7 @@ from ..utils.atomic_save import MARKER_FILES as LOADABLE_MARKERS
 from ..utils.atomic_save import commit_staged, staged_output  # one implementation, re-exported
 
 __all__ = ["LOADABLE_MARKERS", "staged_output", "commit_staged",
-           "save_full_pipeline", "save_lora", "lora_state_and_metadata"]
+           "save_full_pipeline", "save_lora", "lora_components", "lora_state_and_metadata"]
 
 
 def save_full_pipeline(pipeline, directory: str | os.PathLike) -> None:
@@ -40,22 +40,44 @@ def lora_state_and_metadata(model):
     return state, _collate_lora_metadata({"m": model})["m_lora_adapter_metadata"]
 
 
-def save_lora(directory: str | os.PathLike, *, unet=None, text_encoder=None) -> None:
+def lora_components(pipeline_class) -> tuple:
+    """The components whose LoRA layers ``pipeline_class.save_lora_weights`` stores, e.g.
+    ``("unet", "text_encoder", "text_encoder_2")`` for SDXL; SD 3's and Flux's T5 is not one
+    of them (diffusers saves no T5 LoRA), so a T5 is unlearned by full fine-tuning only."""
+    import inspect
+
+    names = inspect.signature(pipeline_class.save_lora_weights).parameters
+    return tuple(n[:-len("_lora_layers")] for n in names if n.endswith("_lora_layers"))
+
+
+def save_lora(directory: str | os.PathLike, *, pipeline_class=None, **modules) -> None:
     """``pytorch_lora_weights.safetensors`` loadable by ``pipe.load_lora_weights(directory)``.
 
-    The adapter metadata comes from diffusers' own collation helper (what its LoRA training
-    examples pass to ``save_lora_weights``), so the header matches what ``load_lora_weights``
-    expects in every diffusers release we support.
+    ``modules``: component name -> model with a "default" LoRA adapter (``unet=``,
+    ``transformer=``, ``text_encoder=``, ``text_encoder_2=``; None entries are ignored), saved
+    through ``pipeline_class.save_lora_weights`` (default ``StableDiffusionPipeline``), so the
+    file has the key layout of that family's loader. The adapter metadata comes from diffusers'
+    own collation helper (what its LoRA training examples pass to ``save_lora_weights``), so the
+    header matches what ``load_lora_weights`` expects in every diffusers release we support.
     """
-    from diffusers import StableDiffusionPipeline
     from diffusers.training_utils import _collate_lora_metadata
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    modules = {"unet": unet, "text_encoder": text_encoder}
-    kwargs = {f"{name}_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(m))
-              for name, m in modules.items() if m is not None}
-    if not kwargs:
-        raise ValueError("save_lora needs a unet or a text_encoder with a LoRA adapter")
+    if pipeline_class is None:
+        from diffusers import StableDiffusionPipeline as pipeline_class
+    modules = {name: m for name, m in modules.items() if m is not None}
+    allowed = lora_components(pipeline_class)
+    unknown = sorted(set(modules) - set(allowed))
+    if unknown:
+        raise ValueError(f"{pipeline_class.__name__}.save_lora_weights stores LoRA layers of "
+                         f"{list(allowed)}, not {unknown}")
+    if not modules:
+        raise ValueError(f"save_lora needs one of {list(allowed)} with a LoRA adapter")
+    # the UNet families' loaders read diffusers' key names; SD 3's and Flux's read peft's (what
+    # diffusers' own LoRA examples for each family save)
+    convert = convert_state_dict_to_diffusers if "unet" in allowed else (lambda state: state)
+    kwargs = {f"{name}_lora_layers": convert(get_peft_model_state_dict(m))
+              for name, m in modules.items()}
     kwargs.update(_collate_lora_metadata(modules))
-    StableDiffusionPipeline.save_lora_weights(str(directory), safe_serialization=True, **kwargs)
+    pipeline_class.save_lora_weights(str(directory), safe_serialization=True, **kwargs)

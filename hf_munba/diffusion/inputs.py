@@ -52,12 +52,14 @@ def looks_like_local_path(path: str) -> bool:
     return "/" in p and os.path.exists(first)
 
 
-def check_pretrained_pipeline(path: str, components: Sequence[str] = SD_COMPONENTS) -> bool:
-    """Refuse a base model that cannot be a Stable Diffusion pipeline; True if it is local.
+def check_pretrained_pipeline(path: str, components: Optional[Sequence[str]] = None) -> bool:
+    """Refuse a base model that cannot be a pipeline hf_munba unlearns; True if it is local.
 
-    A local folder must hold ``model_index.json`` naming each of ``components``, each with its
-    subfolder; a path that looks local (see :func:`looks_like_local_path`) must exist. A Hub repo
-    id is left to the loader (it may be in the cache, or reachable).
+    A local folder must hold ``model_index.json`` of a supported pipeline class (SD 1.x/2.x,
+    SDXL, SD 3, Flux: :mod:`hf_munba.diffusion.families`) naming each of ``components``
+    (default: what that family trains with), each with its subfolder; a path that looks local
+    (see :func:`looks_like_local_path`) must exist. A Hub repo id is left to the loader (it may
+    be in the cache, or reachable).
     """
     p = Path(os.path.expanduser(str(path)))
     if not p.exists():
@@ -78,6 +80,16 @@ def check_pretrained_pipeline(path: str, components: Sequence[str] = SD_COMPONEN
         listed = json.loads(index.read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"{index} is not valid JSON ({e})") from None
+    if components is None:
+        from .families import family_for_pipeline_class
+
+        try:
+            family = family_for_pipeline_class(listed.get("_class_name", "")
+                                               if isinstance(listed, dict) else "")
+        except ValueError as e:
+            raise ValueError(f"--pretrained_model_name_or_path {path}: {e}") from None
+        components = ("scheduler", "vae", family.denoiser,
+                      *(x for s in family.text_encoders for x in (s.tokenizer, s.encoder)))
     missing = [c for c in components if c not in listed or not (p / c).is_dir()]
     if missing:
         raise ValueError(f"--pretrained_model_name_or_path {path} is not a Stable Diffusion pipeline: "

@@ -9,7 +9,20 @@ Subsets follow the ESD / MUNBa conventions on UNet parameter names:
 * ``xattn``     cross-attention only (the paper's class-wise setting: edit how prompts steer);
 * ``selfattn``  self-attention (``attn1``) only.
 
-For the text encoder, ``full`` trains every parameter and ``selfattn`` the ``self_attn`` blocks.
+The joint-attention transformers of SD 3 and Flux (component ``transformer``) have no separate
+cross-attention: text and image tokens attend together, each stream with its own projections.
+There the text stream's attention projections (``add_q_proj``, ``add_k_proj``, ``add_v_proj``,
+``to_add_out``: how the prompt's tokens enter every joint block) play the role of ``attn2``:
+
+* ``xattn``     the text-stream attention projections of every joint (double-stream) block;
+* ``noxattn``   the image stream: everything except the text stream (those projections,
+                ``ff_context``, ``norm1_context``, ``context_embedder``), the timestep / pooled-text
+                embedding (``time_text_embed``) and the output layers (``norm_out``, ``proj_out``);
+                Flux's single-stream blocks, which carry both, are in it;
+* ``selfattn``  the image stream's attention projections (``to_q``, ``to_k``, ``to_v``, ``to_out``).
+
+For the text encoder, ``full`` trains every parameter and ``selfattn`` the self-attention blocks
+(CLIP's ``self_attn``, T5's ``SelfAttention``).
 LoRA adapters go on the attention projections inside the chosen subset, through peft's
 ``LoraConfig`` and the models' own ``add_adapter`` (so diffusers can save and reload them).
 """
@@ -20,7 +33,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-__all__ = ["UNET_SUBSETS", "TEXT_ENCODER_SUBSETS", "select_parameter_names",
+__all__ = ["UNET_SUBSETS", "TRANSFORMER_SUBSETS", "TEXT_ENCODER_SUBSETS", "select_parameter_names",
            "freeze_all_but", "add_lora_adapter", "lora_target_modules",
            "enable_gradient_checkpointing"]
 
@@ -36,18 +49,44 @@ _UNET_RULES: Dict[str, Callable[[str], bool]] = {
 }
 _TEXT_RULES: Dict[str, Callable[[str], bool]] = {
     "full": lambda n: True,
-    "selfattn": lambda n: ".self_attn." in n,
+    "selfattn": lambda n: ".self_attn." in n or ".SelfAttention." in n,
 }
+_TEXT_STREAM_ATTN = (".attn.add_q_proj.", ".attn.add_k_proj.", ".attn.add_v_proj.",
+                     ".attn.to_add_out.")
+_TEXT_STREAM = _TEXT_STREAM_ATTN + (".ff_context.", ".norm1_context.")
+_IMAGE_ATTN = (".attn.to_q.", ".attn.to_k.", ".attn.to_v.", ".attn.to_out.")
+
+
+def _under(n: str, parts) -> bool:
+    return any(p in "." + n for p in parts)
+
+
+_TRANSFORMER_RULES: Dict[str, Callable[[str], bool]] = {
+    "full": lambda n: True,
+    "noxattn": lambda n: not (_under(n, _TEXT_STREAM) or n.startswith(
+        ("context_embedder", "time_text_embed", "norm_out", "proj_out"))),
+    "xattn": lambda n: _under(n, _TEXT_STREAM_ATTN),
+    "selfattn": lambda n: _under(n, _IMAGE_ATTN),
+}
+TRANSFORMER_SUBSETS = tuple(_TRANSFORMER_RULES)
 _UNET_LORA_LEAVES = ("to_q", "to_k", "to_v", "to_out.0")
-_TEXT_LORA_LEAVES = ("q_proj", "k_proj", "v_proj", "out_proj")
+_TRANSFORMER_LORA_LEAVES = _UNET_LORA_LEAVES + ("add_q_proj", "add_k_proj", "add_v_proj",
+                                                "to_add_out")
+_TEXT_LORA_LEAVES = ("q_proj", "k_proj", "v_proj", "out_proj",  # CLIP
+                     "SelfAttention.q", "SelfAttention.k", "SelfAttention.v", "SelfAttention.o")  # T5
+_LEAVES = {"unet": _UNET_LORA_LEAVES, "transformer": _TRANSFORMER_LORA_LEAVES,
+           "text_encoder": _TEXT_LORA_LEAVES}
 
 
 def _rules(component: str) -> Dict[str, Callable[[str], bool]]:
     if component == "unet":
         return _UNET_RULES
-    if component == "text_encoder":
+    if component == "transformer":
+        return _TRANSFORMER_RULES
+    if component.startswith("text_encoder"):  # text_encoder, text_encoder_2, text_encoder_3
         return _TEXT_RULES
-    raise ValueError(f"unknown component {component!r}; expected 'unet' or 'text_encoder'")
+    raise ValueError(f"unknown component {component!r}; expected 'unet', 'transformer' or a "
+                     "text encoder")
 
 
 def select_parameter_names(model: torch.nn.Module, subset: str, component: str = "unet") -> List[str]:
@@ -79,7 +118,7 @@ def lora_target_modules(model: torch.nn.Module, subset: str, component: str = "u
     rule = _rules(component)[subset] if subset in _rules(component) else None
     if rule is None:
         raise ValueError(f"unknown parameter subset {subset!r} for the {component}")
-    leaves = _UNET_LORA_LEAVES if component == "unet" else _TEXT_LORA_LEAVES
+    leaves = _LEAVES["text_encoder" if component.startswith("text_encoder") else component]
     targets = [n for n, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and any(n.endswith("." + l) for l in leaves)
                and rule(n + ".weight")]

@@ -81,6 +81,36 @@ def vae_scale_factor(config: SDUnlearningConfig) -> int:
     return 2 ** (len(cfg.get("block_out_channels", [0])) - 1)
 
 
+def check_family(config: SDUnlearningConfig, vae_factor: int):
+    """Refuse a component, a LoRA or a resolution the pipeline's family cannot train (configs
+    only, before any weights load)."""
+    from .export import lora_components
+    from .families import FluxFamily, detect_family
+
+    try:
+        family = detect_family(config.pretrained_model_name_or_path, revision=config.revision,
+                               cache_dir=config.cache_dir)
+    except ValueError as e:
+        raise InputError(f"--pretrained_model_name_or_path: {e}") from None
+    names = [s.encoder for s in family.text_encoders]
+    component = family.denoiser if config.train_component in ("unet", "transformer") \
+        else config.train_component
+    if config.train_component == "transformer" and family.denoiser != "transformer":
+        component = None
+    if component is None or (config.trains_text_encoder and component not in names):
+        raise InputError(f"--train_component {config.train_component}: a {family.name} pipeline "
+                         f"has the denoiser ('unet' or its own name '{family.denoiser}') and the "
+                         f"text encoders {names}")
+    if config.use_lora and component not in lora_components(family.pipeline_class):
+        raise InputError(f"--use_lora on {component}: {family.pipeline_class.__name__} loads "
+                         f"LoRA for {list(lora_components(family.pipeline_class))} only (diffusers "
+                         "saves no T5 LoRA); train it without --use_lora")
+    if isinstance(family, FluxFamily) and config.resolution % (2 * vae_factor):
+        raise InputError(f"--resolution {config.resolution}: Flux packs 2x2 latent patches, so "
+                         f"it must be divisible by {2 * vae_factor}")
+    return family
+
+
 def check_inputs(config: SDUnlearningConfig):
     """Every check that reads the disk but loads no model; returns (forget, retain) sources.
 
@@ -146,6 +176,7 @@ def check_inputs(config: SDUnlearningConfig):
     if config.resolution % factor:
         raise InputError(f"--resolution {config.resolution} is not divisible by the VAE "
                          f"down-sampling factor {factor}")
+    check_family(config, factor)
     if config.push_to_hub:
         from ..utils.model_card import HubAccessError, check_hub_access
 
@@ -306,13 +337,11 @@ def train(config: SDUnlearningConfig, *, sources: Optional[Tuple] = None) -> Pat
     from accelerate import Accelerator
     from accelerate.logging import get_logger
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import _set_state_dict_into_text_encoder, cast_training_params
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft.utils import set_peft_model_state_dict
     from tqdm.auto import tqdm
-    from transformers import CLIPTextModel, CLIPTokenizer
 
     from ..unlearning.distributed import unsupported_distributed_message
     from ..unlearning.step import SkippedStepGuard, TooManySkippedSteps, unlearning_step
@@ -322,6 +351,7 @@ def train(config: SDUnlearningConfig, *, sources: Optional[Tuple] = None) -> Pat
     from ..utils.training_plot import plot_training_history
     from .data import LatentCache, PairedUnlearningDataset
     from .export import save_full_pipeline, save_lora
+    from .families import PromptTokenizer, detect_family, load_components
     from .inputs import checkpoint_step, resolve_checkpoint
     from .params import add_lora_adapter, enable_gradient_checkpointing, freeze_all_but, \
         select_parameter_names
@@ -367,22 +397,25 @@ def train(config: SDUnlearningConfig, *, sources: Optional[Tuple] = None) -> Pat
     # ---- models --------------------------------------------------------------------------------
     path, rev, var = args.pretrained_model_name_or_path, args.revision, args.variant
     cache = {"cache_dir": args.cache_dir} if args.cache_dir else {}
-    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=rev, **cache)
-    noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=rev,
-                                                    **cache)
-    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=rev,
-                                                 variant=var, **cache)
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=rev, variant=var, **cache)
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=rev, variant=var,
-                                                **cache)
+    # the family (SD 1.x/2.x, SDXL, SD 3, Flux) owns prompt encoding, noising and the denoiser
+    # call; the components load with the classes the pipeline's model_index.json names
+    family = detect_family(path, revision=rev, cache_dir=args.cache_dir)
+    parts = load_components(path, family, revision=rev, variant=var, cache_dir=args.cache_dir)
+    vae, unet, text_encoders = parts.vae, parts.denoiser, parts.text_encoders
+    prompt_tokenizer = PromptTokenizer(family, parts.tokenizers)
+    log.info(f"model family: {family.describe()}")
     vae.requires_grad_(False)
-    text_encoder.requires_grad_(False)
     unet.requires_grad_(False)
+    for enc in text_encoders.values():
+        enc.requires_grad_(False)
+    # the pipeline's name of the trained component (SD 3 / Flux: 'unet' means the transformer)
+    component = family.denoiser if args.train_component in ("unet", "transformer") \
+        else args.train_component
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision,
                                                                        torch.float32)
-    on_unet = args.train_component == "unet"
-    trained = unet if on_unet else text_encoder
+    on_unet = component == family.denoiser
+    trained = unet if on_unet else text_encoders[component]
     frozen_copy = None
     has_target = method.uses_forget and args.forget_objective != "ga"
     if args.target_model == "frozen" and not has_target:
@@ -393,22 +426,24 @@ def train(config: SDUnlearningConfig, *, sources: Optional[Tuple] = None) -> Pat
         frozen_copy = copy.deepcopy(trained).eval().requires_grad_(False)
     if args.use_lora:
         params = add_lora_adapter(trained, rank=args.rank, alpha=args.lora_alpha,
-                                  subset=args.train_params, component=args.train_component)
+                                  subset=args.train_params, component=component)
     else:
         params = freeze_all_but(trained, select_parameter_names(trained, args.train_params,
-                                                                args.train_component))
+                                                                component))
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(trained)
     # Frozen modules in the compute dtype; trained ones stay fp32 (LoRA params upcast).
     vae.to(accelerator.device, dtype=weight_dtype)
-    (text_encoder if on_unet else unet).to(accelerator.device, dtype=weight_dtype)
+    for frozen in [unet, *text_encoders.values()]:
+        if frozen is not trained:
+            frozen.to(accelerator.device, dtype=weight_dtype)
     trained.to(accelerator.device, dtype=weight_dtype if args.use_lora else torch.float32)
     if frozen_copy is not None:
         frozen_copy.to(accelerator.device, dtype=weight_dtype)
     if args.use_lora and weight_dtype != torch.float32:
         cast_training_params(trained, dtype=torch.float32)
     log.info(f"training {sum(p.numel() for p in params):,} parameters of the "
-             f"{args.train_component} "
+             f"{component} "
              f"({'LoRA rank %d' % args.rank if args.use_lora else args.train_params})",
              main_process_only=True)
 
@@ -420,14 +455,15 @@ def train(config: SDUnlearningConfig, *, sources: Optional[Tuple] = None) -> Pat
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
 
     # ---- data ----------------------------------------------------------------------------------
-    dataset = PairedUnlearningDataset(forget_src, retain_src, tokenizer, args.resolution,
+    dataset = PairedUnlearningDataset(forget_src, retain_src, prompt_tokenizer, args.resolution,
                                       anchor_prompt=args.anchor_prompt, seed=args.seed,
                                       forget_prompts=args.forget_prompts,
                                       center_crop=args.center_crop, random_flip=args.random_flip,
                                       forget_players=args.forget_players_mode or "pooled")
     if args.cache_latents:
-        dataset.cache = LatentCache().build(dataset, vae, text_encoder if on_unet else None,
-                                            batch_size=args.train_batch_size)
+        dataset.cache = LatentCache().build(
+            dataset, vae, batch_size=args.train_batch_size,
+            encode=(lambda ids: family.encode(text_encoders, ids)) if on_unet else None)
     train_dataloader = torch.utils.data.DataLoader(
         dataset, batch_size=args.train_batch_size, shuffle=False,
         num_workers=args.dataloader_num_workers, pin_memory=accelerator.device.type == "cuda",
@@ -437,7 +473,7 @@ def train(config: SDUnlearningConfig, *, sources: Optional[Tuple] = None) -> Pat
     eval_dataset = dataset
     if concepts is not None and len(dataset.forget_roles) == 1:
         eval_dataset = PairedUnlearningDataset(
-            concepts, retain_src, tokenizer, args.resolution, anchor_prompt=args.anchor_prompt,
+            concepts, retain_src, prompt_tokenizer, args.resolution, anchor_prompt=args.anchor_prompt,
             seed=args.seed, center_crop=args.center_crop, random_flip=args.random_flip,
             forget_players="per_concept")
     eval_roles = eval_dataset.forget_roles
@@ -460,10 +496,12 @@ def train(config: SDUnlearningConfig, *, sources: Optional[Tuple] = None) -> Pat
     if on_unet:
         unet = trained
     else:
-        text_encoder = trained
+        text_encoders[component] = trained
+    text_encoder = next(iter(text_encoders.values()))
     unlearner = SDUnlearner(
-        unet, text_encoder, vae, noise_scheduler, forget_objective=args.forget_objective,
-        target_model=args.target_model, train_component=args.train_component,
+        unet, text_encoder, vae, family=family, text_encoders=text_encoders,
+        forget_objective=args.forget_objective,
+        target_model=args.target_model, train_component=component,
         lora=args.use_lora, negative_guidance=args.negative_guidance,
         frozen_unet=frozen_copy if on_unet else None,
         frozen_text_encoder=None if on_unet else frozen_copy, weight_dtype=weight_dtype,
@@ -487,9 +525,9 @@ def train(config: SDUnlearningConfig, *, sources: Optional[Tuple] = None) -> Pat
             for model in models:
                 m = accelerator.unwrap_model(model)
                 if args.use_lora:
-                    save_lora(output_dir, **{args.train_component: m})
+                    save_lora(output_dir, pipeline_class=family.pipeline_class, **{component: m})
                 else:
-                    m.save_pretrained(os.path.join(output_dir, args.train_component),
+                    m.save_pretrained(os.path.join(output_dir, component),
                                       safe_serialization=True)
                 weights.pop()
             state = {"global_step": history[-1]["step"] if history else 0,  # read on resume
@@ -504,17 +542,18 @@ def train(config: SDUnlearningConfig, *, sources: Optional[Tuple] = None) -> Pat
         while models:
             m = accelerator.unwrap_model(models.pop())
             if args.use_lora:
-                lora_sd, _ = StableDiffusionPipeline.lora_state_dict(input_dir)
+                lora_sd = family.pipeline_class.lora_state_dict(input_dir)
+                lora_sd = lora_sd[0] if isinstance(lora_sd, tuple) else lora_sd
                 if on_unet:
-                    sd = {k[len("unet."):]: v for k, v in lora_sd.items() if k.startswith("unet.")}
+                    prefix = f"{component}."
+                    sd = {k[len(prefix):]: v for k, v in lora_sd.items() if k.startswith(prefix)}
                     set_peft_model_state_dict(m, convert_unet_state_dict_to_peft(sd),
                                               adapter_name="default")
                 else:
-                    _set_state_dict_into_text_encoder(lora_sd, prefix="text_encoder.",
+                    _set_state_dict_into_text_encoder(lora_sd, prefix=f"{component}.",
                                                       text_encoder=m)
             else:
-                cls = UNet2DConditionModel if on_unet else CLIPTextModel
-                loaded = cls.from_pretrained(input_dir, subfolder=args.train_component)
+                loaded = type(m).from_pretrained(input_dir, subfolder=component)
                 m.load_state_dict(loaded.state_dict())
                 del loaded
         state = json.loads(Path(input_dir, "munba_state.json").read_text())
@@ -562,11 +601,11 @@ def train(config: SDUnlearningConfig, *, sources: Optional[Tuple] = None) -> Pat
         from .generation import generate_images
 
         folder = out / "validation" / f"step-{step:06d}"
-        pipe = StableDiffusionPipeline.from_pretrained(
-            path, unet=accelerator.unwrap_model(unet),
-            text_encoder=accelerator.unwrap_model(text_encoder), vae=vae, tokenizer=tokenizer,
-            revision=rev, variant=var, safety_checker=None, requires_safety_checker=False,
-            **cache, dtype=weight_dtype).to(accelerator.device)
+        pipe = family.pipeline_class.from_pretrained(
+            path, **{family.denoiser: accelerator.unwrap_model(unet)},
+            **{k: accelerator.unwrap_model(m) for k, m in text_encoders.items()},
+            **parts.tokenizers, vae=vae, revision=rev, variant=var,
+            **family.validation_pipeline_kwargs, **cache, dtype=weight_dtype).to(accelerator.device)
         pipe.set_progress_bar_config(disable=True)
         with accelerator.autocast():
             recs = generate_images(pipe, args.validation_prompts, folder,
@@ -669,19 +708,20 @@ def train(config: SDUnlearningConfig, *, sources: Optional[Tuple] = None) -> Pat
         with staged_output(out, beside=True) as tmp:
             tmp = Path(tmp)
             if args.use_lora:
-                save_lora(tmp, **{args.train_component: final.to(torch.float32)})
+                save_lora(tmp, pipeline_class=family.pipeline_class,
+                          **{component: final.to(torch.float32)})
                 if args.fuse_lora:
-                    pipe = StableDiffusionPipeline.from_pretrained(path, revision=rev, variant=var,
-                                                                   **cache)
+                    pipe = family.pipeline_class.from_pretrained(path, revision=rev, variant=var,
+                                                                 **cache)
                     pipe.load_lora_weights(str(tmp))
                     pipe.fuse_lora()
                     pipe.unload_lora_weights()
                     save_full_pipeline(pipe, tmp)
                     del pipe
             else:
-                pipe = StableDiffusionPipeline.from_pretrained(
+                pipe = family.pipeline_class.from_pretrained(
                     path, revision=rev, variant=var, **cache,
-                    **{args.train_component: final.to(torch.float32)})
+                    **{component: final.to(torch.float32)})
                 save_full_pipeline(pipe, tmp)
                 del pipe
             grid = None
@@ -704,7 +744,7 @@ def train(config: SDUnlearningConfig, *, sources: Optional[Tuple] = None) -> Pat
             if args.class_names:
                 forgotten = [f"class '{args.forget_class}' (remapped to "
                              f"'{args.anchor_prompt}')"]
-            card = sd_model_card(base_model=path, forgotten=forgotten,
+            card = sd_model_card(base_model=path, forgotten=forgotten, family=family.describe(),
                                  retained=sorted(set(retain_src.captions))[:10],
                                  hparams=args.to_dict(), metrics={**metrics, **extra_metrics},
                                  image_grid=grid, lora=args.use_lora and not args.fuse_lora,

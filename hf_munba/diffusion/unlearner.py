@@ -25,8 +25,8 @@ from typing import Dict
 
 import torch
 
-from .objectives import (FORGET_OBJECTIVES, TARGET_MODELS, denoising_target, esd_target,
-                            forget_loss_from_preds, retain_loss_from_pred)
+from .objectives import (FORGET_OBJECTIVES, TARGET_MODELS, esd_target, forget_loss_from_preds,
+                         retain_loss_from_pred)
 
 __all__ = ["SDUnlearner", "adapters_disabled", "unwrap"]
 
@@ -63,18 +63,23 @@ def adapters_disabled(model):
 class SDUnlearner:
     """Computes L_r and L_f for a paired batch (see :class:`hf_munba.diffusion.data.PairedUnlearningDataset`).
 
-    ``unet`` / ``text_encoder`` may be accelerate-prepared (DDP-wrapped); whichever is trained
-    gets the gradient. ``target_model='frozen'`` uses ``frozen_unet`` / ``frozen_text_encoder``
-    (a frozen copy of the trained component) or, with ``lora=True``, the same model with its
-    adapters disabled.
+    ``unet`` is the denoiser (a UNet, or SD 3's / Flux's transformer) and ``text_encoder`` the
+    first text encoder; ``text_encoders`` holds every text encoder of a family with several
+    (SDXL, SD 3, Flux), by component name. ``family`` (a
+    :class:`~hf_munba.diffusion.families.ModelFamily`) says how prompts condition the denoiser,
+    how latents are noised and what it predicts; by default SD 1.x/2.x on ``noise_scheduler``.
+    Models may be accelerate-prepared (DDP-wrapped); the one named by ``train_component``
+    (``unet``/``transformer``, or a text encoder's name) gets the gradient.
+    ``target_model='frozen'`` uses ``frozen_unet`` / ``frozen_text_encoder`` (a frozen copy of
+    the trained component) or, with ``lora=True``, the same model with its adapters disabled.
     """
 
-    def __init__(self, unet, text_encoder, vae, noise_scheduler, *,
+    def __init__(self, unet, text_encoder, vae, noise_scheduler=None, *,
                  forget_objective: str = "remap", target_model: str = "current",
                  train_component: str = "unet", lora: bool = False,
                  negative_guidance: float = 1.0, frozen_unet=None, frozen_text_encoder=None,
                  weight_dtype: torch.dtype = torch.float32, num_processes: int = 1,
-                 process_index: int = 0):
+                 process_index: int = 0, family=None, text_encoders=None):
         if not 0 <= process_index < num_processes:
             raise ValueError(f"process_index {process_index} is not in [0, {num_processes})")
         if forget_objective not in FORGET_OBJECTIVES:
@@ -82,25 +87,43 @@ class SDUnlearner:
                              f"choose one of {FORGET_OBJECTIVES}")
         if target_model not in TARGET_MODELS:
             raise ValueError(f"unknown target model {target_model!r}; choose one of {TARGET_MODELS}")
-        if train_component not in ("unet", "text_encoder"):
-            raise ValueError(f"unknown train component {train_component!r}")
+        if family is None:
+            from .families import StableDiffusionFamily
+
+            if noise_scheduler is None:
+                raise ValueError("SDUnlearner needs a noise_scheduler or a model family")
+            family = StableDiffusionFamily(noise_scheduler.config, vae.config,
+                                           noise_scheduler=noise_scheduler)
+        self.family = family
+        self.text_encoders = dict(text_encoders) if text_encoders is not None else {
+            family.text_encoders[0].encoder: text_encoder}
+        on_denoiser = train_component in ("unet", "transformer")
+        if not on_denoiser and train_component not in self.text_encoders:
+            raise ValueError(f"unknown train component {train_component!r}; choose the denoiser "
+                             f"('unet') or a text encoder of this model {sorted(self.text_encoders)}")
         # gradient ascent has no target model, so it needs no frozen copy
         if target_model == "frozen" and not lora and forget_objective != "ga":
-            frozen = frozen_unet if train_component == "unet" else frozen_text_encoder
+            frozen = frozen_unet if on_denoiser else frozen_text_encoder
             if frozen is None:
                 raise ValueError(f"target_model='frozen' without LoRA needs a frozen copy of the "
                                  f"{train_component}")
-        self.unet, self.text_encoder, self.vae = unet, text_encoder, vae
-        self.noise_scheduler = noise_scheduler
+        self.unet, self.vae = unet, vae
+        self.text_encoder = text_encoder if text_encoder is not None else next(
+            iter(self.text_encoders.values()))
+        self.noise_scheduler = family.noise_scheduler
         self.forget_objective = forget_objective
         self.target_model = target_model
-        self.train_component = train_component
+        self.train_component = "unet" if on_denoiser else train_component
         self.lora = lora
         self.negative_guidance = negative_guidance
         self.frozen_unet, self.frozen_text_encoder = frozen_unet, frozen_text_encoder
         self.weight_dtype = weight_dtype
         self.num_processes, self.process_index = num_processes, process_index
         self._unwrapped: Dict[int, tuple] = {}
+
+    @property
+    def denoiser(self):
+        return self.unet
 
     def _inner(self, model):
         """``model`` without its DDP / compile wrapper, looked up once per model: accelerate's
@@ -124,7 +147,7 @@ class SDUnlearner:
         return next(self._inner(self.unet).parameters()).device
 
     def latents(self, batch: Dict, role: str) -> torch.Tensor:
-        """A fresh latent sample of the batch's ``role`` images (scaled for the UNet)."""
+        """A fresh latent sample of the batch's ``role`` images (scaled for the denoiser)."""
         if f"{role}_latent_mean" in batch:
             mean, std = batch[f"{role}_latent_mean"], batch[f"{role}_latent_std"]
             mean, std = mean.to(self.device, torch.float32), std.to(self.device, torch.float32)
@@ -134,58 +157,74 @@ class SDUnlearner:
                 dist = self.vae.encode(px).latent_dist
             mean, std = dist.mean.float(), dist.std.float()
         eps = self._rows(lambda s: torch.randn(s, dtype=mean.dtype, device=mean.device), mean.shape)
-        sample = mean + std * eps
-        return sample * self.vae.config.scaling_factor
+        return self.family.scale_latents(mean + std * eps)
 
-    def _embed(self, batch: Dict, role: str, encoder, grad: bool) -> torch.Tensor:
-        # Embeddings enter the UNet in the compute dtype: a frozen UNet held in bf16/fp16 is
-        # not under autocast, and a trained text encoder returns fp32.
-        if f"{role}_embeddings" in batch:
-            return batch[f"{role}_embeddings"].to(self.device, self.weight_dtype)
-        ids = batch[f"{role}_input_ids"].to(self.device)
-        with torch.set_grad_enabled(grad):
-            return encoder(ids, return_dict=False)[0].to(self.weight_dtype)
+    def _encoders(self, trained_inner: bool = False) -> Dict[str, torch.nn.Module]:
+        return {k: self._inner(m) if trained_inner else m for k, m in self.text_encoders.items()}
+
+    def _cond(self, batch: Dict, role: str, encoders: Dict, grad: bool,
+              cached: bool = True) -> Dict[str, torch.Tensor]:
+        """The denoiser's conditioning for the batch's ``role`` prompts: the cached embeddings
+        when the batch has them (``cached``), else the family's encoding of the token ids.
+        Conditioning enters the denoiser in the compute dtype: a frozen denoiser held in
+        bf16/fp16 is not under autocast, and a trained text encoder returns fp32."""
+        from .data import embedding_key
+
+        if cached and f"{role}_embeddings" in batch:
+            keys = ("encoder_hidden_states",) + tuple(
+                k for k in self.family.pooled_keys if embedding_key(role, k) in batch)
+            cond = {k: batch[embedding_key(role, k)] for k in keys}
+        else:
+            ids = {s.ids_key: batch[f"{role}_{s.ids_key}"] for s in self.family.text_encoders}
+            with torch.set_grad_enabled(grad):
+                cond = self.family.encode(encoders, ids)
+        return {k: v.to(self.device, self.weight_dtype) for k, v in cond.items()}
 
     def prompt_embeddings(self, batch: Dict, role: str) -> torch.Tensor:
-        """Embeddings of the trained path (with grad when the text encoder is trained)."""
-        return self._embed(batch, role, self.text_encoder, self.train_component == "text_encoder")
+        """Encoder hidden states of the trained path (with grad when a text encoder is trained)."""
+        return self.conditioning(batch, role)["encoder_hidden_states"]
+
+    def conditioning(self, batch: Dict, role: str) -> Dict[str, torch.Tensor]:
+        """The trained path's conditioning (with grad when a text encoder is trained)."""
+        return self._cond(batch, role, self.text_encoders, self.train_component != "unet")
 
     def noisy(self, latents: torch.Tensor):
-        device = latents.device
-        noise = self._rows(lambda s: torch.randn(s, dtype=latents.dtype, device=device), latents.shape)
-        t = self._rows(lambda s: torch.randint(0, self.noise_scheduler.config.num_train_timesteps, s,
-                                               device=device), (latents.shape[0],))
-        return self.noise_scheduler.add_noise(latents, noise, t), noise, t
+        """(noisy latents, timesteps, the denoiser's training target)."""
+        return self.family.noisy(latents, self._rows)
+
+    def predict(self, denoiser, noisy: torch.Tensor, t: torch.Tensor, cond: Dict) -> torch.Tensor:
+        return self.family.predict(denoiser, noisy.to(self.weight_dtype), t, cond)
 
     # ---- target model -------------------------------------------------------------------------
     @contextlib.contextmanager
     def _target(self):
-        """(unet, text_encoder) callables of the target model, inside no_grad."""
+        """(denoiser, text encoders) of the target model, inside no_grad."""
         with torch.no_grad():
+            encoders = self._encoders(trained_inner=True)
             if self.target_model == "current":
-                yield self._inner(self.unet), self._inner(self.text_encoder)
+                yield self._inner(self.unet), encoders
             elif self.lora:
-                trained = self.unet if self.train_component == "unet" else self.text_encoder
+                trained = self.unet if self.train_component == "unet" else \
+                    self.text_encoders[self.train_component]
                 with adapters_disabled(self._inner(trained)):
-                    yield self._inner(self.unet), self._inner(self.text_encoder)
+                    yield self._inner(self.unet), encoders
             elif self.train_component == "unet":
-                yield self.frozen_unet, self._inner(self.text_encoder)
+                yield self.frozen_unet, encoders
             else:
-                yield self._inner(self.unet), self.frozen_text_encoder
+                yield self._inner(self.unet), {**encoders,
+                                               self.train_component: self.frozen_text_encoder}
 
-    def _target_embed(self, batch: Dict, role: str, encoder) -> torch.Tensor:
-        if f"{role}_embeddings" in batch and self.train_component == "unet":
-            return batch[f"{role}_embeddings"].to(self.device, self.weight_dtype)
-        ids = batch[f"{role}_input_ids"].to(self.device)
-        return encoder(ids, return_dict=False)[0].to(self.weight_dtype)
+    def _target_cond(self, batch: Dict, role: str, encoders: Dict) -> Dict[str, torch.Tensor]:
+        # cached embeddings are the frozen encoders': the target's own only when the denoiser
+        # is what is trained
+        return self._cond(batch, role, encoders, False, cached=self.train_component == "unet")
 
     # ---- the players --------------------------------------------------------------------------
     def retain_loss(self, batch: Dict) -> torch.Tensor:
         latents = self.latents(batch, "retain")
-        noisy, noise, t = self.noisy(latents)
-        cond = self.prompt_embeddings(batch, "retain")
-        pred = self.unet(noisy.to(self.weight_dtype), t, cond, return_dict=False)[0]
-        return retain_loss_from_pred(pred, denoising_target(self.noise_scheduler, latents, noise, t))
+        noisy, t, target = self.noisy(latents)
+        pred = self.predict(self.unet, noisy, t, self.conditioning(batch, "retain"))
+        return retain_loss_from_pred(pred, target)
 
     def forget_loss(self, batch: Dict, role: str = "forget") -> torch.Tensor:
         """The forget player's loss; ``role`` picks the player's keys in the batch: ``forget``
@@ -195,23 +234,19 @@ class SDUnlearner:
             raise ValueError(f"a forget role starts with 'forget', got {role!r}")
         anchor_role = "anchor" + role[len("forget"):]
         latents = self.latents(batch, role)
-        noisy, noise, t = self.noisy(latents)
-        cond = self.prompt_embeddings(batch, role)
-        if self.forget_objective == "ga":
-            target = denoising_target(self.noise_scheduler, latents, noise, t)
-        else:
-            with self._target() as (unet, text_encoder):
-                x = noisy.to(self.weight_dtype)
+        noisy, t, target = self.noisy(latents)
+        cond = self.conditioning(batch, role)
+        if self.forget_objective != "ga":
+            with self._target() as (denoiser, encoders):
                 if self.forget_objective == "remap":
-                    anchor = self._target_embed(batch, anchor_role, text_encoder)
-                    target = unet(x, t, anchor, return_dict=False)[0]
+                    target = self.predict(denoiser, noisy, t,
+                                          self._target_cond(batch, anchor_role, encoders))
                 else:
-                    e_u = unet(x, t, self._target_embed(batch, "uncond", text_encoder),
-                               return_dict=False)[0]
-                    e_c = unet(x, t, self._target_embed(batch, role, text_encoder),
-                               return_dict=False)[0]
+                    e_u = self.predict(denoiser, noisy, t,
+                                       self._target_cond(batch, "uncond", encoders))
+                    e_c = self.predict(denoiser, noisy, t, self._target_cond(batch, role, encoders))
                     target = esd_target(e_u, e_c, self.negative_guidance)
-        pred = self.unet(noisy.to(self.weight_dtype), t, cond, return_dict=False)[0]
+        pred = self.predict(self.unet, noisy, t, cond)
         return forget_loss_from_preds(self.forget_objective, pred, target)
 
     def losses(self, batch: Dict):

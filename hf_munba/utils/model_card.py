@@ -165,14 +165,20 @@ def sd_model_card(*, base_model: str, forgotten: Sequence[str], retained: Sequen
                   image_grid: Optional[str] = None, lora: bool = False,
                   extra_tags: Iterable[str] = (), repo_id: Optional[str] = None,
                   objective: Optional[str] = None, model_name: Optional[str] = None,
-                  forget_data: str = "forget set", retain_data: str = "retain set"):
+                  forget_data: str = "forget set", retain_data: str = "retain set",
+                  family: Optional[str] = None):
     """A ``huggingface_hub.ModelCard`` for an unlearned Stable Diffusion model.
+
+    ``family``: the model family that ran (:meth:`ModelFamily.describe`, e.g. "sdxl
+    (StableDiffusionXLPipeline, unet, target epsilon)"), shown under the base model and tagged.
 
     ``metrics`` fill the card's table and, through :func:`eval_results`, its model-index (named
     ``model_name``, default: the repo name); ``forget_data`` / ``retain_data`` name the data the
     losses were measured on (a Hub dataset id, or a local folder, shown by its last component).
     """
-    tags = list(dict.fromkeys([*DEFAULT_TAGS, *(["lora"] if lora else []), *extra_tags]))
+    family_tag = [f"munba-{family.split()[0]}"] if family else []
+    tags = list(dict.fromkeys([*DEFAULT_TAGS, *(["lora"] if lora else []), *family_tag,
+                               *extra_tags]))
     # The Hub only accepts repo ids as base_model; a local base is named by its folder name only.
     on_hub = is_hub_id(base_model)
     shown_base = _shown_base(base_model)
@@ -194,6 +200,7 @@ def sd_model_card(*, base_model: str, forgotten: Sequence[str], retained: Sequen
         "Nash Bargaining, Wu & Harandi 2024), trained with `hf_munba`. Each optimizer step moves "
         "along the Nash bargaining direction of the forgetting and the retaining gradient.",
         "",
+        *([f"Model family: {family}.", ""] if family else []),
         "## Forgotten",
         "",
         *[f"- `{p}`" for p in forgotten],
