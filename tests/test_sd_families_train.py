@@ -7,6 +7,7 @@ run made in process, changes only the trained component, and resumes bitwise.
 """
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -188,3 +189,32 @@ def test_what_a_family_cannot_train_fails_before_any_model_work(assets, tmp_path
     with pytest.raises(InputError, match=message.replace("(", r"\(")):
         train(config(assets[name], out, **kw))
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_one_call_api_unlearns_an_sdxl_pipeline_object():
+    import hf_munba
+
+    pipe = hf_munba.unlearn(TINY_FAMILY_PIPELINES["sdxl"](0), forget="nudity",
+                            retain="a person wearing clothes", max_train_steps=1, resolution=16,
+                            train_batch_size=2, learning_rate=1e-3, num_images_per_prompt=2,
+                            generation_inference_steps=2)
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline"
+    assert pipe("nudity", num_inference_steps=2, height=16, width=16).images
+
+
+def test_data_generation_script_runs_a_flux_pipeline(assets, tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, str(root / "training" / "generate_unlearning_data.py"),
+         "--pretrained_model_name_or_path", str(assets["flux"] / "pipe"), "--output_dir",
+         str(tmp_path / "data"), "--forget_prompts", "nudity", "--retain_prompts", "a person",
+         "--num_images_per_prompt", "1", "--num_inference_steps", "2", "--resolution", "16",
+         "--device", "cpu"], capture_output=True, text=True, cwd=str(root), timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+             "PYTHONPATH": str(root)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(list((tmp_path / "data" / "forget").glob("*.png"))) == 1
+    assert len(list((tmp_path / "data" / "retain").glob("*.png"))) == 1

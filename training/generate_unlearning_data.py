@@ -37,7 +37,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--pretrained_model_name_or_path", required=True,
-      help="the base diffusers SD pipeline: a Hub repo id (org/name) or a local folder")
+      help="the base pipeline (SD 1.x/2.x, SDXL, SD 3, Flux): a Hub repo id (org/name) or a "
+           "local folder")
     a("--revision", default=None, help="Hub revision of the base pipeline")
     a("--variant", default=None, help='weight file variant, e.g. "fp16"')
     a("--output_dir", required=True, help="writes OUTPUT/forget and OUTPUT/retain imagefolders")
@@ -111,13 +112,12 @@ def main(argv=None):
     except ValueError as e:
         sys.exit(f"error: {e}")
 
-    from diffusers import StableDiffusionPipeline
+    from hf_munba.diffusion.families import load_pipeline
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = StableDiffusionPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
-        dtype=dtype, safety_checker=None, requires_safety_checker=False).to(device)
+    pipe = load_pipeline(args.pretrained_model_name_or_path, revision=args.revision,
+                         variant=args.variant, dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     from hf_munba.diffusion.generation import generate_unlearning_data
 

@@ -43,7 +43,7 @@ import torch
 __all__ = ["ModelFamily", "StableDiffusionFamily", "StableDiffusionXLFamily",
            "StableDiffusion3Family", "FluxFamily", "FAMILIES", "family_for_pipeline_class",
            "detect_family", "family_of_pipeline", "text_encoder_names", "Rows", "model_index",
-           "PipelineComponents", "load_components", "PromptTokenizer"]
+           "PipelineComponents", "load_components", "PromptTokenizer", "load_pipeline"]
 
 Rows = Callable[[Callable[[Tuple[int, ...]], torch.Tensor], Sequence[int]], torch.Tensor]
 
@@ -412,6 +412,19 @@ def family_of_pipeline(pipe, **options) -> ModelFamily:
 
 def text_encoder_names(family: ModelFamily) -> List[str]:
     return [s.encoder for s in family.text_encoders]
+
+
+def load_pipeline(path: str, **kwargs):
+    """``DiffusionPipeline.from_pretrained`` for a pipeline of a supported family, with the safety
+    checker off where the pipeline has one (it would black out exactly the images unlearning
+    data and nudity metrics need). Refuses an unsupported pipeline class before loading weights."""
+    from diffusers import DiffusionPipeline
+
+    index = model_index(path, revision=kwargs.get("revision"), cache_dir=kwargs.get("cache_dir"))
+    family_for_pipeline_class(index.get("_class_name", ""))
+    if "safety_checker" in index:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    return DiffusionPipeline.from_pretrained(path, **kwargs)
 
 
 def _component_class(library: str, class_name: str):

@@ -108,8 +108,9 @@ def unlearn(pipeline_or_path, forget, retain, method: str = "munba",
             output_dir: Optional[Union[str, os.PathLike]] = None, **options):
     """Unlearn ``forget`` from a Stable Diffusion pipeline, keeping ``retain``; return the pipeline.
 
-    ``pipeline_or_path``: a ``DiffusionPipeline`` (SD 1.x/2.x; used as is, not modified) or a
-    local folder / Hub id. ``forget`` / ``retain``: prompts (a str or list of str: the images are
+    ``pipeline_or_path``: a ``DiffusionPipeline`` of any supported family (SD 1.x/2.x, SDXL,
+    SD 3, Flux: :mod:`hf_munba.diffusion.families`; used as is, not modified) or a local folder /
+    Hub id. ``forget`` / ``retain``: prompts (a str or list of str: the images are
     generated with the base pipeline, as ``training/generate_unlearning_data.py`` does), a data
     folder (images + ``metadata.jsonl``) or a ``datasets.Dataset`` (columns ``image_column`` /
     ``caption_column``, default ``image`` / ``text``). ``forget`` may be a dict name -> source
@@ -296,10 +297,9 @@ def _generate(pipe, base: str, folder: Path, gen: Mapping, resolution, *, forget
     from .generation import generate_unlearning_data
 
     if pipe is None:
-        from diffusers import StableDiffusionPipeline
+        from .families import load_pipeline
 
-        pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None,
-                                                       requires_safety_checker=False)
+        pipe = load_pipeline(base)
     return generate_unlearning_data(
         pipe, folder, forget=forget, retain=retain,
         num_images_per_prompt=gen["num_images_per_prompt"], seed=seed,
@@ -310,12 +310,11 @@ def _generate(pipe, base: str, folder: Path, gen: Mapping, resolution, *, forget
 
 def _load_result(out: Path, base: str, config):
     """The trained pipeline, in memory (the folder may be a temporary one about to go)."""
-    from diffusers import DiffusionPipeline
+    from .families import load_pipeline
 
-    kw = dict(safety_checker=None, requires_safety_checker=False)
     if config.use_lora and not config.fuse_lora:
-        pipe = DiffusionPipeline.from_pretrained(base, **kw)
+        pipe = load_pipeline(base)
         pipe.load_lora_weights(str(out))
     else:
-        pipe = DiffusionPipeline.from_pretrained(str(out), **kw)
+        pipe = load_pipeline(str(out))
     return pipe  # the weights are in memory: removing the folder afterwards is safe
