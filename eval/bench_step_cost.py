@@ -178,8 +178,14 @@ def _sd_workload(config: str, device: torch.device, autocast, batch: int,
 
     unlearner = SDUnlearner(unet, text_encoder, vae, scheduler, forget_objective="remap",
                             target_model="current", lora=lora)
-    work = Workload(device, params, torch.optim.AdamW(params, lr=1e-5), None, None, autocast,
-                    model=unet)
+    return _unlearner_workload(unlearner, params, autocast, cached, encoded)
+
+
+def _unlearner_workload(unlearner, params, autocast, cached, encoded) -> Workload:
+    """The two players' losses of ``unlearner`` on the cached batch, or on the encoded one when
+    ``work.encoded_inputs`` is set (the benchmark's no-cache variant)."""
+    work = Workload(unlearner.device, params, torch.optim.AdamW(params, lr=1e-5), None, None,
+                    autocast, model=unlearner.unet)
 
     def retain(i):
         with work.amp():
@@ -235,19 +241,7 @@ def _family_workload(config: str, device: torch.device, autocast, batch: int,
             cached.update({embedding_key(role, k): v for k, v in family.encode(encoders, ids).items()})
     unlearner = SDUnlearner(denoiser, None, vae, family=family, text_encoders=encoders,
                             forget_objective="remap", target_model="current")
-    work = Workload(device, params, torch.optim.AdamW(params, lr=1e-5), None, None, autocast,
-                    model=denoiser)
-
-    def retain(i):
-        with work.amp():
-            return unlearner.retain_loss(encoded if work.encoded_inputs else cached)
-
-    def forget(i):
-        with work.amp():
-            return unlearner.forget_loss(encoded if work.encoded_inputs else cached)
-
-    work.retain_loss, work.forget_loss = retain, forget
-    return work
+    return _unlearner_workload(unlearner, params, autocast, cached, encoded)
 
 
 def _classifier_workload(device: torch.device, autocast, batch: int) -> Workload:
