@@ -205,3 +205,60 @@ def test_lora_of_every_component_saves_in_the_familys_format(tmp_path, name):
     assert abs(again - trained).max() < 1e-5
     with pytest.raises(ValueError, match="stores LoRA layers of"):
         save_lora(tmp_path, pipeline_class=type(pipe), text_encoder_3=pipe.text_encoder)
+
+
+def test_sdxl_time_ids_come_from_each_images_original_size_and_crop(pipes):
+    from PIL import Image
+
+    from hf_munba.diffusion.data import preprocess_image
+    from hf_munba.diffusion.unlearner import SDUnlearner
+
+    img = Image.new("RGB", (20, 12), (200, 10, 10))  # landscape: resized to 13 x 8, crop left 2
+    px, geo = preprocess_image(img, 8, geometry=True)
+    assert px.shape == (3, 8, 8) and geo == ((12, 20), (0, 2))
+    px2, geo2 = preprocess_image(img, 8, center_crop=False, geometry=True,
+                                 generator=torch.Generator().manual_seed(0))
+    assert geo2[0] == (12, 20) and 0 <= geo2[1][1] <= 5 and geo2[1][0] == 0
+    pipe = pipes["sdxl"]
+    family = family_of_pipeline(pipe)
+    ids = family.time_ids(1, 16, 16, original_sizes=torch.tensor([[12, 20]]),
+                          crops_top_left=torch.tensor([[0, 2]]))
+    assert ids.tolist() == [[12.0, 20.0, 0.0, 2.0, 16.0, 16.0]]
+    toks, encs = _parts(pipe, family)
+    batch = {"retain_pixel_values": torch.rand(1, 3, 16, 16) * 2 - 1,
+             **{f"retain_{k}": v for k, v in family.tokenize(toks, ["a cat"]).items()}}
+    un = SDUnlearner(pipe.unet, None, pipe.vae, family=family, text_encoders=encs)
+    losses = []
+    for extra in ({}, {"retain_original_size": torch.tensor([[12, 20]]),
+                       "retain_crop_top_left": torch.tensor([[0, 2]])},
+                  {"retain_original_size": torch.tensor([[16, 16]]),
+                   "retain_crop_top_left": torch.tensor([[0, 0]])}):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            losses.append(float(un.retain_loss({**batch, **extra})))
+    assert losses[1] != losses[0]  # the recorded geometry reaches the UNet's add_embedding
+    assert losses[2] == losses[0]  # a native-size, uncropped image: the generation-time ids
+
+
+def test_the_dataset_records_image_geometry_with_and_without_the_latent_cache(pipes):
+    from PIL import Image
+
+    from hf_munba.diffusion.data import ImageCaptionSource, LatentCache, PairedUnlearningDataset
+    from hf_munba.diffusion.families import PromptTokenizer
+
+    pipe = pipes["sdxl"]
+    family = family_of_pipeline(pipe)
+    toks, encs = _parts(pipe, family)
+    imgs = [Image.new("RGB", (20, 12), (i * 40, 0, 0)) for i in range(2)]
+    src = ImageCaptionSource("mem", imgs, ["a", "b"], [], [(20, 12)] * 2)
+    ds = PairedUnlearningDataset(src, src, PromptTokenizer(family, toks), 8, anchor_prompt="c",
+                                 image_geometry=True)
+    item = ds[0]
+    assert item["retain_original_size"].tolist() == [12, 20]
+    assert item["forget_crop_top_left"].tolist() == [0, 2]
+    assert {"retain_input_ids", "retain_input_ids_2"} <= set(item)
+    ds.cache = LatentCache().build(ds, pipe.vae, encode=lambda ids: family.encode(encs, ids))
+    cached = ds[0]
+    assert cached["retain_original_size"].tolist() == [12, 20]
+    assert {"retain_embeddings", "retain_cond_text_embeds"} <= set(cached)
+    assert "retain_input_ids" not in cached

@@ -43,7 +43,8 @@ __all__ = ["ImageCaptionSource", "DataValidationError", "load_imagefolder", "loa
            "preprocess_image", "PairedUnlearningDataset", "class_prompts",
            "remap_class", "LatentCache", "ForgetConceptSpec", "ForgetConcept",
            "parse_forget_concept", "read_forget_manifest", "load_concept", "pool_sources",
-           "check_concepts_disjoint", "FORGET_PLAYER_MODES", "embedding_key"]
+           "check_concepts_disjoint", "FORGET_PLAYER_MODES", "embedding_key",
+           "crop_geometry"]
 
 #: how several forget concepts play: each its own bargaining player, or all in one forget loss
 FORGET_PLAYER_MODES = ("per_concept", "pooled")
@@ -401,8 +402,17 @@ def pool_sources(concepts: Sequence[ForgetConcept]) -> Tuple[ImageCaptionSource,
     return pooled, owner
 
 
+def crop_geometry(size: Tuple[int, int], resolution: int) -> Tuple[int, int, int, int]:
+    """(resized width, resized height, centre-crop left, centre-crop top) of an image of
+    ``size`` = (width, height) under :func:`preprocess_image`'s resize."""
+    w, h = size
+    s = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * s)), max(resolution, round(h * s))
+    return nw, nh, (nw - resolution) // 2, (nh - resolution) // 2
+
+
 def preprocess_image(image, resolution: int, *, center_crop: bool = True, flip: bool = False,
-                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                     generator: Optional[torch.Generator] = None, geometry: bool = False):
     """Resize the shorter side to ``resolution`` (bilinear), crop a square, optionally flip
     horizontally, scale to [-1, 1], CHW.
 
@@ -416,23 +426,24 @@ def preprocess_image(image, resolution: int, *, center_crop: bool = True, flip: 
     only centre-crops, while training needs diffusers' ``text_to_image`` augmentation, a random
     crop seeded per item (so a step's data is a pure function of the step), with centre crop and
     random crop sharing one resize so a centred offset gives exactly the centre crop.
+
+    ``geometry=True`` also returns ((original height, width), (crop top, left)): SDXL's
+    micro-conditioning (``add_time_ids``), as diffusers' SDXL training example records it.
     """
     from PIL import Image
 
     w, h = image.size
-    s = resolution / min(w, h)
-    nw, nh = max(resolution, round(w * s)), max(resolution, round(h * s))
+    nw, nh, left, top = crop_geometry((w, h), resolution)
     if (nw, nh) != (w, h):
         image = image.resize((nw, nh), Image.BILINEAR)
-    if center_crop:
-        left, top = (nw - resolution) // 2, (nh - resolution) // 2
-    else:  # draws only where there is a choice (never for a square image)
+    if not center_crop:  # draws only where there is a choice (never for a square image)
         left = _offset(nw - resolution, generator)
         top = _offset(nh - resolution, generator)
     image = image.crop((left, top, left + resolution, top + resolution))
     if flip:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    return _image_processor().preprocess(image.convert("RGB"))[0].contiguous()
+    pixels = _image_processor().preprocess(image.convert("RGB"))[0].contiguous()
+    return (pixels, ((h, w), (top, left))) if geometry else pixels
 
 
 _PROCESSOR = None
@@ -598,10 +609,11 @@ class PairedUnlearningDataset(torch.utils.data.Dataset):
                  resolution: int, *, anchor_prompt: str, seed: int = 0,
                  forget_prompts: Optional[Sequence[str]] = None, uncond_prompt: str = "",
                  center_crop: bool = True, random_flip: bool = False,
-                 forget_players: str = "per_concept"):
+                 forget_players: str = "per_concept", image_geometry: bool = False):
         if forget_players not in FORGET_PLAYER_MODES:
             raise ValueError(f"forget_players must be one of {FORGET_PLAYER_MODES}, got "
                              f"{forget_players!r}")
+        self.image_geometry = image_geometry  # SDXL: record original size and crop
         self.retain = retain
         self.tokenizer = tokenizer
         self.resolution = resolution
@@ -687,9 +699,9 @@ class PairedUnlearningDataset(torch.utils.data.Dataset):
         return next(iter(self.token_ids(text).values()))
 
     def pixels(self, src: ImageCaptionSource, i: int, *, flip: bool = False,
-               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+               generator: Optional[torch.Generator] = None, geometry: bool = False):
         return preprocess_image(src.load_image(i), self.resolution, center_crop=self.center_crop,
-                                flip=flip, generator=generator)
+                                flip=flip, generator=generator, geometry=geometry)
 
     def all_texts(self) -> List[str]:
         texts = set(self.retain.captions) | {self.anchor_prompt, self.uncond_prompt}
@@ -751,11 +763,22 @@ class PairedUnlearningDataset(torch.utils.data.Dataset):
             flip, generator = self.augmentation(role, i)
             if self.random_flip:
                 item[f"{role}_flipped"] = flip
+            geo = None
             if self.cache is not None:
                 mean, std = self.cache.latents[(role, j, flip)]
                 item[f"{role}_latent_mean"], item[f"{role}_latent_std"] = mean, std
+                if self.image_geometry:  # cached images are centre-cropped (check_cacheable)
+                    w, h = src.image_size(j)
+                    _, _, left, top = crop_geometry((w, h), self.resolution)
+                    geo = ((h, w), (top, left))
+            elif self.image_geometry:
+                item[f"{role}_pixel_values"], geo = self.pixels(src, j, flip=flip,
+                                                                generator=generator, geometry=True)
             else:
                 item[f"{role}_pixel_values"] = self.pixels(src, j, flip=flip, generator=generator)
+            if geo is not None:
+                item[f"{role}_original_size"] = torch.tensor(geo[0])
+                item[f"{role}_crop_top_left"] = torch.tensor(geo[1])
         for role, text in texts.items():
             if self.cache is not None and self.cache.embeddings:
                 for key, value in self.cache.embeddings[text].items():

@@ -78,6 +78,8 @@ class ModelFamily:
 
     #: conditioning tensors besides ``encoder_hidden_states`` (pooled text embeddings)
     pooled_keys: ClassVar[Tuple[str, ...]] = ()
+    #: the denoiser is conditioned on each image's original size and crop (SDXL's time ids)
+    micro_conditioning: ClassVar[bool] = False
 
     def __init__(self, scheduler_config: Mapping[str, Any], vae_config: Mapping[str, Any],
                  denoiser_config: Optional[Mapping[str, Any]] = None, *,
@@ -180,16 +182,18 @@ class StableDiffusionFamily(ModelFamily):
 class StableDiffusionXLFamily(ModelFamily):
     """SDXL: two CLIP encoders and the micro-conditioning time ids.
 
-    ``add_time_ids`` = original size + crop top-left + target size. Training images are resized
-    and centre-cropped to ``resolution`` by the data pipeline, so each sample's original size is
-    its own (``original_sizes`` in the batch when known) and the crop offset is the one the
-    centre crop took; without them the target size is used for both, which is what SDXL's
-    pipeline passes at generation time.
+    ``add_time_ids`` = original size + crop top-left + target size. The data pipeline records
+    each training image's original (height, width) and the (top, left) offset its crop took
+    (``<role>_original_size``, ``<role>_crop_top_left``, as diffusers' SDXL training example
+    does), and every prediction on that image, the target model's included, gets those ids;
+    without them the target size and no crop are used, which is what SDXL's pipeline passes at
+    generation time.
     """
 
     name = "sdxl"
     pipeline_classes = ("StableDiffusionXLPipeline",)
-    pooled_keys = ("text_embeds", "time_ids")
+    pooled_keys = ("text_embeds",)
+    micro_conditioning = True
     text_encoders = (TextEncoderSlot("tokenizer", "text_encoder", "input_ids"),
                      TextEncoderSlot("tokenizer_2", "text_encoder_2", "input_ids_2"))
 

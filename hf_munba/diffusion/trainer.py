@@ -459,6 +459,7 @@ def train(config: SDUnlearningConfig, *, sources: Optional[Tuple] = None) -> Pat
                                       anchor_prompt=args.anchor_prompt, seed=args.seed,
                                       forget_prompts=args.forget_prompts,
                                       center_crop=args.center_crop, random_flip=args.random_flip,
+                                      image_geometry=family.micro_conditioning,
                                       forget_players=args.forget_players_mode or "pooled")
     if args.cache_latents:
         dataset.cache = LatentCache().build(
@@ -475,6 +476,7 @@ def train(config: SDUnlearningConfig, *, sources: Optional[Tuple] = None) -> Pat
         eval_dataset = PairedUnlearningDataset(
             concepts, retain_src, prompt_tokenizer, args.resolution, anchor_prompt=args.anchor_prompt,
             seed=args.seed, center_crop=args.center_crop, random_flip=args.random_flip,
+            image_geometry=family.micro_conditioning,
             forget_players="per_concept")
     eval_roles = eval_dataset.forget_roles
     eval_items = [eval_dataset[i] for i in range(min(len(eval_dataset),

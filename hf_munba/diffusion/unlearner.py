@@ -220,10 +220,23 @@ class SDUnlearner:
         return self._cond(batch, role, encoders, False, cached=self.train_component == "unet")
 
     # ---- the players --------------------------------------------------------------------------
+    def _image_cond(self, batch: Dict, role: str, latents: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Conditioning that belongs to the ``role`` images rather than to a prompt: SDXL's time
+        ids from each image's original size and crop (empty for other families)."""
+        if not self.family.micro_conditioning:
+            return {}
+        scale = self.family.vae_scale
+        return {"time_ids": self.family.time_ids(
+            latents.shape[0], latents.shape[-2] * scale, latents.shape[-1] * scale,
+            original_sizes=batch.get(f"{role}_original_size"),
+            crops_top_left=batch.get(f"{role}_crop_top_left"), device=self.device,
+            dtype=self.weight_dtype)}
+
     def retain_loss(self, batch: Dict) -> torch.Tensor:
         latents = self.latents(batch, "retain")
         noisy, t, target = self.noisy(latents)
-        pred = self.predict(self.unet, noisy, t, self.conditioning(batch, "retain"))
+        cond = {**self.conditioning(batch, "retain"), **self._image_cond(batch, "retain", latents)}
+        pred = self.predict(self.unet, noisy, t, cond)
         return retain_loss_from_pred(pred, target)
 
     def forget_loss(self, batch: Dict, role: str = "forget") -> torch.Tensor:
@@ -235,16 +248,18 @@ class SDUnlearner:
         anchor_role = "anchor" + role[len("forget"):]
         latents = self.latents(batch, role)
         noisy, t, target = self.noisy(latents)
-        cond = self.conditioning(batch, role)
+        image = self._image_cond(batch, role, latents)  # every prediction here is on these images
+        cond = {**self.conditioning(batch, role), **image}
         if self.forget_objective != "ga":
             with self._target() as (denoiser, encoders):
+                def target_cond(prompt_role):
+                    return {**self._target_cond(batch, prompt_role, encoders), **image}
+
                 if self.forget_objective == "remap":
-                    target = self.predict(denoiser, noisy, t,
-                                          self._target_cond(batch, anchor_role, encoders))
+                    target = self.predict(denoiser, noisy, t, target_cond(anchor_role))
                 else:
-                    e_u = self.predict(denoiser, noisy, t,
-                                       self._target_cond(batch, "uncond", encoders))
-                    e_c = self.predict(denoiser, noisy, t, self._target_cond(batch, role, encoders))
+                    e_u = self.predict(denoiser, noisy, t, target_cond("uncond"))
+                    e_c = self.predict(denoiser, noisy, t, target_cond(role))
                     target = esd_target(e_u, e_c, self.negative_guidance)
         pred = self.predict(self.unet, noisy, t, cond)
         return forget_loss_from_preds(self.forget_objective, pred, target)
