@@ -218,3 +218,30 @@ def test_data_generation_script_runs_a_flux_pipeline(assets, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(list((tmp_path / "data" / "forget").glob("*.png"))) == 1
     assert len(list((tmp_path / "data" / "retain").glob("*.png"))) == 1
+
+
+def test_flux_lora_sigkill_after_checkpoint_then_resume_is_bitwise_identical(assets, tmp_path):
+    """A real SIGKILL mid-run of a flow-matching family (its timestep draws, packed latents and
+    LoRA checkpoint), resumed with --resume_from_checkpoint latest: bitwise the uninterrupted run."""
+    from reliability_helpers import SD_SCRIPT, assert_bitwise, kill_after_checkpoint, run_script
+
+    root = assets["flux"]
+
+    def args(out):
+        return ["--pretrained_model_name_or_path", root / "pipe", "--forget_data_dir",
+                root / "forget", "--retain_data_dir", root / "retain", "--output_dir", out,
+                "--resolution", 16, "--train_batch_size", 1, "--max_train_steps", 4,
+                "--checkpointing_steps", 2, "--learning_rate", 1e-3, "--report_to", "none",
+                "--seed", 0, "--eval_batches", 1, "--train_params", "full", "--use_lora",
+                "--rank", 2]
+
+    ref, out = tmp_path / "reference", tmp_path / "killed"
+    run_script(SD_SCRIPT, args(ref))
+    kill_after_checkpoint(SD_SCRIPT, args(out), lambda: (out / "checkpoint-2").is_dir())
+    assert not (out / "pytorch_lora_weights.safetensors").exists()
+    run_script(SD_SCRIPT, args(out) + ["--resume_from_checkpoint", "latest"])
+    name = "pytorch_lora_weights.safetensors"
+    assert_bitwise(load_file(str(ref / name)), load_file(str(out / name)))
+    h = [json.loads(line) for line in (ref / "history.jsonl").read_text().splitlines()]
+    h2 = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert h == h2 and len(h) == 4
