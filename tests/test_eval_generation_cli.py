@@ -186,3 +186,20 @@ def test_bad_model_arguments(assets, tmp_path):
         mod.main(["--model", f"sd={tmp_path}", "--prompts", "nudity",
                   "--output_dir", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
+
+
+def test_every_model_family_is_evaluated_with_the_same_command(assets, tmp_path):
+    """SDXL, SD 3 and Flux pipelines go through the same generation and metrics as SD 1.x."""
+    from hf_munba.testing.families import save_tiny_family_pipeline
+
+    models = []
+    for family in ("sdxl", "sd3", "flux"):
+        models += ["--model", f"{family}={save_tiny_family_pipeline(family, tmp_path / family)}"]
+    out = tmp_path / "out"
+    _script_module().main(models + [
+        "--prompts", "imagenette", "--max_prompts", "1", "--num_images_per_prompt", "1",
+        "--num_inference_steps", "1", "--height", "16", "--width", "16", "--output_dir", str(out),
+        "--metrics", "classification", "--classifier", assets["clf"], "--forget_classes", "tench"])
+    for family in ("sdxl", "sd3", "flux"):
+        assert len(list((out / "images" / family).glob("*.png"))) == 1, family
+    assert all(f in (out / "results.md").read_text() for f in ("sdxl", "sd3", "flux"))
