@@ -1,6 +1,8 @@
-"""Unlearning for diffusion pipelines (Stable Diffusion 1.x today).
+"""Unlearning for diffusion pipelines: SD 1.x/2.x, SDXL, SD 3 and Flux.
 
-Data flows one way: :mod:`.data` (paired forget/retain batches, latent cache) ->
+:mod:`.families` holds what differs between model families (prompt encoding, noising and the
+training target, the denoiser call), picked from the pipeline's ``model_index.json``; the rest
+is shared. Data flows one way: :mod:`.data` (paired forget/retain batches, latent cache) ->
 :mod:`.objectives` (the players' losses) -> :mod:`.unlearner` (one batch in, the losses out) ->
 the shared step (:mod:`hf_munba.unlearning`). :mod:`.params` picks what is trained (a subset or
 LoRA), :mod:`.inputs` checks the inputs before any model work, :mod:`.export` writes the result
@@ -14,7 +16,8 @@ import importlib
 
 _LAZY = {"SDUnlearningConfig": ".config", "train": ".trainer", "check_inputs": ".trainer",
          "SDUnlearner": ".unlearner", "PairedUnlearningDataset": ".data",
-         "generate_unlearning_data": ".generation"}
+         "generate_unlearning_data": ".generation", "detect_family": ".families",
+         "ModelFamily": ".families"}
 
 __all__ = list(_LAZY)
 
