@@ -262,3 +262,25 @@ def test_the_dataset_records_image_geometry_with_and_without_the_latent_cache(pi
     assert cached["retain_original_size"].tolist() == [12, 20]
     assert {"retain_embeddings", "retain_cond_text_embeds"} <= set(cached)
     assert "retain_input_ids" not in cached
+
+
+def test_sdxl_esd_unconditional_is_the_pipelines_zero_conditioning(pipes):
+    from hf_munba.diffusion.unlearner import SDUnlearner
+
+    assert family_of_pipeline(pipes["sdxl"]).zero_unconditional  # force_zeros_for_empty_prompt
+    assert not family_of_pipeline(pipes["sd3"]).zero_unconditional
+    pipe = pipes["sdxl"]
+    family = family_of_pipeline(pipe)
+    toks, encs = _parts(pipe, family)
+    batch = {"forget_pixel_values": torch.rand(1, 3, 16, 16) * 2 - 1}
+    for role, text in (("forget", "nudity"), ("uncond", "")):
+        batch.update({f"{role}_{k}": v for k, v in family.tokenize(toks, [text]).items()})
+    un = SDUnlearner(pipe.unet, None, pipe.vae, family=family, text_encoders=encs,
+                     forget_objective="esd")
+    other = {**batch, **{f"uncond_{k}": v for k, v in family.tokenize(toks, ["a dog"]).items()}}
+    losses = []
+    for b in (batch, other):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            losses.append(float(un.forget_loss(b)))
+    assert losses[0] == losses[1]  # e_u is the zero-conditioned prediction, whatever the text

@@ -83,7 +83,11 @@ class ModelFamily:
 
     def __init__(self, scheduler_config: Mapping[str, Any], vae_config: Mapping[str, Any],
                  denoiser_config: Optional[Mapping[str, Any]] = None, *,
-                 noise_scheduler=None):
+                 noise_scheduler=None, pipeline_config: Optional[Mapping[str, Any]] = None):
+        # SDXL's pipeline conditions its unconditional branch on zeros, not on the encoded
+        # empty prompt (force_zeros_for_empty_prompt): ESD's e_u must be that same prediction
+        self.zero_unconditional = bool((pipeline_config or {}).get(
+            "force_zeros_for_empty_prompt", False))
         self.scheduler_config = dict(scheduler_config)
         self.vae_config = dict(vae_config)
         self.denoiser_config = dict(denoiser_config or {})
@@ -241,8 +245,10 @@ class _FlowMatchingFamily(ModelFamily):
     def __init__(self, scheduler_config, vae_config, denoiser_config=None, *,
                  weighting_scheme: Optional[str] = None, logit_mean: float = 0.0,
                  logit_std: float = 1.0, mode_scale: float = 1.29,
-                 max_sequence_length: Optional[int] = None, noise_scheduler=None):
-        super().__init__(scheduler_config, vae_config, denoiser_config)
+                 max_sequence_length: Optional[int] = None, noise_scheduler=None,
+                 pipeline_config: Optional[Mapping[str, Any]] = None):
+        super().__init__(scheduler_config, vae_config, denoiser_config,
+                         pipeline_config=pipeline_config)
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         # a private copy at its training timesteps: generation's set_timesteps must not move them
@@ -404,14 +410,14 @@ def detect_family(path: str, *, revision: Optional[str] = None, cache_dir: Optio
     scheduler = _load_config(DDPMScheduler, path, "scheduler", **hub)
     vae = _load_config(AutoencoderKL, path, "vae", **hub)
     denoiser = _load_config(AutoencoderKL, path, family.denoiser, **hub)
-    return family(scheduler, vae, denoiser, **options)
+    return family(scheduler, vae, denoiser, pipeline_config=index, **options)
 
 
 def family_of_pipeline(pipe, **options) -> ModelFamily:
     """The family adapter of a loaded pipeline object."""
     family = family_for_pipeline_class(type(pipe).__name__)
     return family(pipe.scheduler.config, pipe.vae.config,
-                  getattr(pipe, family.denoiser).config, **options)
+                  getattr(pipe, family.denoiser).config, pipeline_config=pipe.config, **options)
 
 
 def text_encoder_names(family: ModelFamily) -> List[str]:

@@ -253,7 +253,10 @@ class SDUnlearner:
         if self.forget_objective != "ga":
             with self._target() as (denoiser, encoders):
                 def target_cond(prompt_role):
-                    return {**self._target_cond(batch, prompt_role, encoders), **image}
+                    cond = self._target_cond(batch, prompt_role, encoders)
+                    if prompt_role == "uncond" and self.family.zero_unconditional:
+                        cond = {k: torch.zeros_like(v) for k, v in cond.items()}
+                    return {**cond, **image}
 
                 if self.forget_objective == "remap":
                     target = self.predict(denoiser, noisy, t, target_cond(anchor_role))
