@@ -36,13 +36,15 @@ ranks draw what one process with the global batch draws.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from .objectives import denoising_target
+
 __all__ = ["ModelFamily", "StableDiffusionFamily", "StableDiffusionXLFamily",
            "StableDiffusion3Family", "FluxFamily", "FAMILIES", "family_for_pipeline_class",
-           "detect_family", "family_of_pipeline", "text_encoder_names", "Rows", "model_index",
+           "detect_family", "family_of_pipeline", "Rows", "model_index",
            "PipelineComponents", "load_components", "PromptTokenizer", "load_pipeline"]
 
 Rows = Callable[[Callable[[Tuple[int, ...]], torch.Tensor], Sequence[int]], torch.Tensor]
@@ -140,17 +142,28 @@ class ModelFamily:
         t = rows(lambda s: torch.randint(0, self.noise_scheduler.config.num_train_timesteps, s,
                                          device=device), (latents.shape[0],))
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
-        if self.prediction_type == "epsilon":
-            target = noise
-        else:
-            target = self.noise_scheduler.get_velocity(latents, noise, t)
-        return noisy, t, target
+        return noisy, t, denoising_target(self.noise_scheduler, latents, noise, t)
 
     # ---- the denoiser -------------------------------------------------------------------------
     def predict(self, denoiser, noisy: torch.Tensor, timesteps: torch.Tensor,
                 cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The denoiser's prediction, in the latents' layout."""
         return denoiser(noisy, timesteps, cond["encoder_hidden_states"], return_dict=False)[0]
+
+    @property
+    def vae_scale(self) -> int:
+        """Pixels per latent along a side: 2 ** (number of VAE blocks - 1)."""
+        return 2 ** (len(self.vae_config.get("block_out_channels", (0,) * 4)) - 1)
+
+    def component_name(self, train_component: str) -> Optional[str]:
+        """The pipeline's name of what ``--train_component`` trains, or None if this family has
+        no such component: ``unet`` means the denoiser of every family (so one set of flags
+        works everywhere), ``transformer`` only a transformer, a text encoder its own name."""
+        if train_component == "unet" or train_component == self.denoiser:
+            return self.denoiser
+        if train_component in (s.encoder for s in self.text_encoders):
+            return train_component
+        return None
 
     #: extra ``from_pretrained`` arguments for a pipeline that only generates validation images
     validation_pipeline_kwargs: ClassVar[Dict[str, Any]] = {}
@@ -227,10 +240,6 @@ class StableDiffusionXLFamily(ModelFamily):
         return denoiser(noisy, timesteps, cond["encoder_hidden_states"],
                         added_cond_kwargs={"text_embeds": cond["text_embeds"],
                                            "time_ids": time_ids}, return_dict=False)[0]
-
-    @property
-    def vae_scale(self) -> int:
-        return 2 ** (len(self.vae_config.get("block_out_channels", (0,) * 4)) - 1)
 
 
 class _FlowMatchingFamily(ModelFamily):
@@ -356,10 +365,6 @@ class FluxFamily(_FlowMatchingFamily):
         return FluxPipeline._unpack_latents(out, h * self.vae_scale, w * self.vae_scale,
                                             self.vae_scale)
 
-    @property
-    def vae_scale(self) -> int:
-        return 2 ** (len(self.vae_config.get("block_out_channels", (0,) * 4)) - 1)
-
 
 FAMILIES: Dict[str, type] = {f.name: f for f in (StableDiffusionFamily, StableDiffusionXLFamily,
                                                  StableDiffusion3Family, FluxFamily)}
@@ -418,10 +423,6 @@ def family_of_pipeline(pipe, **options) -> ModelFamily:
     family = family_for_pipeline_class(type(pipe).__name__)
     return family(pipe.scheduler.config, pipe.vae.config,
                   getattr(pipe, family.denoiser).config, pipeline_config=pipe.config, **options)
-
-
-def text_encoder_names(family: ModelFamily) -> List[str]:
-    return [s.encoder for s in family.text_encoders]
 
 
 def load_pipeline(path: str, **kwargs):

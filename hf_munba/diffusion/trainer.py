@@ -93,11 +93,8 @@ def check_family(config: SDUnlearningConfig, vae_factor: int):
     except ValueError as e:
         raise InputError(f"--pretrained_model_name_or_path: {e}") from None
     names = [s.encoder for s in family.text_encoders]
-    component = family.denoiser if config.train_component in ("unet", "transformer") \
-        else config.train_component
-    if config.train_component == "transformer" and family.denoiser != "transformer":
-        component = None
-    if component is None or (config.trains_text_encoder and component not in names):
+    component = family.component_name(config.train_component)
+    if component is None:
         raise InputError(f"--train_component {config.train_component}: a {family.name} pipeline "
                          f"has the denoiser ('unet' or its own name '{family.denoiser}') and the "
                          f"text encoders {names}")
@@ -408,9 +405,7 @@ def train(config: SDUnlearningConfig, *, sources: Optional[Tuple] = None) -> Pat
     unet.requires_grad_(False)
     for enc in text_encoders.values():
         enc.requires_grad_(False)
-    # the pipeline's name of the trained component (SD 3 / Flux: 'unet' means the transformer)
-    component = family.denoiser if args.train_component in ("unet", "transformer") \
-        else args.train_component
+    component = family.component_name(args.train_component)  # checked in check_inputs
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision,
                                                                        torch.float32)
