@@ -284,3 +284,9 @@ def test_sdxl_esd_unconditional_is_the_pipelines_zero_conditioning(pipes):
         with torch.no_grad():
             losses.append(float(un.forget_loss(b)))
     assert losses[0] == losses[1]  # e_u is the zero-conditioned prediction, whatever the text
+
+
+def test_native_resolution_of_every_family(pipes):
+    expected = {"sd": 16, "sd2": 16, "sdxl": 16, "sd3": 16, "flux": 256}  # Flux: its pipeline's 128
+    for name, pipe in pipes.items():
+        assert family_of_pipeline(pipe).native_resolution == expected[name], name

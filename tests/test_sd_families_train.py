@@ -263,3 +263,13 @@ def test_every_objective_method_and_gradient_checkpointing_run(assets, name, tmp
         assert np.isfinite(h["loss/retain"]) and np.isfinite(h["loss/forget"])
         trained = load_file(str(out / path))
         assert any(not torch.equal(trained[k], base[k]) for k in trained), kw
+
+
+def test_one_call_api_takes_an_sd3_pipelines_native_resolution():
+    import hf_munba
+
+    pipe = hf_munba.unlearn(TINY_FAMILY_PIPELINES["sd3"](0), forget="nudity",
+                            retain="a person wearing clothes", max_train_steps=1,
+                            train_batch_size=2, learning_rate=1e-3, num_images_per_prompt=2,
+                            generation_inference_steps=1, output_dir=None)
+    assert type(pipe).__name__ == "StableDiffusion3Pipeline"

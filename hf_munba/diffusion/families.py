@@ -155,6 +155,13 @@ class ModelFamily:
         """Pixels per latent along a side: 2 ** (number of VAE blocks - 1)."""
         return 2 ** (len(self.vae_config.get("block_out_channels", (0,) * 4)) - 1)
 
+    @property
+    def native_resolution(self) -> Optional[int]:
+        """The image size the family's pipeline generates by default: the denoiser's
+        ``sample_size`` in latents x :attr:`vae_scale` (None when the config has none)."""
+        size = self.denoiser_config.get("sample_size")
+        return int(size) * self.vae_scale if size else None
+
     def component_name(self, train_component: str) -> Optional[str]:
         """The pipeline's name of what ``--train_component`` trains, or None if this family has
         no such component: ``unet`` means the denoiser of every family (so one set of flags
@@ -336,6 +343,12 @@ class FluxFamily(_FlowMatchingFamily):
     text_encoders = (TextEncoderSlot("tokenizer", "text_encoder", "input_ids"),
                      TextEncoderSlot("tokenizer_2", "text_encoder_2", "input_ids_2"))
     max_sequence_length = 512  # FluxPipeline's default
+
+    @property
+    def native_resolution(self) -> Optional[int]:
+        # FluxTransformer2DModel's config has no sample_size; FluxPipeline's default is 128
+        # latents a side (1024 px for Flux dev / schnell)
+        return 128 * self.vae_scale
 
     def __init__(self, *args, guidance_scale: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)

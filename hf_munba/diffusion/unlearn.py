@@ -91,15 +91,13 @@ def _write_dataset(ds, folder: Path, image_column: str, caption_column: str) -> 
 
 
 def _pipeline_resolution(pipe, path) -> Optional[int]:
-    """The native image size: UNet sample size x the VAE's down-sampling factor."""
-    try:
-        if pipe is not None:
-            return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
-        from diffusers import AutoencoderKL, UNet2DConditionModel
+    """The native image size of the pipeline's family (denoiser sample size x the VAE's
+    down-sampling factor; Flux: its pipeline's default)."""
+    from .families import detect_family, family_of_pipeline
 
-        unet = UNet2DConditionModel.load_config(path, subfolder="unet")
-        vae = AutoencoderKL.load_config(path, subfolder="vae")
-        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    try:
+        family = family_of_pipeline(pipe) if pipe is not None else detect_family(path)
+        return family.native_resolution
     except Exception:  # a Hub id offline, an odd pipeline: the config's default then
         return None
 
@@ -150,9 +148,15 @@ def unlearn(pipeline_or_path, forget, retain, method: str = "munba",
     image_column = options.get("image_column", "image")
     caption_column = options.get("caption_column", "text")
     pipe = None if isinstance(pipeline_or_path, (str, os.PathLike)) else pipeline_or_path
-    if pipe is not None and not (hasattr(pipe, "unet") and hasattr(pipe, "save_pretrained")):
-        raise TypeError(f"pipeline_or_path: a diffusers pipeline or a path, got "
-                        f"{type(pipe).__name__}")
+    if pipe is not None:
+        from diffusers import DiffusionPipeline
+
+        from .families import family_for_pipeline_class
+
+        if not isinstance(pipe, DiffusionPipeline):  # not only UNet pipelines: SD 3 / Flux too
+            raise TypeError(f"pipeline_or_path: a diffusers pipeline or a path, got "
+                            f"{type(pipe).__name__}")
+        family_for_pipeline_class(type(pipe).__name__)  # an unsupported pipeline: one error now
     concepts = dict(forget) if isinstance(forget, Mapping) else None
     if concepts is not None and not concepts:
         raise ValueError("forget: the dict of concepts is empty")
