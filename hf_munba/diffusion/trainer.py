@@ -68,22 +68,9 @@ def model_card_metrics(config: SDUnlearningConfig) -> Dict:
     return extra
 
 
-def vae_scale_factor(config: SDUnlearningConfig) -> int:
-    """2 ** (number of VAE blocks - 1), from the VAE config only (no weights are loaded)."""
-    from diffusers import AutoencoderKL
-
-    try:
-        cfg = AutoencoderKL.load_config(config.pretrained_model_name_or_path, subfolder="vae",
-                                        revision=config.revision, cache_dir=config.cache_dir)
-    except Exception as e:
-        raise InputError(f"cannot read the VAE config of {config.pretrained_model_name_or_path}: "
-                         f"{e}") from None
-    return 2 ** (len(cfg.get("block_out_channels", [0])) - 1)
-
-
-def check_family(config: SDUnlearningConfig, vae_factor: int):
-    """Refuse a component, a LoRA or a resolution the pipeline's family cannot train (configs
-    only, before any weights load)."""
+def check_family(config: SDUnlearningConfig):
+    """The pipeline's family, read once from its configs (no weights); refuses a resolution,
+    a component or a LoRA it cannot train."""
     from .export import lora_components
     from .families import FluxFamily, detect_family
 
@@ -92,6 +79,13 @@ def check_family(config: SDUnlearningConfig, vae_factor: int):
                                cache_dir=config.cache_dir)
     except ValueError as e:
         raise InputError(f"--pretrained_model_name_or_path: {e}") from None
+    except Exception as e:  # a Hub id offline, a broken folder
+        raise InputError(f"cannot read the pipeline configs of "
+                         f"{config.pretrained_model_name_or_path}: {e}") from None
+    vae_factor = family.vae_scale
+    if config.resolution % vae_factor:
+        raise InputError(f"--resolution {config.resolution} is not divisible by the VAE "
+                         f"down-sampling factor {vae_factor}")
     names = [s.encoder for s in family.text_encoders]
     component = family.component_name(config.train_component)
     if component is None:
@@ -169,11 +163,7 @@ def check_inputs(config: SDUnlearningConfig):
     if config.pretrained_model_name_or_path.startswith("~"):  # from_pretrained does not expand it
         config.pretrained_model_name_or_path = os.path.expanduser(
             config.pretrained_model_name_or_path)
-    factor = vae_scale_factor(config)
-    if config.resolution % factor:
-        raise InputError(f"--resolution {config.resolution} is not divisible by the VAE "
-                         f"down-sampling factor {factor}")
-    check_family(config, factor)
+    check_family(config)
     if config.push_to_hub:
         from ..utils.model_card import HubAccessError, check_hub_access
 
