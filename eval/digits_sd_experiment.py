@@ -70,6 +70,10 @@ def parse_args(argv=None):
                    help="extra training-script flags for the munba method only, one string (to "
                         "explore the satisfied-player rule, e.g. --munba_flags \"--forget_target "
                         "0.1 --forget_target_hysteresis 2\")")
+    p.add_argument("--retain_objective", choices=("distill", "denoise"), default=None,
+                   help="the retain player's loss for every method but munba-paper (the paper's "
+                        "own: denoise) and retain (fine-tuning: denoise); default: the training "
+                        "script's (distill)")
     p.add_argument("--forget_threshold", type=float, default=FORGET_THRESHOLD,
                    help="forget accuracy (%%) at or below which the digit counts as forgotten")
     p.add_argument("--rank", type=int, default=4)
@@ -146,6 +150,14 @@ def base_job(args, arts, out):
             "images_dir": str(out / "runs" / "original_grid")}
 
 
+def method_flags(args, method):
+    """The experiment-wide flags a method's run gets on top of its METHODS row."""
+    flags = list(args.munba_flags) if method == "munba" else []
+    if args.retain_objective is not None and method not in ("munba-paper", "retain"):
+        flags += ["--retain_objective", args.retain_objective]
+    return flags
+
+
 def train_job(args, arts, data, out, method, variant, seed):
     from hf_munba.testing.digits_unlearning import train_script_args
 
@@ -159,7 +171,7 @@ def train_job(args, arts, data, out, method, variant, seed):
         train_batch_size=args.train_batch_size,
         learning_rate=args.lora_learning_rate if lora else args.learning_rate, rank=args.rank,
         checkpointing_steps=args.eval_every,
-        extra_args=args.munba_flags if method == "munba" else ())
+        extra_args=method_flags(args, method))
     # The run is the CLI in a subprocess, not hf_munba.diffusion.train(config) in this worker:
     # train() sets process-wide state (accelerate's AcceleratorState singleton, logging handlers
     # bound to the first run's stream, the global RNG via set_seed), so consecutive runs in one
@@ -297,6 +309,7 @@ def main(argv=None):
           f"DDIM {args.num_inference_steps} steps, evaluated every {args.eval_every} steps; "
           f"{args.max_train_steps} steps of batch {args.train_batch_size} on `{args.train_params}` "
           f"(full: lr {args.learning_rate}, LoRA rank {args.rank}: lr {args.lora_learning_rate}); "
+          f"retain loss {args.retain_objective or 'distill'} (munba-paper: denoise, the paper's); "
           f"mean ± std over seeds {args.seeds} (trade-off numbers: over the seeds that reach "
           f"forget ≤ {args.forget_threshold:g}%).", "",
           curve_markdown(curves, rows, base),

@@ -193,6 +193,73 @@ def test_frozen_target_with_lora_is_the_base_model():
     assert any(p.grad is not None for n, p in pipe.unet.named_parameters() if "lora_" in n)
 
 
+def _perturb_(module, name_part=""):
+    with torch.no_grad():
+        for n, p in module.named_parameters():
+            if name_part in n:
+                p.add_(torch.randn_like(p) * 0.1)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_distilled_retain_loss_is_zero_at_the_original_and_measures_the_drift(lora):
+    """The distilled retain player starts at exactly zero (loss and gradient) and, once the
+    weights move, its loss is the MSE to the original's prediction on the same noisy D_r latents
+    and captions: the same draws as the denoising loss, another target."""
+    import copy
+
+    pipe = tiny_sd_pipeline()
+    frozen = None if lora else copy.deepcopy(pipe.unet).requires_grad_(False)
+    if lora:
+        add_lora_adapter(pipe.unet, rank=2, subset="full")
+    b = paired_batch(pipe)
+    un = SDUnlearner(pipe.unet, pipe.text_encoder, pipe.vae, pipe.scheduler, lora=lora,
+                     retain_objective="distill", frozen_unet=frozen)
+    torch.manual_seed(0)
+    loss = un.retain_loss(b)
+    assert float(loss) == 0.0
+    loss.backward()
+    grads = [p.grad for p in pipe.unet.parameters() if p.requires_grad and p.grad is not None]
+    assert grads and all(float(g.abs().max()) == 0.0 for g in grads)
+    pipe.unet.zero_grad(set_to_none=True)
+    _perturb_(pipe.unet, "lora_B" if lora else "")
+    denoise = SDUnlearner(pipe.unet, pipe.text_encoder, pipe.vae, pipe.scheduler, lora=lora)
+    torch.manual_seed(0)
+    drift = un.retain_loss(b)
+    torch.manual_seed(0)
+    plain = denoise.retain_loss(b)
+    assert float(drift) > 0 and float(drift) != pytest.approx(float(plain), rel=1e-3)
+    # the target is the original model's prediction for the very same noisy latents
+    original = frozen if not lora else None
+    torch.manual_seed(0)
+    latents = un.latents(b, "retain")
+    noisy, t, _ = un.noisy(latents)
+    cond = un.conditioning(b, "retain")
+    with torch.no_grad():
+        if lora:
+            pipe.unet.disable_adapters()
+            ref = un.predict(pipe.unet, noisy, t, cond)
+            pipe.unet.enable_adapters()
+        else:
+            ref = un.predict(original, noisy, t, cond)
+    pred = un.predict(pipe.unet, noisy, t, cond)
+    assert float(drift) == pytest.approx(float(torch.nn.functional.mse_loss(pred, ref)), rel=1e-5)
+    if lora:
+        assert pipe.unet.active_adapters() == ["default"]
+    drift.backward()
+    assert any(p.grad is not None and float(p.grad.abs().max()) > 0
+               for p in pipe.unet.parameters() if p.requires_grad)
+
+
+def test_distilled_retain_loss_needs_the_original_model():
+    pipe = tiny_sd_pipeline()
+    with pytest.raises(ValueError, match="retain_objective='distill' without LoRA needs a frozen copy"):
+        SDUnlearner(pipe.unet, pipe.text_encoder, pipe.vae, pipe.scheduler,
+                    retain_objective="distill")
+    with pytest.raises(ValueError, match="unknown retain objective"):
+        SDUnlearner(pipe.unet, pipe.text_encoder, pipe.vae, pipe.scheduler,
+                    retain_objective="prior")
+
+
 def test_text_encoder_player_losses_reach_only_the_encoder():
     pipe = tiny_sd_pipeline()
     pipe.unet.requires_grad_(False)

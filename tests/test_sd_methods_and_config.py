@@ -85,10 +85,22 @@ def test_json_round_trip_keeps_everything_but_the_token(tmp_path):
     ({"train_params": "nope"}, "--train_params 'nope' is not one of"),
     ({"method": "retrain"}, "--method 'retrain' is not one of"),  # a classifier-only method
     ({"learning_rate": 0.0}, "--learning_rate must be positive"),
+    ({"retain_objective": "prior"}, "--retain_objective 'prior' is not one of"),
+    ({"method": "ft", "retain_objective": "distill"}, "--method ft trains on D_r alone"),
 ])
 def test_post_init_refuses_bad_values_with_one_message(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         SDUnlearningConfig(pretrained_model_name_or_path="p", report_to="none", **kwargs)
+
+
+def test_retain_objective_defaults_to_distill_where_there_is_a_forget_player():
+    def resolved(**kw):
+        return SDUnlearningConfig(pretrained_model_name_or_path="p", report_to="none",
+                                  **kw).retain_objective
+
+    assert resolved() == resolved(method="munba-paper") == resolved(method="weighted") == "distill"
+    assert resolved(method="ft") == "denoise"  # distilling toward the original would not move it
+    assert resolved(method="munba", retain_objective="denoise") == "denoise"
 
 
 def test_distributed_refusal_is_the_shared_one(monkeypatch):

@@ -109,7 +109,12 @@ def test_noxattn_trains_only_the_subset_and_reloads(assets, noxattn_run):
     assert "remap the forget prompts onto `a photo of a person wearing clothes`" in card
     history = [json.loads(l) for l in (out / "history.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == [1, 2, 3, 4]
-    for h in history:
+    # the distilled retain loss is zero at the original model: at step 1 the retain player has no
+    # proposal (zero gradient) and the step follows the forget player alone; then both bargain
+    first = history[0]
+    assert first["loss/retain"] == 0.0 and first["munba/grad_norm_retain"] == 0.0
+    assert first["munba/weight_retain"] == 0.0 and first["munba/weight_forget"] > 0
+    for h in history[1:]:
         assert {"loss/retain", "loss/forget", "munba/cos", "munba/weight_retain",
                 "munba/weight_forget", "munba/grad_norm_retain", "munba/grad_norm_forget"} <= set(h)
         assert h["munba/weight_retain"] > 0 and h["munba/weight_forget"] > 0

@@ -31,7 +31,7 @@ from ..unlearning.distributed import unsupported_distributed_message
 from ..unlearning.registry import available_methods, get_method
 from .data import FORGET_PLAYER_MODES
 from .inputs import LR_SCHEDULERS
-from .objectives import FORGET_OBJECTIVES, TARGET_MODELS
+from .objectives import FORGET_OBJECTIVES, RETAIN_OBJECTIVES, TARGET_MODELS
 from .params import TEXT_ENCODER_SUBSETS, UNET_SUBSETS
 
 __all__ = ["SDUnlearningConfig", "DEFAULT_FORGET_PROMPTS", "add_config_arguments",
@@ -134,6 +134,12 @@ class SDUnlearningConfig:
         "current", "model giving the remap/esd target: the current weights or the frozen "
                    "original (ignored by ga, which has no target)")
     negative_guidance: float = _f(1.0, "eta of --forget_objective esd")
+    retain_objective: Optional[Literal["denoise", "distill"]] = _f(
+        None, "the retain player's loss on D_r. distill: match the original model's prediction "
+              "(same noisy latents and captions; zero at the start, its gradient is the drift "
+              "alone; needs a frozen copy of the trained component unless --use_lora); denoise: "
+              "the paper's denoising loss. Default: distill; denoise for methods with no forget "
+              "player (ft), which distilling toward the original would not move")
     train_component: Literal["unet", "transformer", "text_encoder", "text_encoder_2",
                              "text_encoder_3"] = _f(
         "unet", "which network is edited: the denoiser (unet; for SD 3 / Flux 'unet' and "
@@ -233,8 +239,8 @@ class SDUnlearningConfig:
         """Value checks (no disk, no model): one ``ValueError`` naming the flag."""
         if self.method not in DIFFUSION_METHODS:
             raise ValueError(f"--method {self.method!r} is not one of {list(DIFFUSION_METHODS)}")
-        for name in ("forget_objective", "target_model", "train_component", "train_params",
-                     "forget_players", "forget_target_mode", "mixed_precision", "lr_scheduler"):
+        for name in ("forget_objective", "retain_objective", "target_model", "train_component",
+                     "train_params", "forget_players", "forget_target_mode", "mixed_precision", "lr_scheduler"):
             allowed = _choices(name)
             value = getattr(self, name)
             if allowed is not None and value is not None and value not in allowed:
@@ -243,6 +249,13 @@ class SDUnlearningConfig:
         method = get_method(self.method)
         if self.forget_objective is None:  # the method's own forget loss (ga: ascent)
             self.forget_objective = method.default_forget_loss["diffusion"]
+        if self.retain_objective is None:
+            self.retain_objective = "distill" if method.uses_forget and method.uses_retain \
+                else "denoise"
+        if not method.uses_forget and self.retain_objective == "distill":
+            raise ValueError(f"--method {self.method} trains on D_r alone: with --retain_objective "
+                             "distill its only loss is zero at the original model and nothing "
+                             "would change; use --retain_objective denoise")
         if self.method == "ga" and self.forget_objective != "ga":
             raise ValueError(f"--method ga is gradient ascent on D_f alone: it takes "
                              f"--forget_objective ga, not {self.forget_objective}")
@@ -456,6 +469,7 @@ def _literals_match_the_library() -> None:
     """The ``Literal`` choices are spelled out for type checkers and the CLI; they must be the
     library's own lists, or a new objective/subset would be refused by the CLI."""
     for name, library in (("forget_objective", FORGET_OBJECTIVES), ("target_model", TARGET_MODELS),
+                          ("retain_objective", RETAIN_OBJECTIVES),
                           ("train_params", UNET_SUBSETS), ("forget_players", FORGET_PLAYER_MODES)):
         if tuple(_choices(name)) != tuple(library):
             raise RuntimeError(f"SDUnlearningConfig.{name} choices {_choices(name)} differ from "

@@ -1,7 +1,19 @@
 """The two players' losses for diffusion unlearning, as functions of noise predictions.
 
-Retain (player 0): the standard denoising loss on D_r, MSE(pred(x_t, t, caption), target) with
-target = noise (epsilon prediction) or the velocity (v prediction).
+Retain (player 0), ``RETAIN_OBJECTIVES``:
+
+* ``denoise`` (the paper): the standard denoising loss on D_r, MSE(pred(x_t, t, caption), target)
+  with target = noise (epsilon prediction) or the velocity (v prediction).
+* ``distill``: MSE(pred(x_t, t, caption), sg[pred_0(x_t, t, caption)]) with pred_0 the original
+  model (a frozen copy, or the same model with its LoRA adapters off), on the same D_r latents,
+  noise and captions. It is zero before unlearning and its gradient is the drift of the retained
+  prompts' predictions alone. The denoising loss of a well-trained model is mostly sampling noise
+  (which noise, which timestep): its gradient points somewhere new every batch, and scale-free
+  bargaining, which gives each player's *direction* its say whatever its norm, spends the retain
+  player's half of the step on that noise. The distilled gradient is small but points at the
+  damage; bargaining gives it full say at once, where a weighted sum lets the damage grow until
+  the loss is large enough to count. Costs one no-grad forward of the original per retain batch
+  (and, without LoRA, a frozen copy of the trained component in memory).
 
 Forget (player 1), ``FORGET_OBJECTIVES``:
 
@@ -20,10 +32,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["FORGET_OBJECTIVES", "TARGET_MODELS", "denoising_target", "retain_loss_from_pred",
-           "forget_loss_from_preds", "esd_target"]
+__all__ = ["FORGET_OBJECTIVES", "RETAIN_OBJECTIVES", "TARGET_MODELS", "denoising_target",
+           "retain_loss_from_pred", "forget_loss_from_preds", "esd_target"]
 
 FORGET_OBJECTIVES = ("remap", "ga", "esd")
+RETAIN_OBJECTIVES = ("denoise", "distill")
 TARGET_MODELS = ("current", "frozen")
 
 

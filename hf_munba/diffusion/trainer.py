@@ -221,7 +221,10 @@ def objective_text(config: SDUnlearningConfig) -> str:
     trained = (f"LoRA rank {config.rank} on the {config.train_component} ({config.train_params})"
                if config.use_lora else f"{config.train_component} parameters: "
                                        f"{config.train_params}")
-    return f"{what}; {how}; {trained}; target model: {config.target_model}."
+    keep = ("" if not method.uses_retain else
+            "; retain: distilled from the original model on D_r" if config.retain_objective ==
+            "distill" else "; retain: the denoising loss on D_r")
+    return f"{what}; {how}{keep}; {trained}; target model: {config.target_model}."
 
 
 def backward_players(bargainer, players, player_loss, batch, backward=None) -> torch.Tensor:
@@ -407,7 +410,9 @@ def train(config: SDUnlearningConfig, *, sources: Optional[Tuple] = None) -> Pat
         log.warning("--target_model frozen has no effect with " + (
             "--forget_objective ga (no target)" if method.uses_forget
             else f"--method {args.method} (no forget player)"))
-    if args.target_model == "frozen" and not args.use_lora and has_target:
+    distills = method.uses_retain and args.retain_objective == "distill"
+    if not args.use_lora and ((args.target_model == "frozen" and has_target) or distills):
+        # the original model, for the frozen target and/or the distilled retain loss
         frozen_copy = copy.deepcopy(trained).eval().requires_grad_(False)
     if args.use_lora:
         params = add_lora_adapter(trained, rank=args.rank, alpha=args.lora_alpha,
@@ -489,6 +494,7 @@ def train(config: SDUnlearningConfig, *, sources: Optional[Tuple] = None) -> Pat
         unet, text_encoder, vae, family=family, text_encoders=text_encoders,
         forget_objective=args.forget_objective,
         target_model=args.target_model, train_component=component,
+        retain_objective=args.retain_objective if method.uses_retain else "denoise",
         lora=args.use_lora, negative_guidance=args.negative_guidance,
         frozen_unet=frozen_copy if on_unet else None,
         frozen_text_encoder=None if on_unet else frozen_copy, weight_dtype=weight_dtype,
@@ -611,7 +617,8 @@ def train(config: SDUnlearningConfig, *, sources: Optional[Tuple] = None) -> Pat
             f"{c.name} ({len(c.source)} images)" for c in concepts))
     log.info(f"D_f: {len(dataset.forget) if concepts is None else sum(len(c.source) for c in concepts)} images, D_r: {len(retain_src)} images; {args.max_train_steps} "
              f"optimizer steps of {total_batch} pairs; method {args.method} (players "
-             f"{', '.join(players)}), objective {args.forget_objective}")
+             f"{', '.join(players)}), objective {args.forget_objective}, retain "
+             f"{args.retain_objective}")
     log.info(f"before unlearning: {metrics}")
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps",
                     disable=not accelerator.is_local_main_process)

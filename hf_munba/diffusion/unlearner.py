@@ -25,7 +25,7 @@ from typing import Dict
 
 import torch
 
-from .objectives import (FORGET_OBJECTIVES, TARGET_MODELS, esd_target, forget_loss_from_preds,
+from .objectives import (FORGET_OBJECTIVES, RETAIN_OBJECTIVES, TARGET_MODELS, esd_target, forget_loss_from_preds,
                          retain_loss_from_pred)
 
 __all__ = ["SDUnlearner", "adapters_disabled", "unwrap"]
@@ -70,12 +70,15 @@ class SDUnlearner:
     how latents are noised and what it predicts; by default SD 1.x/2.x on ``noise_scheduler``.
     Models may be accelerate-prepared (DDP-wrapped); the one named by ``train_component``
     (``unet``/``transformer``, or a text encoder's name) gets the gradient.
-    ``target_model='frozen'`` uses ``frozen_unet`` / ``frozen_text_encoder`` (a frozen copy of
-    the trained component) or, with ``lora=True``, the same model with its adapters disabled.
+    ``target_model='frozen'`` and ``retain_objective='distill'`` (see
+    :mod:`hf_munba.diffusion.objectives`) use the original model: ``frozen_unet`` /
+    ``frozen_text_encoder`` (a frozen copy of the trained component) or, with ``lora=True``, the
+    same model with its adapters disabled.
     """
 
     def __init__(self, unet, text_encoder, vae, noise_scheduler=None, *,
                  forget_objective: str = "remap", target_model: str = "current",
+                 retain_objective: str = "denoise",
                  train_component: str = "unet", lora: bool = False,
                  negative_guidance: float = 1.0, frozen_unet=None, frozen_text_encoder=None,
                  weight_dtype: torch.dtype = torch.float32, num_processes: int = 1,
@@ -87,6 +90,9 @@ class SDUnlearner:
                              f"choose one of {FORGET_OBJECTIVES}")
         if target_model not in TARGET_MODELS:
             raise ValueError(f"unknown target model {target_model!r}; choose one of {TARGET_MODELS}")
+        if retain_objective not in RETAIN_OBJECTIVES:
+            raise ValueError(f"unknown retain objective {retain_objective!r}; "
+                             f"choose one of {RETAIN_OBJECTIVES}")
         if family is None:
             from .families import StableDiffusionFamily
 
@@ -101,18 +107,20 @@ class SDUnlearner:
         if not on_denoiser and train_component not in self.text_encoders:
             raise ValueError(f"unknown train component {train_component!r}; choose the denoiser "
                              f"('unet') or a text encoder of this model {sorted(self.text_encoders)}")
-        # gradient ascent has no target model, so it needs no frozen copy
-        if target_model == "frozen" and not lora and forget_objective != "ga":
-            frozen = frozen_unet if on_denoiser else frozen_text_encoder
-            if frozen is None:
-                raise ValueError(f"target_model='frozen' without LoRA needs a frozen copy of the "
-                                 f"{train_component}")
+        # gradient ascent has no target model, so it needs no frozen copy for the forget player
+        needs = [what for what, used in (
+            ("target_model='frozen'", target_model == "frozen" and forget_objective != "ga"),
+            ("retain_objective='distill'", retain_objective == "distill")) if used]
+        if needs and not lora and (frozen_unet if on_denoiser else frozen_text_encoder) is None:
+            raise ValueError(f"{' and '.join(needs)} without LoRA needs a frozen copy of the "
+                             f"{train_component}")
         self.unet, self.vae = unet, vae
         self.text_encoder = text_encoder if text_encoder is not None else next(
             iter(self.text_encoders.values()))
         self.noise_scheduler = family.noise_scheduler
         self.forget_objective = forget_objective
         self.target_model = target_model
+        self.retain_objective = retain_objective
         self.train_component = "unet" if on_denoiser else train_component
         self.lora = lora
         self.negative_guidance = negative_guidance
@@ -198,12 +206,20 @@ class SDUnlearner:
     # ---- target model -------------------------------------------------------------------------
     @contextlib.contextmanager
     def _target(self):
-        """(denoiser, text encoders) of the target model, inside no_grad."""
+        """(denoiser, text encoders) of the forget player's target model, inside no_grad."""
+        if self.target_model == "current":
+            with torch.no_grad():
+                yield self._inner(self.unet), self._encoders(trained_inner=True)
+        else:
+            with self._original() as models:
+                yield models
+
+    @contextlib.contextmanager
+    def _original(self):
+        """(denoiser, text encoders) as they were before unlearning, inside no_grad."""
         with torch.no_grad():
             encoders = self._encoders(trained_inner=True)
-            if self.target_model == "current":
-                yield self._inner(self.unet), encoders
-            elif self.lora:
+            if self.lora:
                 trained = self.unet if self.train_component == "unet" else \
                     self.text_encoders[self.train_component]
                 with adapters_disabled(self._inner(trained)):
@@ -236,6 +252,11 @@ class SDUnlearner:
         latents = self.latents(batch, "retain")
         noisy, t, target = self.noisy(latents)
         cond = {**self.conditioning(batch, "retain"), **self._image_cond(batch, "retain", latents)}
+        if self.retain_objective == "distill":  # the original's prediction, same inputs
+            with self._original() as (denoiser, encoders):
+                target = self.predict(denoiser, noisy, t, {
+                    **self._target_cond(batch, "retain", encoders),
+                    **self._image_cond(batch, "retain", latents)})
         pred = self.predict(self.unet, noisy, t, cond)
         return retain_loss_from_pred(pred, target)
 
