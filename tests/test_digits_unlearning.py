@@ -147,10 +147,30 @@ def test_curve_summary_first_and_best_points_over_seeds():
 
 
 def test_methods_registry_is_what_the_docs_compare():
-    assert list(METHODS) == ["munba", "munba-paper", "weighted-0.1", "weighted-0.3", "weighted-1",
-                             "weighted-3", "weighted-ga", "retain"]
+    assert list(METHODS) == ["munba", "munba-paper", "weighted-0.01", "weighted-0.03",
+                             "weighted-0.1", "weighted-0.3", "weighted-1", "weighted-3",
+                             "weighted-ga", "retain"]
+    # munba: the training script's defaults (the distilled retain loss); munba-paper: the paper's
     assert METHODS["munba"] == ["--method", "munba", "--forget_objective", "remap"]
+    assert METHODS["munba-paper"][-2:] == ["--retain_objective", "denoise"]
     assert METHODS["weighted-0.3"][:4] == ["--method", "weighted", "--forget_weight", "0.3"]
+
+
+def test_experiment_retain_objective_reaches_every_row_but_the_papers_and_ft():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("digits_sd_experiment",
+                                                  ROOT / "eval/digits_sd_experiment.py")
+    exp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(exp)
+    args = exp.parse_args(["--output_dir", "unused-missing-dir", "--retain_objective", "denoise",
+                           "--munba_flags", "--bargaining_power_forget 0.1"])
+    assert exp.method_flags(args, "munba") == ["--bargaining_power_forget", "0.1",
+                                               "--retain_objective", "denoise"]
+    assert exp.method_flags(args, "weighted-0.3") == ["--retain_objective", "denoise"]
+    assert exp.method_flags(args, "munba-paper") == exp.method_flags(args, "retain") == []
+    default = exp.parse_args(["--output_dir", "unused-missing-dir"])
+    assert exp.method_flags(default, "weighted-1") == []  # the training script's default: distill
 
 
 def test_curve_summary_is_the_shared_tradeoff_math():

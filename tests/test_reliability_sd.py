@@ -129,6 +129,8 @@ def test_two_gloo_ranks_match_each_other_and_the_single_process_run(sd_assets, r
     assert moved > 2e-3 and diff < moved / 2, (float(diff), float(moved))
     assert diff_mean < moved_mean / 20, (float(diff_mean), float(moved_mean))
     for a, b in zip(history(reference_full), history(out)):
+        assert ("munba/cos" in a) == ("munba/cos" in b)  # none at step 1: zero distilled gradient
         for key in ("loss/retain", "loss/forget", "munba/cos", "munba/weight_retain",
                     "munba/weight_forget"):
-            assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-6), (a["step"], key)
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-6), (a["step"], key)

@@ -161,8 +161,11 @@ def test_cache_latents_matches_encoding_every_step(assets, noxattn_run, tmp_path
     h_a = [json.loads(l) for l in (out / "history.jsonl").read_text().splitlines()]
     h_b = [json.loads(l) for l in (cached / "history.jsonl").read_text().splitlines()]
     for x, y in zip(h_a, h_b):
+        # no cos at step 1: the distilled retain gradient is zero there (no proposal)
+        assert ("munba/cos" in x) == ("munba/cos" in y) == (x["step"] > 1)
         for key in ("loss/retain", "loss/forget", "munba/cos"):
-            assert x[key] == pytest.approx(y[key], rel=1e-3, abs=1e-6), key
+            if key in x:
+                assert x[key] == pytest.approx(y[key], rel=1e-3, abs=1e-6), key
 
 
 def test_resume_from_checkpoint_ends_with_the_same_weights(assets, noxattn_run, tmp_path):
