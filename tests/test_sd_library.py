@@ -250,6 +250,27 @@ def test_distilled_retain_loss_is_zero_at_the_original_and_measures_the_drift(lo
                for p in pipe.unet.parameters() if p.requires_grad)
 
 
+def test_distilled_retain_loss_on_a_trained_text_encoder_uses_its_frozen_copy():
+    import copy
+
+    pipe = tiny_sd_pipeline()
+    pipe.unet.requires_grad_(False)
+    frozen = copy.deepcopy(pipe.text_encoder).requires_grad_(False)
+    un = SDUnlearner(pipe.unet, pipe.text_encoder, pipe.vae, pipe.scheduler,
+                     train_component="text_encoder", retain_objective="distill",
+                     frozen_text_encoder=frozen)
+    b = paired_batch(pipe)
+    torch.manual_seed(0)
+    assert float(un.retain_loss(b)) == 0.0
+    _perturb_(pipe.text_encoder)
+    torch.manual_seed(0)
+    loss = un.retain_loss(b)
+    loss.backward()
+    assert float(loss) > 0
+    assert all(p.grad is not None for p in pipe.text_encoder.parameters())
+    assert all(p.grad is None for p in list(pipe.unet.parameters()) + list(frozen.parameters()))
+
+
 def test_distilled_retain_loss_needs_the_original_model():
     pipe = tiny_sd_pipeline()
     with pytest.raises(ValueError, match="retain_objective='distill' without LoRA needs a frozen copy"):

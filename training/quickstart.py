@@ -138,7 +138,9 @@ def main(argv=None):
         print(f"{p:<27}{role:<8}{b:>8.4f}{a:>8.4f}{100 * (a / b - 1):>7.0f}%")
     print(f"\ntraining losses on fixed batches: forget {metrics['before/forget_loss']:.5f} -> "
           f"{metrics['after/forget_loss']:.5f}, retain {metrics['before/retain_loss']:.4f} -> "
-          f"{metrics['after/retain_loss']:.4f}; skipped steps: {metrics['skipped_steps']}")
+          f"{metrics['after/retain_loss']:.4f} (distilled from the original: 0 before "
+          f"unlearning, then the drift of the retain prompts); skipped steps: "
+          f"{metrics['skipped_steps']}")
     print(f"model, model card, plot and validation grid: {model}")
     print(f"done in {time.time() - start:.0f} s")
 
