@@ -240,7 +240,8 @@ class SDUnlearningConfig:
         if self.method not in DIFFUSION_METHODS:
             raise ValueError(f"--method {self.method!r} is not one of {list(DIFFUSION_METHODS)}")
         for name in ("forget_objective", "retain_objective", "target_model", "train_component",
-                     "train_params", "forget_players", "forget_target_mode", "mixed_precision", "lr_scheduler"):
+                     "train_params", "forget_players", "forget_target_mode", "mixed_precision",
+                     "lr_scheduler"):
             allowed = _choices(name)
             value = getattr(self, name)
             if allowed is not None and value is not None and value not in allowed:

@@ -25,8 +25,8 @@ from typing import Dict
 
 import torch
 
-from .objectives import (FORGET_OBJECTIVES, RETAIN_OBJECTIVES, TARGET_MODELS, esd_target, forget_loss_from_preds,
-                         retain_loss_from_pred)
+from .objectives import (FORGET_OBJECTIVES, RETAIN_OBJECTIVES, TARGET_MODELS, esd_target,
+                         forget_loss_from_preds, retain_loss_from_pred)
 
 __all__ = ["SDUnlearner", "adapters_disabled", "unwrap"]
 
