@@ -410,8 +410,10 @@ def train(config: SDUnlearningConfig, *, sources: Optional[Tuple] = None) -> Pat
         log.warning("--target_model frozen has no effect with " + (
             "--forget_objective ga (no target)" if method.uses_forget
             else f"--method {args.method} (no forget player)"))
-    distills = method.uses_retain and args.retain_objective == "distill"
-    if not args.use_lora and ((args.target_model == "frozen" and has_target) or distills):
+    # a method without a retain player (ga) has no retain loss to distil
+    retain_objective = args.retain_objective if method.uses_retain else "denoise"
+    if not args.use_lora and ((args.target_model == "frozen" and has_target)
+                              or retain_objective == "distill"):
         # the original model, for the frozen target and/or the distilled retain loss
         frozen_copy = copy.deepcopy(trained).eval().requires_grad_(False)
     if args.use_lora:
@@ -494,7 +496,7 @@ def train(config: SDUnlearningConfig, *, sources: Optional[Tuple] = None) -> Pat
         unet, text_encoder, vae, family=family, text_encoders=text_encoders,
         forget_objective=args.forget_objective,
         target_model=args.target_model, train_component=component,
-        retain_objective=args.retain_objective if method.uses_retain else "denoise",
+        retain_objective=retain_objective,
         lora=args.use_lora, negative_guidance=args.negative_guidance,
         frozen_unet=frozen_copy if on_unet else None,
         frozen_text_encoder=None if on_unet else frozen_copy, weight_dtype=weight_dtype,

@@ -251,12 +251,14 @@ class SDUnlearner:
     def retain_loss(self, batch: Dict) -> torch.Tensor:
         latents = self.latents(batch, "retain")
         noisy, t, target = self.noisy(latents)
-        cond = {**self.conditioning(batch, "retain"), **self._image_cond(batch, "retain", latents)}
+        image = self._image_cond(batch, "retain", latents)
+        cond = {**self.conditioning(batch, "retain"), **image}
         if self.retain_objective == "distill":  # the original's prediction, same inputs
             with self._original() as (denoiser, encoders):
-                target = self.predict(denoiser, noisy, t, {
-                    **self._target_cond(batch, "retain", encoders),
-                    **self._image_cond(batch, "retain", latents)})
+                # a trained denoiser leaves the conditioning as it was: encode the prompts once
+                original = cond if self.train_component == "unet" else {
+                    **self._target_cond(batch, "retain", encoders), **image}
+                target = self.predict(denoiser, noisy, t, original)
         pred = self.predict(self.unet, noisy, t, cond)
         return retain_loss_from_pred(pred, target)
 
