@@ -88,8 +88,12 @@ def searched(a, row):
     return "lr", a.lr_grid
 
 
-def row_spec(name: str):
+def row_spec(name: str, retain_objective=None):
     """Row name -> (MunbaTrainer method, extra MunbaTrainer keywords).
+
+    ``retain_objective`` (``--retain_objective``) is given to every row whose method has both
+    a retain and a forget loss (the others have no choice to make); None keeps the trainer's
+    default.
 
     ``munba`` is what ``MunbaTrainer(method="munba")`` does with no other option (the
     recommended configuration); ``munba-paper`` is the paper's plain rule: bargaining power 1
@@ -111,6 +115,12 @@ def row_spec(name: str):
             raise ValueError(f"row {name!r}: the number must be positive")
         return value
 
+    if retain_objective is not None:
+        method, extra = row_spec(name)
+        cls = get_method(method)
+        if cls.uses_retain and cls.uses_forget:
+            extra = {**extra, "retain_objective": retain_objective}
+        return method, extra
     if name.startswith("weighted-"):
         return "weighted", {"forget_weight": number("weighted-")}
     if name == "munba-paper":
@@ -128,11 +138,11 @@ def row_spec(name: str):
     return name, {}
 
 
-def config_key(row: str) -> str:
+def config_key(row: str, retain_objective=None) -> str:
     """The full MunbaTrainer configuration a row runs (two rows with the same key are one run)."""
     from hf_munba.classification.trainer import MunbaArguments
 
-    method, extra = row_spec(row)
+    method, extra = row_spec(row, retain_objective)
     return json.dumps(MunbaArguments(method=method, **extra).to_dict(), sort_keys=True)
 
 
@@ -155,6 +165,9 @@ def parse_args(argv=None):
                    help="class-wise forget criterion: Acc(D_f) <= this (percent)")
     p.add_argument("--match_tolerance", type=float, default=MATCH_TOLERANCE,
                    help="random forget criterion: |Acc(D_f) - retrain's Acc(D_f)| <= this (points)")
+    p.add_argument("--retain_objective", choices=("ce", "distill"), default=None,
+                   help="the retain loss of every row with both a retain and a forget loss "
+                        "(MunbaTrainer's retain_objective; default: its default)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--output_dir", default="bench_digits_out")
     p.add_argument("--replot", action="store_true",
@@ -197,15 +210,17 @@ def parse_args(argv=None):
     return a
 
 
-def train(model, row, retain, forget, recipe, batch_size, seed, workdir, callbacks=(), extra_args=None):
+def train(model, row, retain, forget, recipe, batch_size, seed, workdir, callbacks=(), extra_args=None,
+          retain_objective=None):
     """One MunbaTrainer run; returns (model, training seconds without curve evaluation).
-    ``extra_args``: more MunbaArguments for the row (a searched setting such as ``iu_alpha``)."""
+    ``extra_args``: more MunbaArguments for the row (a searched setting such as ``iu_alpha``);
+    ``retain_objective``: see :func:`row_spec`."""
     import torch
     from transformers import PrinterCallback, TrainingArguments
 
     from hf_munba.classification.trainer import MunbaArguments, MunbaTrainer
 
-    method, extra = ("ft", {}) if row == "original" else (("retrain", {}) if row == "retrain" else row_spec(row))
+    method, extra = ("ft", {}) if row == "original" else (("retrain", {}) if row == "retrain" else row_spec(row, retain_objective))
     args = TrainingArguments(
         output_dir=workdir, per_device_train_batch_size=batch_size, learning_rate=recipe["lr"],
         num_train_epochs=recipe.get("epochs", 1), max_steps=recipe.get("max_steps", -1),
@@ -252,7 +267,8 @@ def run_row(a, row, setting, seed, original, sets, criterion, work):
         lr = value if name == "lr" else recipe.get("lr", a.lr_grid[0])
         model, rt = train(copy.deepcopy(original), row, sets["retain"], sets["forget"], {**recipe, "lr": lr},
                           a.batch_size, seed, work, callbacks=[cb],
-                          extra_args=None if name == "lr" else {name: value})
+                          extra_args=None if name == "lr" else {name: value},
+                          retain_objective=a.retain_objective)
         if not trains:
             cb.evaluate(original, 0, 0.0)
             cb.evaluate(model, 1, 1.0)
@@ -470,7 +486,7 @@ def main(argv=None):
                 criteria[setting][seed] = criterion.to_dict()
                 done = {}  # configuration -> the row that ran it (identical configurations run once)
                 for row in a.methods:
-                    key = (config_key(row), json.dumps(a.recipes[setting][row], sort_keys=True))
+                    key = (config_key(row, a.retain_objective), json.dumps(a.recipes[setting][row], sort_keys=True))
                     if key in done:
                         first = done[key]
                         results[row] = {**copy.deepcopy(results[first]), "same_run_as": first}
@@ -514,7 +530,8 @@ def main(argv=None):
     footer = (f"\nOriginal model training: {np.mean(originals):.1f} s per seed. Total benchmark wall "
               f"time: {total:.0f} s with {a.threads} thread(s). Learning rates searched on seed "
               f"{a.seeds[0]}: {a.lr_grid} (iu: iu_alpha in {a.iu_alpha_grid}); curve points every "
-              f"{a.eval_every} optimizer steps.\n"
+              f"{a.eval_every} optimizer steps. Retain loss: "
+              f"{a.retain_objective or 'the trainer default'} (rows with both a retain and a forget loss).\n"
               f"Recipes: {json.dumps(a.recipes)}\n")
     text = "\n".join(report) + footer
     with open(os.path.join(a.output_dir, "digits_benchmark.md"), "w") as f:

@@ -173,6 +173,12 @@ def test_row_names_and_arguments():
     assert paper.make_forget_rule() is None and paper.bargaining_power_forget == 1.0
     assert bench.config_key("munba-target-2.5") != bench.config_key("munba")
     assert bench.config_key("weighted-1") != bench.config_key("weighted-0.3")
+    # --retain_objective reaches every row with both players, and only those
+    assert bench.row_spec("weighted-0.3", "distill") == ("weighted", {"forget_weight": 0.3,
+                                                                     "retain_objective": "distill"})
+    assert bench.row_spec("munba-power-0.5", "distill")[1]["retain_objective"] == "distill"
+    assert bench.row_spec("ft", "distill") == ("ft", {}) and bench.row_spec("ga", "distill") == ("ga", {})
+    assert bench.config_key("munba", "distill") != bench.config_key("munba")
     for bad in ("weighted-x", "weighted--1", "munba-power-0", "munba-target-", "retrain", "nope"):
         with pytest.raises(ValueError):
             bench.row_spec(bad)

@@ -15,6 +15,7 @@ GradScaler, clipping, logging, evaluation, saving, resuming.
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import math
@@ -30,7 +31,7 @@ from ..unlearning.distributed import unsupported_distributed_message
 from ..unlearning.methods import check_forget_names, settings_fields, validate_settings
 from ..unlearning.step import SkippedStepGuard, TooManySkippedSteps, unlearning_step
 from .methods import FRONT_END, ClassifierContext, UnlearningMethod, available_methods, get_method
-from .objectives import FORGET_LOSSES, get_forget_loss, retain_cross_entropy
+from .objectives import FORGET_LOSSES, RETAIN_OBJECTIVES, distilled_kl, get_forget_loss, retain_cross_entropy
 
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -81,6 +82,12 @@ class MunbaTrainerArguments:
     forget_loss: Optional[str] = field(default=None, metadata={
         "help": f"forget loss, one of {sorted(FORGET_LOSSES)}; default: the method's own "
                 "(random_label for munba/weighted/rl/salun, neg_ce for ga)"})
+    retain_objective: str = field(default="ce", metadata={
+        "help": "retain loss, 'ce' (the paper: cross-entropy on D_r) or 'distill' (KL from the "
+                "original model's predictions on the same D_r batch: zero before unlearning, its "
+                "gradient is the drift alone; costs a frozen copy of the model, or with a peft "
+                "model its adapters switched off, and one no-grad forward per retain batch); "
+                "only for methods with both a retain and a forget loss"})
     forget_batch_size: Optional[int] = field(default=None, metadata={
         "help": "forget micro-batch size per device; default per_device_train_batch_size"})
     max_consecutive_skips: int = field(default=10, metadata={
@@ -90,6 +97,15 @@ class MunbaTrainerArguments:
         get_method(self.method)  # raises with the list of methods
         if self.forget_loss is not None and self.forget_loss not in FORGET_LOSSES:
             raise ValueError(f"unknown forget loss {self.forget_loss!r}; choose one of {sorted(FORGET_LOSSES)}")
+        if self.retain_objective not in RETAIN_OBJECTIVES:
+            raise ValueError(f"unknown retain_objective {self.retain_objective!r}; choose one of "
+                             f"{RETAIN_OBJECTIVES}")
+        method = get_method(self.method)
+        if self.retain_objective == "distill" and not (method.uses_retain and method.uses_forget):
+            raise ValueError(f"retain_objective='distill' needs a method with both a retain and a "
+                             f"forget loss; {self.method!r} has "
+                             f"{'no forget loss, so its only loss would be zero' if method.uses_retain else 'no retain loss'}"
+                             "; use retain_objective='ce'")
         if self.forget_batch_size is not None and self.forget_batch_size < 1:
             raise ValueError(f"forget_batch_size must be >= 1, got {self.forget_batch_size}")
         if self.max_consecutive_skips < 1:
@@ -293,6 +309,9 @@ class MunbaTrainer(Trainer):
         self._step_losses: Optional[torch.Tensor] = None
         self._stepped = True
         self._grad_norm: Optional[float] = None
+        #: the original model for ``retain_objective='distill'`` (a frozen copy; None with peft,
+        #: whose adapters are switched off instead, or for the cross-entropy retain loss)
+        self._original: Optional[torch.nn.Module] = None
 
     @property
     def num_nonfinite_steps(self) -> int:
@@ -363,6 +382,11 @@ class MunbaTrainer(Trainer):
         # Method setup (SalUn's mask, retrain's re-initialisation) sees the weights the user
         # passed in, before any checkpoint is loaded, so a resumed run prepares identically.
         t0 = time.time()
+        if self.munba_args.retain_objective == "distill" and self._original is None \
+                and not _is_peft(self.model):
+            # Copied before the method's setup (Scissorhands trims weights there) and before any
+            # checkpoint is loaded: what the retain player keeps is the model the user passed in.
+            self._original = copy.deepcopy(self.model).requires_grad_(False)
         self.method.setup(self.model, ClassifierContext(
             self.iter_forget_batches_once, self.model_logits, self.args.seed,
             retain_batches=self.iter_retain_batches_once if self.train_dataset is not None else None))
@@ -560,8 +584,8 @@ class MunbaTrainer(Trainer):
             inputs = self._prepare_inputs(inputs)
             labels = inputs["labels"]
             with self.compute_loss_context_manager():
-                loss_r = self.method.retain_loss(
-                    retain_cross_entropy(self.model_logits(model, inputs), labels), model) / div
+                loss_r = self.method.retain_loss(self._retain_base_loss(model, inputs, labels),
+                                                 model) / div
             del inputs
             self._backward_player("retain", loss_r)
             total = total + loss_r.detach()
@@ -584,6 +608,22 @@ class MunbaTrainer(Trainer):
         if self.accelerator.sync_gradients:
             self._finish_step()
         return total
+
+    def _retain_base_loss(self, model, inputs, labels) -> torch.Tensor:
+        """The retain player's loss on one D_r batch, before the method's own additions."""
+        logits = self.model_logits(model, inputs)
+        if self.munba_args.retain_objective == "ce":
+            return retain_cross_entropy(logits, labels)
+        with torch.no_grad():
+            if self._original is not None:
+                # Same mode as the trained model, so at the start both give the same logits
+                # (batch-norm on batch statistics in train mode).
+                self._original.train(model.training)
+                original_logits = self.model_logits(self._original, inputs)
+            else:  # peft: the same model with its adapters off
+                with self.accelerator.unwrap_model(model).disable_adapter():
+                    original_logits = self.model_logits(model, inputs)
+        return distilled_kl(logits, original_logits)
 
     def _forget_batch_loss(self, model, inputs, labels, generator) -> torch.Tensor:
         """The forget loss on one batch; a classifier method may compute its own (BE, BS)."""
@@ -630,6 +670,14 @@ class MunbaTrainer(Trainer):
                     logs[k] = sum(finite) / len(finite)
             self._logs_acc = {}
         super().log(logs, start_time)
+
+
+def _is_peft(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(model, PeftModel)
 
 
 class _StepOnly:
