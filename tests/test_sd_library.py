@@ -281,6 +281,37 @@ def test_distilled_retain_loss_needs_the_original_model():
                     retain_objective="prior")
 
 
+@pytest.mark.parametrize("target_model", ["current", "frozen"])
+def test_esd_encodes_the_concept_prompt_once_when_the_denoiser_is_trained(target_model):
+    """ESD's target needs e_c, the target model's prediction for the concept prompt. With the
+    denoiser trained the text encoder is unchanged, so the prompt's conditioning is the one the
+    trained prediction uses: encoded once (concept + unconditional), not twice."""
+    import copy
+
+    pipe = tiny_sd_pipeline()
+    frozen = copy.deepcopy(pipe.unet).requires_grad_(False) if target_model == "frozen" else None
+    un = SDUnlearner(pipe.unet, pipe.text_encoder, pipe.vae, pipe.scheduler, forget_objective="esd",
+                     target_model=target_model, frozen_unet=frozen, negative_guidance=2.0)
+    _perturb_(pipe.unet)  # so that the current and the frozen target differ
+    b = paired_batch(pipe)
+    calls = []
+    hook = pipe.text_encoder.register_forward_hook(lambda *a: calls.append(1))
+    torch.manual_seed(0)
+    loss = un.forget_loss(b)
+    hook.remove()
+    assert len(calls) == 2
+    torch.manual_seed(0)  # the same draws, by hand
+    latents = un.latents(b, "forget")
+    noisy, t, _ = un.noisy(latents)
+    cond, uncond = un.conditioning(b, "forget"), un.conditioning(b, "uncond")
+    target_unet = frozen if frozen is not None else pipe.unet
+    with torch.no_grad():
+        target = esd_target(un.predict(target_unet, noisy, t, uncond),
+                            un.predict(target_unet, noisy, t, cond), 2.0)
+    pred = un.predict(pipe.unet, noisy, t, cond)
+    assert float(loss) == pytest.approx(float(torch.nn.functional.mse_loss(pred, target)), rel=1e-5)
+
+
 def test_text_encoder_player_losses_reach_only_the_encoder():
     pipe = tiny_sd_pipeline()
     pipe.unet.requires_grad_(False)

@@ -285,7 +285,9 @@ class SDUnlearner:
                     target = self.predict(denoiser, noisy, t, target_cond(anchor_role))
                 else:
                     e_u = self.predict(denoiser, noisy, t, target_cond("uncond"))
-                    e_c = self.predict(denoiser, noisy, t, target_cond(role))
+                    # a trained denoiser leaves the concept prompt's conditioning as it was
+                    e_c = self.predict(denoiser, noisy, t, cond if self.train_component == "unet"
+                                       else target_cond(role))
                     target = esd_target(e_u, e_c, self.negative_guidance)
         pred = self.predict(self.unet, noisy, t, cond)
         return forget_loss_from_preds(self.forget_objective, pred, target)
