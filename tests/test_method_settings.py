@@ -35,13 +35,6 @@ def test_every_legacy_field_keeps_its_name_and_default():
     assert MunbaArguments().to_dict() == {**LEGACY_FIELDS, **BASELINE_FIELDS, **NEW_FIELDS}
 
 
-def test_classifier_forget_power_default_is_the_table_for_its_objectives():
-    from hf_munba.bargaining import DEFAULT_FORGET_POWERS
-    from hf_munba.classification.objectives import FORGET_LOSSES
-
-    assert {DEFAULT_FORGET_POWERS[o] for o in FORGET_LOSSES} == {MunbaArguments().bargaining_power_forget}
-
-
 def test_method_fields_come_from_the_methods_that_declare_them():
     by_name = {f.name: f for f in dataclasses.fields(MunbaArguments)}
     own = {f.name for f in dataclasses.fields(MunbaTrainerArguments)}

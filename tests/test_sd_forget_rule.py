@@ -17,10 +17,8 @@ from test_sd_train import TRAIN, _run, _unet_state, assets, common  # noqa: F401
 ROOT = Path(__file__).resolve().parents[1]
 # relative target 10x the mean of the first two losses, no smoothing: the reference is known at
 # step 2 and the player is satisfied from then on, deterministically
-# --bargaining_power_forget 1 (the remap default is 0.3): compared step by step with munba-paper
 ENGAGE = ["--forget_target", 10.0, "--forget_target_reference_steps", 2, "--forget_target_ema", 0,
-          "--satisfied_power_forget", 0,  # the player leaves (the default power is 0.01)
-          "--bargaining_power_forget", 1.0]
+          "--satisfied_power_forget", 0]  # the player leaves (the default power is 0.01)
 
 
 def _history(out):
@@ -54,8 +52,7 @@ def test_munba_paper_is_plain_munba(assets, paper_run, tmp_path):
     """munba-paper = equal powers every step = munba whose target is never reached."""
     out = tmp_path / "never"
     _run(TRAIN, common(assets, out, steps=4) + ["--forget_target", -1.0,
-                                                "--forget_target_mode", "absolute",
-                                                "--bargaining_power_forget", 1.0])
+                                                "--forget_target_mode", "absolute"])
     a, b = _unet_state(paper_run), _unet_state(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
     paper, never = _history(paper_run), _history(out)

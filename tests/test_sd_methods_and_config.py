@@ -103,23 +103,6 @@ def test_retain_objective_defaults_to_distill_where_there_is_a_forget_player():
     assert resolved(method="munba", retain_objective="denoise") == "denoise"
 
 
-def test_forget_power_defaults_per_objective_for_munba_only():
-    def resolved(**kw):
-        config = SDUnlearningConfig(pretrained_model_name_or_path="p", report_to="none", **kw)
-        rule = config.forget_rule()
-        return config.bargaining_power_forget, None if rule is None else rule.power
-
-    assert resolved() == (0.3, 0.3)  # remap: hf_munba.bargaining.DEFAULT_FORGET_POWERS
-    assert resolved(forget_objective="esd") == (1.0, 1.0)
-    assert resolved(bargaining_power_forget=1.0) == (1.0, 1.0)  # the paper's symmetric game
-    assert resolved(method="munba-paper") == resolved(method="weighted") == (1.0, None)
-    with pytest.raises(ValueError, match="applies to --method munba only"):
-        resolved(method="weighted", bargaining_power_forget=0.3)
-    # a saved config loads to the same game
-    config = SDUnlearningConfig(pretrained_model_name_or_path="p", report_to="none")
-    assert SDUnlearningConfig.from_dict(config.to_dict()).bargaining_power_forget == 0.3
-
-
 def test_distributed_refusal_is_the_shared_one(monkeypatch):
     from hf_munba.unlearning.distributed import DEEPSPEED_MESSAGE, FSDP_UNSHARDED_MESSAGE
 

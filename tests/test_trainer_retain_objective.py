@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from hf_munba.classification.objectives import distilled_kl
 from hf_munba.classification.trainer import MunbaArguments, MunbaTrainer

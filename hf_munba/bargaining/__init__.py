@@ -10,15 +10,14 @@
 
 from .bargainer import BargainStats, NashBargainer
 from .combiners import ConstantWeighting, NashWeighting, Weighting
-from .satisfaction import (DEFAULT_FORGET_POWERS, DEFAULT_FORGET_TARGETS, DEFAULT_SATISFIED_POWER,
-                           NEGATED_OBJECTIVES, SatisfactionRule, build_forget_rule,
-                           default_forget_power, default_forget_target)
+from .satisfaction import (DEFAULT_FORGET_TARGETS, DEFAULT_SATISFIED_POWER, NEGATED_OBJECTIVES,
+                           SatisfactionRule, build_forget_rule, default_forget_target)
 from .solver import (DEFAULT_OPPOSED_TOL, BargainingSolution, BargainingStatus,
                      InfeasibleBargainingError, nash_bargaining_weights, solve_nash_bargaining)
 
 __all__ = [
-    "BargainStats", "NashBargainer", "NashWeighting", "ConstantWeighting", "Weighting", "DEFAULT_FORGET_POWERS", "DEFAULT_FORGET_TARGETS",
+    "BargainStats", "NashBargainer", "NashWeighting", "ConstantWeighting", "Weighting", "DEFAULT_FORGET_TARGETS",
     "DEFAULT_SATISFIED_POWER", "NEGATED_OBJECTIVES", "SatisfactionRule", "build_forget_rule",
-    "default_forget_power", "default_forget_target", "DEFAULT_OPPOSED_TOL", "BargainingSolution", "BargainingStatus",
+    "default_forget_target", "DEFAULT_OPPOSED_TOL", "BargainingSolution", "BargainingStatus",
     "InfeasibleBargainingError", "nash_bargaining_weights", "solve_nash_bargaining",
 ]

@@ -36,35 +36,6 @@ def default_forget_target(objective: str) -> Optional[Tuple[float, str]]:
     return DEFAULT_FORGET_TARGETS[objective]
 
 
-# Default bargaining power of an unsatisfied forget player, per forget objective (retain has 1).
-# remap (SD): 0.3, measured with the distilled retain loss on three digits of the digits testbed,
-#   full and LoRA, 3 seeds each (docs/digits.md): against power 1 the retained accuracy at the
-#   first point that forgets rose in all 6 cases (+1.1 to +2.2 points), the best point stayed
-#   within one image, and every seed still forgot. Why a smaller power helps: the forget player
-#   is one concept and the retain player the rest of the model, and a remap loss that has the
-#   satisfied rule behind it can afford to go slower; with cos(g_r, g_f) = c < 0 the forget
-#   share t of the step falls from 1 towards |c|, never below (forgetting still progresses).
-#   0.1 went further on some cases but missed forgetting in one seed of 3 ("seven", full).
-# Everything else: 1, the paper's symmetric game (no evidence for another value: for the
-#   classifiers' random_label loss, 0.3 was within noise of 1, better on random-10 %, worse on
-#   class 7; ga / esd / neg_ce were not measured).
-DEFAULT_FORGET_POWERS: Dict[str, float] = {
-    "remap": 0.3,
-    "esd": 1.0,
-    "ga": 1.0,
-    "neg_ce": 1.0,
-    "random_label": 1.0,
-}
-
-
-def default_forget_power(objective: str) -> float:
-    """The forget player's bargaining power the front ends use for ``objective`` when none is given."""
-    if objective not in DEFAULT_FORGET_POWERS:
-        raise ValueError(f"no default forget power for objective {objective!r}; known: "
-                         f"{sorted(DEFAULT_FORGET_POWERS)}")
-    return DEFAULT_FORGET_POWERS[objective]
-
-
 # The front ends' power for a satisfied forget player. Not 0 (leaving): on the digits testbed a
 # forget player that left regressed (forget "seven", LoRA: 0% -> 30% forget accuracy by the end,
 # its loss still inside the hysteresis band), while a small power kept forgetting at 0% with the

@@ -26,7 +26,6 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Optional
 
-from ..bargaining.satisfaction import default_forget_power
 from ..evaluation.prompts import NUDITY_PROMPTS
 from ..unlearning.distributed import unsupported_distributed_message
 from ..unlearning.registry import available_methods, get_method
@@ -156,11 +155,9 @@ class SDUnlearningConfig:
     opposed_tol: float = _f(1e-4, "MUNBa: when 1 + cos(g_r, g_f) is below this, no direction "
                                   "helps both players and the step follows the retain gradient")
     # ---- bargaining power and the satisfied forget player (--method munba)
-    bargaining_power_forget: Optional[float] = _f(
-        None, "the forget player's bargaining power w_f (retain has 1) while it is not satisfied; "
-              "only the ratio matters (hf_munba.bargaining); default per forget objective for "
-              "--method munba: 0.3 for remap, 1 (the paper's symmetric game) for esd and ga "
-              "(hf_munba.bargaining.DEFAULT_FORGET_POWERS)")
+    bargaining_power_forget: float = _f(
+        1.0, "the forget player's bargaining power w_f (retain has 1) while it is not satisfied; "
+             "only the ratio matters (hf_munba.bargaining)")
     forget_target: Optional[float] = _f(
         None, "the forget player is satisfied (its power drops to --satisfied_power_forget) once "
               "an EMA of its loss is at or below this target; default per objective: 0.25 "
@@ -260,9 +257,6 @@ class SDUnlearningConfig:
             raise ValueError(f"--method {self.method} trains on D_r alone: with --retain_objective "
                              "distill its only loss is zero at the original model and nothing "
                              "would change; use --retain_objective denoise")
-        if self.bargaining_power_forget is None:  # the objective's default, for munba only
-            self.bargaining_power_forget = default_forget_power(self.forget_objective) \
-                if self.method == "munba" else 1.0
         if self.method == "ga" and self.forget_objective != "ga":
             raise ValueError(f"--method ga is gradient ascent on D_f alone: it takes "
                              f"--forget_objective ga, not {self.forget_objective}")
