@@ -94,13 +94,12 @@ class MunbaTrainerArguments:
         "help": "stop with an error after this many consecutive non-finite steps"})
 
     def __post_init__(self):
-        get_method(self.method)  # raises with the list of methods
+        method = get_method(self.method)  # raises with the list of methods
         if self.forget_loss is not None and self.forget_loss not in FORGET_LOSSES:
             raise ValueError(f"unknown forget loss {self.forget_loss!r}; choose one of {sorted(FORGET_LOSSES)}")
         if self.retain_objective not in RETAIN_OBJECTIVES:
             raise ValueError(f"unknown retain_objective {self.retain_objective!r}; choose one of "
                              f"{RETAIN_OBJECTIVES}")
-        method = get_method(self.method)
         if self.retain_objective == "distill" and not (method.uses_retain and method.uses_forget):
             raise ValueError(f"retain_objective='distill' needs a method with both a retain and a "
                              f"forget loss; {self.method!r} has "

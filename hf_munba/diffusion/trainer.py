@@ -620,7 +620,7 @@ def train(config: SDUnlearningConfig, *, sources: Optional[Tuple] = None) -> Pat
     log.info(f"D_f: {len(dataset.forget) if concepts is None else sum(len(c.source) for c in concepts)} images, D_r: {len(retain_src)} images; {args.max_train_steps} "
              f"optimizer steps of {total_batch} pairs; method {args.method} (players "
              f"{', '.join(players)}), objective {args.forget_objective}, retain "
-             f"{args.retain_objective}")
+             f"{retain_objective}")
     log.info(f"before unlearning: {metrics}")
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps",
                     disable=not accelerator.is_local_main_process)
