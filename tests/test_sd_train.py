@@ -121,6 +121,8 @@ def test_noxattn_trains_only_the_subset_and_reloads(assets, noxattn_run):
     metrics = json.loads((out / "training_metrics.json").read_text())
     assert metrics["skipped_steps"] == 0
     assert not list(out.parent.glob(".noxattn.staging-*"))
+    # the original model is the trained parameters' first values, not a copy of the UNet
+    assert "keeping the original values of the trained parameters" in proc.stdout + proc.stderr
 
 
 def test_card_metadata_and_saved_args(assets, noxattn_run):

@@ -5,7 +5,8 @@ training target, the denoiser call), picked from the pipeline's ``model_index.js
 is shared. Data flows one way: :mod:`.data` (paired forget/retain batches, latent cache) ->
 :mod:`.objectives` (the players' losses) -> :mod:`.unlearner` (one batch in, the losses out) ->
 the shared step (:mod:`hf_munba.unlearning`). :mod:`.params` picks what is trained (a subset or
-LoRA), :mod:`.inputs` checks the inputs before any model work, :mod:`.export` writes the result
+LoRA), :mod:`.original_weights` keeps the original model for the players that need it without a
+copy of the model, :mod:`.inputs` checks the inputs before any model work, :mod:`.export` writes the result
 and :mod:`.generation` makes images from a plan. :mod:`.config` holds the run's settings
 (:class:`SDUnlearningConfig`) and :mod:`.trainer` the accelerate loop (:func:`train`), which
 ``training/train_munba_sd.py`` only parses for. Submodules load on use, so importing this package

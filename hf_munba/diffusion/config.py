@@ -137,7 +137,7 @@ class SDUnlearningConfig:
     retain_objective: Optional[Literal["denoise", "distill"]] = _f(
         None, "the retain player's loss on D_r. distill: match the original model's prediction "
               "(same noisy latents and captions; zero at the start, its gradient is the drift "
-              "alone; needs a frozen copy of the trained component unless --use_lora); denoise: "
+              "alone; keeps the trained parameters' original values unless --use_lora); denoise: "
               "the paper's denoising loss. Default: distill; denoise for methods with no forget "
               "player (ft), which distilling toward the original would not move")
     train_component: Literal["unet", "transformer", "text_encoder", "text_encoder_2",

@@ -343,6 +343,7 @@ def train(config: SDUnlearningConfig, *, sources: Optional[Tuple] = None) -> Pat
     from .export import save_full_pipeline, save_lora
     from .families import PromptTokenizer, detect_family, load_components
     from .inputs import checkpoint_step, resolve_checkpoint
+    from .original_weights import OriginalWeights
     from .params import add_lora_adapter, enable_gradient_checkpointing, freeze_all_but, \
         select_parameter_names
     from .unlearner import SDUnlearner
@@ -404,7 +405,7 @@ def train(config: SDUnlearningConfig, *, sources: Optional[Tuple] = None) -> Pat
                                                                        torch.float32)
     on_unet = component == family.denoiser
     trained = unet if on_unet else text_encoders[component]
-    frozen_copy = None
+    original = None
     has_target = method.uses_forget and args.forget_objective != "ga"
     if args.target_model == "frozen" and not has_target:
         log.warning("--target_model frozen has no effect with " + (
@@ -412,10 +413,8 @@ def train(config: SDUnlearningConfig, *, sources: Optional[Tuple] = None) -> Pat
             else f"--method {args.method} (no forget player)"))
     # a method without a retain player (ga) has no retain loss to distil
     retain_objective = args.retain_objective if method.uses_retain else "denoise"
-    if not args.use_lora and ((args.target_model == "frozen" and has_target)
-                              or retain_objective == "distill"):
-        # the original model, for the frozen target and/or the distilled retain loss
-        frozen_copy = copy.deepcopy(trained).eval().requires_grad_(False)
+    needs_original = not args.use_lora and ((args.target_model == "frozen" and has_target)
+                                            or retain_objective == "distill")
     if args.use_lora:
         params = add_lora_adapter(trained, rank=args.rank, alpha=args.lora_alpha,
                                   subset=args.train_params, component=component)
@@ -430,8 +429,13 @@ def train(config: SDUnlearningConfig, *, sources: Optional[Tuple] = None) -> Pat
         if frozen is not trained:
             frozen.to(accelerator.device, dtype=weight_dtype)
     trained.to(accelerator.device, dtype=weight_dtype if args.use_lora else torch.float32)
-    if frozen_copy is not None:
-        frozen_copy.to(accelerator.device, dtype=weight_dtype)
+    if needs_original:
+        # the original model, for the frozen target and/or the distilled retain loss: the
+        # trained parameters' first values, taken after the last move (and before any resume)
+        original = OriginalWeights(params)
+        log.info(f"keeping the original values of the trained parameters "
+                 f"({original.num_bytes / 2**20:,.1f} MiB) for the original model's predictions",
+                 main_process_only=True)
     if args.use_lora and weight_dtype != torch.float32:
         cast_training_params(trained, dtype=torch.float32)
     log.info(f"training {sum(p.numel() for p in params):,} parameters of the "
@@ -498,8 +502,7 @@ def train(config: SDUnlearningConfig, *, sources: Optional[Tuple] = None) -> Pat
         target_model=args.target_model, train_component=component,
         retain_objective=retain_objective,
         lora=args.use_lora, negative_guidance=args.negative_guidance,
-        frozen_unet=frozen_copy if on_unet else None,
-        frozen_text_encoder=None if on_unet else frozen_copy, weight_dtype=weight_dtype,
+        original_weights=original, weight_dtype=weight_dtype,
         num_processes=accelerator.num_processes, process_index=accelerator.process_index)
     player_loss = {"retain": unlearner.retain_loss, "forget": unlearner.forget_loss}
     for role in dataset.forget_roles:  # forget_<name>: one loss per concept, its own batch keys

@@ -60,6 +60,19 @@ def adapters_disabled(model):
         model.enable_adapters()
 
 
+@contextlib.contextmanager
+def _eval_mode(module):
+    """``module`` in eval mode inside (the original model is deterministic, as a frozen copy in
+    eval mode was: no dropout, no RNG draws), each submodule's own mode restored on exit."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 class SDUnlearner:
     """Computes L_r and L_f for a paired batch (see :class:`hf_munba.diffusion.data.PairedUnlearningDataset`).
 
@@ -71,9 +84,11 @@ class SDUnlearner:
     Models may be accelerate-prepared (DDP-wrapped); the one named by ``train_component``
     (``unet``/``transformer``, or a text encoder's name) gets the gradient.
     ``target_model='frozen'`` and ``retain_objective='distill'`` (see
-    :mod:`hf_munba.diffusion.objectives`) use the original model: ``frozen_unet`` /
-    ``frozen_text_encoder`` (a frozen copy of the trained component) or, with ``lora=True``, the
-    same model with its adapters disabled.
+    :mod:`hf_munba.diffusion.objectives`) use the original model: ``original_weights`` (an
+    :class:`~hf_munba.diffusion.original_weights.OriginalWeights` of the trained parameters,
+    swapped in for the original's forward: no copy of the component; what the training script
+    uses), ``frozen_unet`` / ``frozen_text_encoder`` (a frozen copy of the trained component) or,
+    with ``lora=True``, the same model with its adapters disabled.
     """
 
     def __init__(self, unet, text_encoder, vae, noise_scheduler=None, *,
@@ -82,7 +97,8 @@ class SDUnlearner:
                  train_component: str = "unet", lora: bool = False,
                  negative_guidance: float = 1.0, frozen_unet=None, frozen_text_encoder=None,
                  weight_dtype: torch.dtype = torch.float32, num_processes: int = 1,
-                 process_index: int = 0, family=None, text_encoders=None):
+                 process_index: int = 0, family=None, text_encoders=None,
+                 original_weights=None):
         if not 0 <= process_index < num_processes:
             raise ValueError(f"process_index {process_index} is not in [0, {num_processes})")
         if forget_objective not in FORGET_OBJECTIVES:
@@ -111,9 +127,14 @@ class SDUnlearner:
         needs = [what for what, used in (
             ("target_model='frozen'", target_model == "frozen" and forget_objective != "ga"),
             ("retain_objective='distill'", retain_objective == "distill")) if used]
-        if needs and not lora and (frozen_unet if on_denoiser else frozen_text_encoder) is None:
-            raise ValueError(f"{' and '.join(needs)} without LoRA needs a frozen copy of the "
-                             f"{train_component}")
+        frozen = frozen_unet if on_denoiser else frozen_text_encoder
+        if original_weights is not None and (lora or frozen is not None):
+            raise ValueError("give one original model: original_weights, a frozen copy, or "
+                             "lora=True (the adapters switched off)")
+        if needs and not lora and frozen is None and original_weights is None:
+            raise ValueError(f"{' and '.join(needs)} without LoRA needs the original "
+                             f"{train_component}: original_weights (its trained parameters' "
+                             f"first values) or a frozen copy")
         self.unet, self.vae = unet, vae
         self.text_encoder = text_encoder if text_encoder is not None else next(
             iter(self.text_encoders.values()))
@@ -125,6 +146,7 @@ class SDUnlearner:
         self.lora = lora
         self.negative_guidance = negative_guidance
         self.frozen_unet, self.frozen_text_encoder = frozen_unet, frozen_text_encoder
+        self.original_weights = original_weights
         self.weight_dtype = weight_dtype
         self.num_processes, self.process_index = num_processes, process_index
         self._unwrapped: Dict[int, tuple] = {}
@@ -223,6 +245,11 @@ class SDUnlearner:
                 trained = self.unet if self.train_component == "unet" else \
                     self.text_encoders[self.train_component]
                 with adapters_disabled(self._inner(trained)):
+                    yield self._inner(self.unet), encoders
+            elif self.original_weights is not None:  # the trained module, as it was
+                trained = self._inner(self.unet) if self.train_component == "unet" else \
+                    encoders[self.train_component]
+                with self.original_weights.swapped(), _eval_mode(trained):
                     yield self._inner(self.unet), encoders
             elif self.train_component == "unet":
                 yield self.frozen_unet, encoders
