@@ -201,3 +201,28 @@ def test_the_first_distilled_loss_is_exactly_zero_under_bf16_autocast():
         for p in params:
             p.add_(torch.randn_like(p) * 0.1)
     assert step()[0] > 0
+
+
+def test_gradient_checkpointing_recomputes_with_the_trained_values():
+    """Checkpointed blocks recompute their forward in backward, after the swap is undone: the
+    distilled gradient is the one without checkpointing."""
+    from hf_munba.diffusion.params import enable_gradient_checkpointing
+
+    grads = []
+    for checkpointing in (False, True):
+        pipe = tiny_sd_pipeline()
+        _, by_swap, params = _unlearners(pipe, "noxattn", retain_objective="distill")
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.05)
+        if checkpointing:
+            enable_gradient_checkpointing(pipe.unet)
+        pipe.unet.train()
+        block = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0]
+        calls = []
+        block.register_forward_pre_hook(lambda *_: calls.append(1))
+        loss, g = _loss_and_grads(by_swap.retain_loss, params, paired_batch(pipe))
+        assert loss > 0 and len(calls) == (3 if checkpointing else 2)  # original, trained(, again)
+        grads.append(g)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-8)
