@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from hf_munba.diffusion.original_weights import OriginalWeights
+from hf_munba.diffusion.original_weights import OriginalWeights, choose_original
 from hf_munba.diffusion.params import freeze_all_but, select_parameter_names
 from hf_munba.diffusion.unlearner import SDUnlearner
 from hf_munba.testing import tiny_sd_pipeline
@@ -226,3 +226,17 @@ def test_gradient_checkpointing_recomputes_with_the_trained_values():
         grads.append(g)
     for a, b in zip(*grads):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-8)
+
+
+def test_the_cheaper_original_is_chosen():
+    """A subset's fp32 values, or a copy of the module in the compute dtype when that is smaller
+    (most of the module trained under 16-bit mixed precision); the exact one on a tie."""
+    layer = torch.nn.Linear(10, 10)  # 110 parameters
+    f32, bf16 = torch.float32, torch.bfloat16
+    assert choose_original(layer, [layer.bias], trained_dtype=f32, compute_dtype=bf16) == "weights"
+    assert choose_original(layer, layer.parameters(), trained_dtype=f32,
+                           compute_dtype=bf16) == "copy"
+    assert choose_original(layer, layer.parameters(), trained_dtype=f32,
+                           compute_dtype=f32) == "weights"
+    assert choose_original(layer, [layer.weight], trained_dtype=f32,
+                           compute_dtype=torch.float16) == "copy"  # 400 bytes > 220

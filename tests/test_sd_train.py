@@ -125,6 +125,20 @@ def test_noxattn_trains_only_the_subset_and_reloads(assets, noxattn_run):
     assert "keeping the original values of the trained parameters" in proc.stdout + proc.stderr
 
 
+@pytest.mark.parametrize("subset, kept", [
+    ("xattn", "keeping the original values of the trained parameters"),
+    ("full", "keeping a frozen bfloat16 copy of the unet")])
+def test_bf16_keeps_the_cheaper_original(assets, tmp_path, subset, kept):
+    """Under bf16 mixed precision a subset keeps its fp32 first values, the whole UNet a bf16
+    copy (2 bytes per parameter beat 4); either way the first distilled loss is exactly zero."""
+    out = tmp_path / "out"
+    proc = _run(TRAIN, common(assets, out, steps=1) + ["--mixed_precision", "bf16",
+                                                       "--train_params", subset])
+    assert kept in proc.stdout + proc.stderr
+    first = json.loads((out / "history.jsonl").read_text().splitlines()[0])
+    assert first["loss/retain"] == 0.0 and first["munba/grad_norm_retain"] == 0.0
+
+
 def test_card_metadata_and_saved_args(assets, noxattn_run):
     """The card's model-index holds the run's measured losses; no local path is published."""
     import yaml

@@ -5,8 +5,8 @@ Retain (player 0), ``RETAIN_OBJECTIVES``:
 * ``denoise`` (the paper): the standard denoising loss on D_r, MSE(pred(x_t, t, caption), target)
   with target = noise (epsilon prediction) or the velocity (v prediction).
 * ``distill``: MSE(pred(x_t, t, caption), sg[pred_0(x_t, t, caption)]) with pred_0 the original
-  model (the trained parameters' first values swapped in, or the same model with its LoRA
-  adapters off), on the same D_r latents,
+  model (the trained parameters' first values swapped in, a frozen copy, or the same model with
+  its LoRA adapters off), on the same D_r latents,
   noise and captions. It is zero before unlearning and its gradient is the drift of the retained
   prompts' predictions alone. The denoising loss of a well-trained model is mostly sampling noise
   (which noise, which timestep): its gradient points somewhere new every batch, and scale-free
@@ -14,8 +14,8 @@ Retain (player 0), ``RETAIN_OBJECTIVES``:
   player's half of the step on that noise. The distilled gradient is small but points at the
   damage; bargaining gives it full say at once, where a weighted sum lets the damage grow until
   the loss is large enough to count. Costs one no-grad forward of the original per retain batch
-  (and, without LoRA, the trained parameters' original values in memory:
-  :mod:`hf_munba.diffusion.original_weights`).
+  (and, without LoRA, the trained parameters' original values, or a frozen copy where that is
+  smaller, in memory: :mod:`hf_munba.diffusion.original_weights`).
 
 Forget (player 1), ``FORGET_OBJECTIVES``:
 

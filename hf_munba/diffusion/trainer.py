@@ -343,7 +343,7 @@ def train(config: SDUnlearningConfig, *, sources: Optional[Tuple] = None) -> Pat
     from .export import save_full_pipeline, save_lora
     from .families import PromptTokenizer, detect_family, load_components
     from .inputs import checkpoint_step, resolve_checkpoint
-    from .original_weights import OriginalWeights
+    from .original_weights import OriginalWeights, choose_original
     from .params import add_lora_adapter, enable_gradient_checkpointing, freeze_all_but, \
         select_parameter_names
     from .unlearner import SDUnlearner
@@ -405,7 +405,7 @@ def train(config: SDUnlearningConfig, *, sources: Optional[Tuple] = None) -> Pat
                                                                        torch.float32)
     on_unet = component == family.denoiser
     trained = unet if on_unet else text_encoders[component]
-    original = None
+    frozen_copy = original = None
     has_target = method.uses_forget and args.forget_objective != "ga"
     if args.target_model == "frozen" and not has_target:
         log.warning("--target_model frozen has no effect with " + (
@@ -421,6 +421,11 @@ def train(config: SDUnlearningConfig, *, sources: Optional[Tuple] = None) -> Pat
     else:
         params = freeze_all_but(trained, select_parameter_names(trained, args.train_params,
                                                                 component))
+    if needs_original and choose_original(trained, params, trained_dtype=torch.float32,
+                                          compute_dtype=weight_dtype) == "copy":
+        # most of the module trains under 16-bit mixed precision: a frozen copy in the compute
+        # dtype is smaller than the trained parameters' fp32 values (made before the move)
+        frozen_copy = copy.deepcopy(trained).eval().requires_grad_(False)
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(trained)
     # Frozen modules in the compute dtype; trained ones stay fp32 (LoRA params upcast).
@@ -429,7 +434,12 @@ def train(config: SDUnlearningConfig, *, sources: Optional[Tuple] = None) -> Pat
         if frozen is not trained:
             frozen.to(accelerator.device, dtype=weight_dtype)
     trained.to(accelerator.device, dtype=weight_dtype if args.use_lora else torch.float32)
-    if needs_original:
+    if frozen_copy is not None:
+        frozen_copy.to(accelerator.device, dtype=weight_dtype)
+        log.info(f"keeping a frozen {str(weight_dtype).split('.')[-1]} copy of the {component} "
+                 f"for the original model's predictions (smaller than its trained parameters' "
+                 f"fp32 values)", main_process_only=True)
+    elif needs_original:
         # the original model, for the frozen target and/or the distilled retain loss: the
         # trained parameters' first values, taken after the last move (and before any resume)
         original = OriginalWeights(params)
@@ -502,7 +512,9 @@ def train(config: SDUnlearningConfig, *, sources: Optional[Tuple] = None) -> Pat
         target_model=args.target_model, train_component=component,
         retain_objective=retain_objective,
         lora=args.use_lora, negative_guidance=args.negative_guidance,
-        original_weights=original, weight_dtype=weight_dtype,
+        frozen_unet=frozen_copy if on_unet else None,
+        frozen_text_encoder=None if on_unet else frozen_copy, original_weights=original,
+        weight_dtype=weight_dtype,
         num_processes=accelerator.num_processes, process_index=accelerator.process_index)
     player_loss = {"retain": unlearner.retain_loss, "forget": unlearner.forget_loss}
     for role in dataset.forget_roles:  # forget_<name>: one loss per concept, its own batch keys
