@@ -80,8 +80,8 @@ def test_swapped_restores_on_error_and_refuses_misuse():
 
 
 def _unlearners(pipe, subset="xattn", **kw):
-    """The same original three ways: a frozen deepcopy of the UNet, and the trained parameters'
-    first values (what the training script uses)."""
+    """The same original two ways: a frozen deepcopy of the UNet, and the trained parameters'
+    first values (what the training script uses for a subset)."""
     frozen = copy.deepcopy(pipe.unet).requires_grad_(False)
     pipe.unet.requires_grad_(False)
     params = freeze_all_but(pipe.unet, select_parameter_names(pipe.unet, subset))

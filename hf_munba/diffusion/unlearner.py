@@ -241,16 +241,15 @@ class SDUnlearner:
         """(denoiser, text encoders) as they were before unlearning, inside no_grad."""
         with torch.no_grad():
             encoders = self._encoders(trained_inner=True)
+            denoiser = self._inner(self.unet)
+            trained = denoiser if self.train_component == "unet" else \
+                encoders[self.train_component]
             if self.lora:
-                trained = self.unet if self.train_component == "unet" else \
-                    self.text_encoders[self.train_component]
-                with adapters_disabled(self._inner(trained)):
-                    yield self._inner(self.unet), encoders
+                with adapters_disabled(trained):
+                    yield denoiser, encoders
             elif self.original_weights is not None:  # the trained module, as it was
-                trained = self._inner(self.unet) if self.train_component == "unet" else \
-                    encoders[self.train_component]
                 with self.original_weights.swapped(), _eval_mode(trained):
-                    yield self._inner(self.unet), encoders
+                    yield denoiser, encoders
             elif self.train_component == "unet":
                 yield self.frozen_unet, encoders
             else:
