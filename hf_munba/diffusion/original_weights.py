@@ -39,11 +39,8 @@ def choose_original(module: torch.nn.Module, params: Iterable[torch.nn.Parameter
     """``"weights"`` (an :class:`OriginalWeights` of ``params``, held in ``trained_dtype``) or
     ``"copy"`` (a frozen copy of ``module`` in ``compute_dtype``): whichever takes less memory;
     the exact one, ``"weights"``, on a tie."""
-    def size(dtype):
-        return torch.empty((), dtype=dtype).element_size()
-
-    kept = sum(p.numel() for p in params) * size(trained_dtype)
-    copied = sum(p.numel() for p in module.parameters()) * size(compute_dtype)
+    kept = sum(p.numel() for p in params) * trained_dtype.itemsize
+    copied = sum(p.numel() for p in module.parameters()) * compute_dtype.itemsize
     return "weights" if kept <= copied else "copy"
 
 
