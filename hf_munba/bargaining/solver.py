@@ -319,6 +319,20 @@ def _spd_solve(m: torch.Tensor, r: torch.Tensor, eye: torch.Tensor) -> Optional[
     return None
 
 
+def _every_player_gains(g: torch.Tensor, idx: List[int], a: List[float]) -> bool:
+    """Does every active player gain, (G a)_i > 0, on the float64 Gram itself?
+
+    The solve runs on cosines; mapping its weights back through the norms rounds again. On a game
+    inside the rounding band (0 within rounding of the unit gradients' hull) a player's gain can
+    then come out of the float64 Gram as a tiny negative number on one machine's BLAS and positive
+    on another's: such a game has no numerically meaningful common improving direction, so it is
+    treated as infeasible instead of returning weights under which a player loses.
+    """
+    sub = g[idx][:, idx]
+    av = torch.tensor(a, dtype=torch.float64)
+    return bool((sub @ av > 0).all())
+
+
 def _check_powers(powers, k: int) -> Optional[List[float]]:
     if powers is None:
         return None
@@ -369,6 +383,8 @@ def solve_nash_bargaining(
     opposed = len(idx) == 2 and 1.0 + cos[0][1] <= opposed_tol
     sub_w = None if w is None else [w[i] for i in idx]
     b = None if opposed else _solve_cosine_game(cos, powers=sub_w)
+    if b is not None and not _every_player_gains(g, idx, [x / norms[i] for x, i in zip(b, idx)]):
+        b = None  # solved in cosines, but in the Gram's own units a player's gain is rounding
     if b is not None:
         weights = [0.0] * k
         for bi, i in zip(b, idx):
