@@ -463,10 +463,14 @@ def test_front_end_default_keeps_a_satisfied_forget_player_at_a_small_power():
     from hf_munba import build_forget_rule
     from hf_munba.bargaining import DEFAULT_SATISFIED_POWER
 
-    assert build_forget_rule("remap").satisfied_power == DEFAULT_SATISFIED_POWER == 0.01
+    assert build_forget_rule("remap").satisfied_power == DEFAULT_SATISFIED_POWER == 0.1
     rule = build_forget_rule("remap", ema=0.0)
-    assert run_rule(rule, [1.0, 0.2]) == [1.0, 0.01]
-    # at power 0.01 with opposed gradients the forget player is held at ~zero gain, not sacrificed
+    assert run_rule(rule, [1.0, 0.2]) == [1.0, 0.1]
+    # with opposed gradients a satisfied forget player is not sacrificed: it keeps a small
+    # first-order gain, a tenth of what the retain player gets, and retain gets most of the step
     gram = two_player_gram(1.0, 1.0, -0.4, torch.float64)
-    a = nash_bargaining_weights(gram, powers=[1.0, 0.01])
-    assert float(a[1] / a[0]) > 0.4 and float((gram @ a)[1]) > 0
+    a = nash_bargaining_weights(gram, powers=[1.0, DEFAULT_SATISFIED_POWER])
+    gains = gram @ a
+    assert float(a[1] / a[0]) > 0.4 and float(gains[1]) > 0
+    assert float(a[1] * gains[1]) == pytest.approx(0.1 * float(a[0] * gains[0]), rel=1e-9)
+    assert float(gains[0]) > float(gains[1])

@@ -18,7 +18,7 @@ LEGACY_FIELDS = {
     "l1_alpha": 5e-4, "salun_ratio": 0.5, "opposed_tol": 1e-4, "fallback_player": 0,
     "max_consecutive_skips": 10, "bargaining_power_forget": 1.0, "forget_target": None,
     "forget_target_mode": None, "forget_target_ema": 0.9, "forget_target_hysteresis": 1.5,
-    "forget_target_reference_steps": 1, "satisfied_power_forget": 0.01,
+    "forget_target_reference_steps": 1, "satisfied_power_forget": 0.1,
 }
 
 

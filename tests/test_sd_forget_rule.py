@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # relative target 10x the mean of the first two losses, no smoothing: the reference is known at
 # step 2 and the player is satisfied from then on, deterministically
 ENGAGE = ["--forget_target", 10.0, "--forget_target_reference_steps", 2, "--forget_target_ema", 0,
-          "--satisfied_power_forget", 0]  # the player leaves (the default power is 0.01)
+          "--satisfied_power_forget", 0]  # the player leaves (the default power is 0.1)
 
 
 def _history(out):

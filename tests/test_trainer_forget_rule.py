@@ -13,7 +13,7 @@ from trainer_helpers import params_vector, targs, tiny_classification_data
 # satisfied from the second step on: 10x the mean of the first two losses, no smoothing
 FROM_STEP_2 = dict(forget_target=10.0, forget_target_mode="relative",
                    forget_target_reference_steps=2, forget_target_ema=0.0,
-                   satisfied_power_forget=0.0)  # it leaves (the default power is 0.01)
+                   satisfied_power_forget=0.0)  # it leaves (the default power is 0.1)
 
 
 def _trainer(tmp_path, munba_args=None, **kw):

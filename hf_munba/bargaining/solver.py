@@ -111,9 +111,9 @@ the forget player has what it came for, yet scale-free bargaining would keep giv
 say (and half of every unit step) while its shrinking gradient turns against retaining. The rule
 lowers its power (class default 0: it leaves, and the step follows the retain player's unit
 gradient, the same step length as the conflict fallback; the front ends' default
-``DEFAULT_SATISFIED_POWER`` = 0.01 keeps it in the game at a small power, so with opposed
-gradients the step follows retain without undoing the forgetting) and gives it back when the
-loss rises again.
+``DEFAULT_SATISFIED_POWER`` = 0.1 keeps it in the game at a small power, so with opposed
+gradients the step mostly follows retain and still makes a little forgetting progress, a_f (G a)_f
+= 0.1) and gives it back when the loss rises again.
 
 Scale: all math runs on the cosine matrix C = D^-1 G D^-1 (D = diag |g_i|) in float64 on the
 host, then a_i = b_i / |g_i|. There are no absolute epsilons, so the weights are right at any

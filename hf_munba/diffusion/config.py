@@ -26,6 +26,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Optional
 
+from ..bargaining.satisfaction import DEFAULT_SATISFIED_POWER
 from ..evaluation.prompts import NUDITY_PROMPTS
 from ..unlearning.distributed import unsupported_distributed_message
 from ..unlearning.registry import available_methods, get_method
@@ -173,9 +174,9 @@ class SDUnlearningConfig:
     forget_target_reference_steps: int = _f(1, "relative targets: how many first steps' losses "
                                                "make the reference")
     satisfied_power_forget: float = _f(
-        0.01, "the forget player's power while satisfied (default 0.01: the step follows retain "
-              "without undoing the forgetting to first order; 0 = it leaves the game and the "
-              "step follows the retain gradient alone)")
+        DEFAULT_SATISFIED_POWER, "the forget player's power while satisfied (default 0.1: the "
+              "step mostly follows retain and keeps a small forgetting pressure; 0 = it leaves "
+              "the game and the step follows the retain gradient alone)")
     max_consecutive_skips: int = _f(10, "stop the run after this many optimizer steps in a row "
                                         "were skipped for non-finite losses or gradients")
     # ---- optimisation
