@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from hf_munba.bargaining import DEFAULT_SATISFIED_POWER
 from test_sd_train import TRAIN, _run, _unet_state
 
 
@@ -69,7 +70,7 @@ def test_per_concept_players_are_logged_checkpointed_and_carded(per_concept_run)
     assert "loss/forget" not in h[-1]
     # the target (10x the first loss) is met at once: both concepts satisfied, powers lowered
     assert h[-1]["munba/forget_nudity_satisfied"] == 1.0
-    assert h[-1]["munba/power_forget_violence"] == pytest.approx(0.01)
+    assert h[-1]["munba/power_forget_violence"] == pytest.approx(DEFAULT_SATISFIED_POWER)
     metrics = json.loads((out / "training_metrics.json").read_text())
     for k in ("before/forget_loss_nudity", "after/forget_loss_violence",
               "forget_nudity_times_satisfied", "forget_violence_satisfied_at_end"):
