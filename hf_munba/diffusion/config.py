@@ -174,7 +174,7 @@ class SDUnlearningConfig:
     forget_target_reference_steps: int = _f(1, "relative targets: how many first steps' losses "
                                                "make the reference")
     satisfied_power_forget: float = _f(
-        DEFAULT_SATISFIED_POWER, "the forget player's power while satisfied (default 0.1: the "
+        DEFAULT_SATISFIED_POWER, "the forget player's power while satisfied (the default: the "
               "step mostly follows retain and keeps a small forgetting pressure; 0 = it leaves "
               "the game and the step follows the retain gradient alone)")
     max_consecutive_skips: int = _f(10, "stop the run after this many optimizer steps in a row "

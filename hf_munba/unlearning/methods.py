@@ -117,7 +117,7 @@ FORGET_RULE_SETTINGS: Dict[str, MethodSetting] = {
         lambda v: v >= 1, ">= 1"),
     "satisfied_power_forget": MethodSetting(
         DEFAULT_SATISFIED_POWER, "the forget player's power while satisfied (0: it leaves the "
-        "game; the default 0.1 mostly follows retain and keeps a small forgetting pressure)",
+        "game; the default mostly follows retain and keeps a small forgetting pressure)",
         float, _non_negative, "finite and >= 0"),
 }
 
