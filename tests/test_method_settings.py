@@ -50,6 +50,20 @@ def test_method_fields_come_from_the_methods_that_declare_them():
         assert all(u in by_name[name].metadata["help"] for u in users)
 
 
+def test_the_sd_config_takes_its_method_defaults_from_the_same_declarations():
+    """Both front ends read one default per setting: the SD flags' defaults are the methods'."""
+    from hf_munba.diffusion.config import SDUnlearningConfig
+
+    sd = {f.name: f.default for f in dataclasses.fields(SDUnlearningConfig)}
+    declared = method_settings("diffusion")
+    shared = set(declared) & set(sd)
+    assert shared >= {"forget_weight", "opposed_tol", "bargaining_power_forget", "forget_target",
+                      "forget_target_mode", "forget_target_ema", "forget_target_hysteresis",
+                      "forget_target_reference_steps", "satisfied_power_forget"}
+    for name in shared:
+        assert sd[name] == declared[name][0].default, name
+
+
 def test_a_bad_setting_fails_in_post_init_with_the_field_name():
     for bad, word in [(dict(salun_ratio=0.0), "salun_ratio"), (dict(salun_ratio=1.5), "salun_ratio"),
                       (dict(l1_alpha=-1.0), "l1_alpha"), (dict(forget_weight=0), "forget_weight"),

@@ -26,9 +26,9 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Optional
 
-from ..bargaining.satisfaction import DEFAULT_SATISFIED_POWER
 from ..evaluation.prompts import NUDITY_PROMPTS
 from ..unlearning.distributed import unsupported_distributed_message
+from ..unlearning.methods import method_settings
 from ..unlearning.registry import available_methods, get_method
 from .data import FORGET_PLAYER_MODES
 from .inputs import LR_SCHEDULERS
@@ -47,6 +47,13 @@ _SECRETS = ("hub_token",)
 
 def _f(default, help: str, **extra):
     return field(default=default, metadata={"help": help, **extra})
+
+
+def _setting(name: str, help: str):
+    """A field for a setting a registered method declares: its default is the method's (one
+    source for both front ends, ``MunbaArguments`` builds its fields from the same declaration);
+    the help is this flag's own, in the SD objectives' words."""
+    return _f(method_settings("diffusion")[name][0].default, help)
 
 
 def _list(default, help: str):
@@ -126,7 +133,8 @@ class SDUnlearningConfig:
                               "lambda L_f; ft: fine-tune on D_r only; ga: gradient ascent on D_f "
                               "only (use with --forget_objective ga)",
                      choices=DIFFUSION_METHODS)
-    forget_weight: float = _f(1.0, "lambda of --method weighted: L_r + lambda L_f")
+    forget_weight: float = _setting("forget_weight",
+                                    "lambda of --method weighted: L_r + lambda L_f")
     forget_objective: Optional[Literal["remap", "ga", "esd"]] = _f(
         None, "remap: the forget prompts' prediction onto the anchor's; ga: gradient ascent on "
               "the denoising loss of D_f; esd: ESD negative guidance (default: remap; ga with "
@@ -153,30 +161,37 @@ class SDUnlearningConfig:
     rank: int = _f(4, "LoRA rank")
     lora_alpha: Optional[float] = _f(None, "LoRA alpha (default: the rank)")
     fuse_lora: bool = _f(False, "also write the LoRA-fused full pipeline")
-    opposed_tol: float = _f(1e-4, "MUNBa: when 1 + cos(g_r, g_f) is below this, no direction "
-                                  "helps both players and the step follows the retain gradient")
+    opposed_tol: float = _setting(
+        "opposed_tol", "MUNBa: when 1 + cos(g_r, g_f) is below this, no direction helps both "
+                       "players and the step follows the retain gradient")
     # ---- bargaining power and the satisfied forget player (--method munba)
-    bargaining_power_forget: float = _f(
-        1.0, "the forget player's bargaining power w_f (retain has 1) while it is not satisfied; "
-             "only the ratio matters (hf_munba.bargaining)")
-    forget_target: Optional[float] = _f(
-        None, "the forget player is satisfied (its power drops to --satisfied_power_forget) once "
-              "an EMA of its loss is at or below this target; default per objective: 0.25 "
-              "relative for remap and esd, none for ga")
-    forget_target_mode: Optional[Literal["relative", "absolute"]] = _f(
-        None, "relative: the target is a fraction of the mean loss of the first "
-              "--forget_target_reference_steps steps (scale-free; the default); absolute: a loss "
-              "value")
-    forget_target_ema: float = _f(0.9, "smoothing of the forget loss before it is compared with "
-                                       "the target, in [0, 1)")
-    forget_target_hysteresis: float = _f(1.5, "a satisfied forget player comes back when the EMA "
-                                              "exceeds this factor times the target")
-    forget_target_reference_steps: int = _f(1, "relative targets: how many first steps' losses "
-                                               "make the reference")
-    satisfied_power_forget: float = _f(
-        DEFAULT_SATISFIED_POWER, "the forget player's power while satisfied (the default: the "
-              "step mostly follows retain and keeps a small forgetting pressure; 0 = it leaves "
-              "the game and the step follows the retain gradient alone)")
+    bargaining_power_forget: float = _setting(
+        "bargaining_power_forget", "the forget player's bargaining power w_f (retain has 1) "
+                                   "while it is not satisfied; only the ratio matters "
+                                   "(hf_munba.bargaining)")
+    forget_target: Optional[float] = _setting(
+        "forget_target", "the forget player is satisfied (its power drops to "
+                         "--satisfied_power_forget) once an EMA of its loss is at or below this "
+                         "target; default per objective: 0.25 relative for remap and esd, none "
+                         "for ga")
+    forget_target_mode: Optional[Literal["relative", "absolute"]] = _setting(
+        "forget_target_mode", "relative: the target is a fraction of the mean loss of the first "
+                              "--forget_target_reference_steps steps (scale-free; the default); "
+                              "absolute: a loss value")
+    forget_target_ema: float = _setting(
+        "forget_target_ema", "smoothing of the forget loss before it is compared with the "
+                             "target, in [0, 1)")
+    forget_target_hysteresis: float = _setting(
+        "forget_target_hysteresis", "a satisfied forget player comes back when the EMA exceeds "
+                                    "this factor times the target")
+    forget_target_reference_steps: int = _setting(
+        "forget_target_reference_steps", "relative targets: how many first steps' losses make "
+                                         "the reference")
+    satisfied_power_forget: float = _setting(
+        "satisfied_power_forget", "the forget player's power while satisfied (the default: the "
+                                  "step mostly follows retain and keeps a small forgetting "
+                                  "pressure; 0 = it leaves the game and the step follows the "
+                                  "retain gradient alone)")
     max_consecutive_skips: int = _f(10, "stop the run after this many optimizer steps in a row "
                                         "were skipped for non-finite losses or gradients")
     # ---- optimisation
