@@ -1,0 +1,134 @@
+"""One setting for every digit: pooling experiments, the fixed-λ selection and the verdict."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hf_munba.testing.digits_comparison import (PROTOCOL_KEYS, across_digits_markdown,
+                                                compare_across_digits, load_experiments)
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = {"train_params": "xattn", "max_train_steps": 40, "eval_every": 20, "train_batch_size": 8,
+            "learning_rate": 3e-4, "lora_learning_rate": 3e-3, "retain_objective": None,
+            "forget_threshold": 5.0, "rank": 4, "guidance_scale": 2.0, "num_images_per_prompt": 10,
+            "num_inference_steps": 10, "build_seed": 0, "build_unet_steps": None, "munba_flags": []}
+ORIGINAL = {"forget_accuracy": 100.0, "retain_accuracy": 100.0}
+
+
+def _run(method, seed, forget, retain, variant="full"):
+    """A run forgetting as ``forget`` (at steps 20, 40) while keeping ``retain``."""
+    curve = [{"step": 0, **ORIGINAL}] + [
+        {"step": 20 * (i + 1), "forget_accuracy": f, "retain_accuracy": r}
+        for i, (f, r) in enumerate(zip(forget, retain))]
+    return {"method": method, "variant": variant, "seed": seed, "curve": curve,
+            "forget_accuracy": forget[-1], "retain_accuracy": retain[-1]}
+
+
+def _write(path, digit, runs, **settings):
+    path.mkdir(parents=True)
+    data = {"settings": {**SETTINGS, "forget_digit": digit, **settings},
+            "build": {"root": "/cache/x", "metrics": {"vae_reconstruction_mse": 0.0016}},
+            "original": dict(ORIGINAL), "runs": runs}
+    (path / "results.json").write_text(json.dumps(data))
+    return path
+
+
+def _digits(tmp_path):
+    """Digit 2 is hard (λ 0.01 never forgets it), digit 3 easy (λ 0.01 keeps the most)."""
+    two = _write(tmp_path / "two", 2, [
+        *[_run("munba", s, [0, 0], [95, 97]) for s in (0, 1)],
+        *[_run("weighted-0.01", s, [60, 40], [100, 100]) for s in (0, 1)],
+        *[_run("weighted-0.3", s, [0, 0], [94, 96]) for s in (0, 1)]])
+    three_lam = _write(tmp_path / "three_lam", 3, [
+        *[_run("weighted-0.01", s, [30, 0], [100, 99]) for s in (0, 1)],
+        *[_run("weighted-0.3", s, [0, 0], [90, 92]) for s in (0, 1)]])
+    three_munba = _write(tmp_path / "three_munba", 3, [
+        *[_run("munba", s, [0, 0], [97, 99]) for s in (0, 1)]])
+    return [two, three_lam, three_munba]
+
+
+def test_a_fixed_lambda_counts_only_if_it_forgets_every_digit(tmp_path):
+    experiments = load_experiments(_digits(tmp_path))
+    assert list(experiments) == [2, 3] and len(experiments[3]["runs"]) == 6
+    res = compare_across_digits(experiments)
+    full = res["variants"]["full"]
+    rows = full["rows"]
+    assert rows["weighted-0.01"]["digits_forgotten"] == 1 and not rows["weighted-0.01"]["every_digit"]
+    assert rows["weighted-0.01"]["first_retain"] is None
+    assert rows["weighted-0.3"]["first_retain"] == pytest.approx((94 + 90) / 2)
+    assert rows["munba"]["first_retain"] == pytest.approx((95 + 97) / 2)
+    assert rows["munba"]["best_retain"] == pytest.approx((97 + 99) / 2)
+    v = full["verdict"]["first_retain"]
+    assert v["best_fixed"] == "weighted-0.3" and v["met"] is True
+    # the oracle picks each digit's own λ: 0.3 on "two", 0.01 on "three" (first point 99, step 40)
+    assert full["oracle"]["digits"]["3"]["first_lambda"] == "weighted-0.01"
+    assert full["oracle"]["first_retain"] == pytest.approx((94 + 99) / 2)
+    md = across_digits_markdown(res)
+    assert "1/2 seeds" not in md and "0/2 seeds" in md  # λ 0.01 on "two": no seed forgot
+    assert "best single λ weighted-0.3" in md and ": met" in md
+
+
+def test_munba_that_misses_a_digit_does_not_meet_it(tmp_path):
+    paths = _digits(tmp_path)
+    misses = _write(tmp_path / "five", 5, [
+        _run("munba", 0, [0, 0], [99, 99]), _run("munba", 1, [20, 10], [99, 99]),
+        *[_run(m, s, [0, 0], [98, 98]) for m in ("weighted-0.01", "weighted-0.3") for s in (0, 1)]])
+    res = compare_across_digits(load_experiments(paths + [misses]))
+    v = res["variants"]["full"]["verdict"]["best_retain"]
+    assert v["munba_digits_forgotten"] == 2 and v["met"] is False
+    assert "1/2 seeds" in across_digits_markdown(res)
+
+
+def test_a_lambda_missing_on_a_digit_is_not_compared(tmp_path):
+    two, three_lam, three_munba = _digits(tmp_path)
+    extra = _write(tmp_path / "three_extra", 3, [_run("weighted-1", s, [0, 0], [99, 100])
+                                                  for s in (0, 1)])
+    res = compare_across_digits(load_experiments([two, three_lam, three_munba, extra]))
+    v = res["variants"]["full"]["verdict"]["first_retain"]
+    assert v["lambdas_not_on_every_digit"] == ["weighted-1"] and v["best_fixed"] == "weighted-0.3"
+    assert "not run" in across_digits_markdown(res)
+    only_three = compare_across_digits(load_experiments([three_munba, extra]))
+    assert only_three["variants"]["full"]["verdict"]["first_retain"]["best_fixed"] == "weighted-1"
+    no_lambda = compare_across_digits(load_experiments([three_munba]))
+    assert no_lambda["variants"]["full"]["verdict"]["first_retain"]["met"] is None
+
+
+@pytest.mark.parametrize("change", [{"learning_rate": 1e-4}, {"num_images_per_prompt": 30},
+                                    {"munba_flags": ["--satisfied_power_forget", "0.01"]}])
+def test_incomparable_experiments_are_refused(tmp_path, change):
+    paths = _digits(tmp_path)
+    other = _write(tmp_path / "other", 7, [_run("munba", 0, [0, 0], [99, 99])], **change)
+    key = next(iter(change))
+    with pytest.raises(ValueError, match=key if key in PROTOCOL_KEYS else "munba_flags"):
+        load_experiments(paths + [other])
+
+
+def test_the_same_run_twice_and_another_build_are_refused(tmp_path):
+    paths = _digits(tmp_path)
+    again = _write(tmp_path / "again", 3, [_run("munba", 1, [0, 0], [90, 90])])
+    with pytest.raises(ValueError, match="munba full seed 1 on digit 3 is in both"):
+        load_experiments(paths + [again])
+    build = tmp_path / "build"
+    _write(build, 7, [])
+    data = json.loads((build / "results.json").read_text())
+    data["build"]["metrics"]["vae_reconstruction_mse"] = 0.0017
+    (build / "results.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="different builds"):
+        load_experiments(paths + [build])
+    with pytest.raises(FileNotFoundError, match="no results.json"):
+        load_experiments([tmp_path / "missing"])
+
+
+def test_script_writes_the_tables(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(ROOT / "eval" / "digits_sd_across_digits.py"),
+                           *map(str, _digits(tmp_path)), "--output_dir", str(out)],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads((out / "results.json").read_text())
+    assert res["variants"]["full"]["verdict"]["first_retain"]["best_fixed"] == "weighted-0.3"
+    assert res["sources"]["3"][0].endswith("three_lam/results.json")
+    assert "# One setting for every digit" in (out / "results.md").read_text()
