@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
 
 from ..evaluation.results import markdown_table
-from .digits_unlearning import FORGET_THRESHOLD, best_weighted, summarize_curves
+from .digits_unlearning import FORGET_THRESHOLD, METHODS, best_weighted, summarize_curves
 
 __all__ = ["PROTOCOL_KEYS", "load_experiments", "compare_across_digits", "across_digits_markdown"]
 
@@ -106,6 +106,18 @@ def load_experiments(paths: Sequence) -> Dict[int, Dict]:
     return dict(sorted(pooled.items()))
 
 
+def _method_order(method: str):
+    """munba, munba-paper, the weighted sum by λ, then the rest as the experiment lists them."""
+    names = list(METHODS)
+    if method.startswith("weighted-"):
+        try:
+            return (1, float(method.removeprefix("weighted-")), method)
+        except ValueError:
+            pass
+    return (0 if method.startswith("munba") else 2, names.index(method) if method in names
+            else len(names), method)
+
+
 def _mean(values: Sequence[Optional[float]]) -> Optional[float]:
     if not values or any(v is None for v in values):
         return None
@@ -129,7 +141,8 @@ def compare_across_digits(experiments: Mapping[int, Mapping], threshold: Optiona
     on a digit only if every seed run there reached the criterion (a mean over the lucky seeds is
     not a result); its mean over digits exists only if it counts on every digit. The best fixed λ
     is the weighted-<λ> row with the highest such mean; ``oracle`` is each digit's own best λ
-    (the per-digit experiment's comparison).
+    (the per-digit experiment's comparison). There is no verdict (``met`` None) while some λ
+    was run on only some digits: it might have been the one that beats munba there.
     """
     if threshold is None:
         first = next(iter(experiments.values()), {})
@@ -140,8 +153,8 @@ def compare_across_digits(experiments: Mapping[int, Mapping], threshold: Optiona
     variants = list(dict.fromkeys(r["variant"] for d in digits for r in curves[d]))
     out: Dict[str, Dict] = {"threshold": thr, "digits": digits, "variants": {}}
     for v in variants:
-        methods = list(dict.fromkeys(r["method"] for d in digits for r in curves[d]
-                                     if r["variant"] == v))
+        methods = sorted(dict.fromkeys(r["method"] for d in digits for r in curves[d]
+                                       if r["variant"] == v), key=_method_order)
         rows = {}
         for m in methods:
             cells = {str(d): _cell(next((r for r in curves[d] if r["variant"] == v
@@ -178,8 +191,10 @@ def compare_across_digits(experiments: Mapping[int, Mapping], threshold: Optiona
                      "oracle": oracle[key], "lambdas_on_every_digit": list(swept),
                      "lambdas_not_on_every_digit": [m for m in rows if m.startswith("weighted-")
                                                     and m not in swept]}
-            if mine is None or not swept:
-                entry["met"] = None  # nothing to compare: no munba, or no λ run on every digit
+            if mine is None or not swept or entry["lambdas_not_on_every_digit"]:
+                # nothing to compare (no munba, no λ run on every digit), or a sweep with holes:
+                # a λ not run on some digit might have been the one that beats munba there
+                entry["met"] = None
             elif not mine["every_digit"]:
                 entry["met"] = False
             else:
@@ -228,17 +243,20 @@ def across_digits_markdown(result: Mapping) -> str:
         for key, what in (("first_retain", "first point"), ("best_retain", "best point")):
             x = entry["verdict"][key]
             if x["met"] is None:
-                status = "n/a"
+                status = ("n/a: run every λ on every digit" if x["lambdas_not_on_every_digit"]
+                          else "n/a")
             else:
                 status = "met" if x["met"] else "NOT met"
             if not x["lambdas_on_every_digit"]:
                 fixed = "no λ run on every digit"
             elif x["best_fixed"] is None:
-                fixed = "no single λ forgets every digit in every seed"
+                fixed = (f"no λ of those run on every digit "
+                         f"({', '.join(x['lambdas_on_every_digit'])}) forgets every digit in "
+                         f"every seed")
             else:
                 fixed = f"best single λ {x['best_fixed']} {_fmt(x['best_fixed_value'])}"
             if x["lambdas_on_every_digit"] and x["lambdas_not_on_every_digit"]:
-                fixed += (f" (not run on every digit, so not compared: "
+                fixed += (f" (not run on every digit: "
                           f"{', '.join(x['lambdas_not_on_every_digit'])})")
             md.append(f"- {v}, {what}: munba {_fmt(x['munba'])} "
                       f"({x['munba_digits_forgotten']}/{len(digits)} digits forgotten in every "
