@@ -49,11 +49,15 @@ def _f(default, help: str, **extra):
     return field(default=default, metadata={"help": help, **extra})
 
 
+#: the settings the registry's SD methods declare (name -> (setting, the methods reading it))
+_METHOD_SETTINGS = method_settings("diffusion")
+
+
 def _setting(name: str, help: str):
     """A field for a setting a registered method declares: its default is the method's (one
     source for both front ends, ``MunbaArguments`` builds its fields from the same declaration);
     the help is this flag's own, in the SD objectives' words."""
-    return _f(method_settings("diffusion")[name][0].default, help)
+    return _f(_METHOD_SETTINGS[name][0].default, help)
 
 
 def _list(default, help: str):

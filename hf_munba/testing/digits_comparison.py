@@ -19,11 +19,10 @@ run the same ``--munba_flags``, and a (method, variant, seed) may appear once pe
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
 
-from ..evaluation.results import markdown_table
+from ..evaluation.results import format_cell, markdown_table
 from .digits_unlearning import FORGET_THRESHOLD, METHODS, best_weighted, summarize_curves
 
 __all__ = ["PROTOCOL_KEYS", "load_experiments", "compare_across_digits", "across_digits_markdown"]
@@ -160,12 +159,11 @@ def compare_across_digits(experiments: Mapping[int, Mapping], threshold: Optiona
             cells = {str(d): _cell(next((r for r in curves[d] if r["variant"] == v
                                          and r["method"] == m), None)) for d in digits}
             counted = [c for c in cells.values() if c["run"] and c["all_seeds"]]
-            complete = all(c["run"] for c in cells.values())
-            every = complete and len(counted) == len(digits)
+            every = len(counted) == len(digits)
             rows[m] = {"digits": cells, "digits_run": sum(c["run"] for c in cells.values()),
                        "digits_forgotten": len(counted), "every_digit": every,
-                       "first_retain": _mean([c["first_retain"] for c in counted]) if every else None,
-                       "best_retain": _mean([c["best_retain"] for c in counted]) if every else None}
+                       **{k: _mean([c[k] for c in counted]) if every else None
+                          for k in ("first_retain", "best_retain")}}
         oracle = {"digits": {}}
         for key in ("first_retain", "best_retain"):
             picks = {str(d): best_weighted(curves[d], v, key) for d in digits}
@@ -183,7 +181,7 @@ def compare_across_digits(experiments: Mapping[int, Mapping], threshold: Optiona
         fixed = {m: r for m, r in swept.items() if r["every_digit"]}
         mine = rows.get("munba")
         for key in ("first_retain", "best_retain"):
-            best = max(fixed, key=lambda m: (fixed[m][key], -list(fixed).index(m)), default=None)
+            best = max(fixed, key=lambda m: fixed[m][key], default=None)  # ties: the first λ
             entry = {"best_fixed": best,
                      "best_fixed_value": None if best is None else fixed[best][key],
                      "munba": None if mine is None else mine[key],
@@ -204,16 +202,13 @@ def compare_across_digits(experiments: Mapping[int, Mapping], threshold: Optiona
     return out
 
 
-def _fmt(x, digits: int = 1) -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
-
-
 def _cell_md(c: Mapping) -> str:
     if not c["run"]:
         return "not run"
     if not c["all_seeds"]:
         return f"{c['reached']}/{c['seeds']} seeds"
-    return f"{_fmt(c['first_retain'])} ({_fmt(c['first_step'], 0)}) / {_fmt(c['best_retain'])}"
+    return (f"{format_cell(c['first_retain'], 1)} ({format_cell(c['first_step'], 0)}) / "
+            f"{format_cell(c['best_retain'], 1)}")
 
 
 def across_digits_markdown(result: Mapping) -> str:
@@ -227,17 +222,17 @@ def across_digits_markdown(result: Mapping) -> str:
         table = []
         for m, r in entry["rows"].items():
             table.append([m] + [_cell_md(r["digits"][str(d)]) for d in digits]
-                         + [f"{r['digits_forgotten']}/{len(digits)}", _fmt(r["first_retain"]),
-                            _fmt(r["best_retain"])])
+                         + [f"{r['digits_forgotten']}/{len(digits)}",
+                            format_cell(r["first_retain"], 1), format_cell(r["best_retain"], 1)])
         o = entry["oracle"]
         table.append(["each digit's best λ (oracle)"] + [
             "no λ run" if not o["digits"][str(d)]["lambdas_run"] else
             "none forgets every seed" if o["digits"][str(d)]["first_retain"] is None else
-            f"{_fmt(o['digits'][str(d)]['first_retain'])} "
+            f"{format_cell(o['digits'][str(d)]['first_retain'], 1)} "
             f"({o['digits'][str(d)]['first_lambda'].removeprefix('weighted-')}) / "
-            f"{_fmt(o['digits'][str(d)]['best_retain'])} "
+            f"{format_cell(o['digits'][str(d)]['best_retain'], 1)} "
             f"({o['digits'][str(d)]['best_lambda'].removeprefix('weighted-')})" for d in digits]
-            + ["–", _fmt(o["first_retain"]), _fmt(o["best_retain"])])
+            + ["–", format_cell(o["first_retain"], 1), format_cell(o["best_retain"], 1)])
         md += [f"**{v}**: retained accuracy (%) at forget ≤ {thr:g}% (mean over seeds; a digit "
                f"counts when every seed reached it)", "", markdown_table(header, table), ""]
         for key, what in (("first_retain", "first point"), ("best_retain", "best point")):
@@ -254,12 +249,14 @@ def across_digits_markdown(result: Mapping) -> str:
                          f"({', '.join(x['lambdas_on_every_digit'])}) forgets every digit in "
                          f"every seed")
             else:
-                fixed = f"best single λ {x['best_fixed']} {_fmt(x['best_fixed_value'])}"
+                fixed = (f"best single λ {x['best_fixed']} "
+                         f"{format_cell(x['best_fixed_value'], 1)}")
             if x["lambdas_on_every_digit"] and x["lambdas_not_on_every_digit"]:
                 fixed += (f" (not run on every digit: "
                           f"{', '.join(x['lambdas_not_on_every_digit'])})")
-            md.append(f"- {v}, {what}: munba {_fmt(x['munba'])} "
+            md.append(f"- {v}, {what}: munba {format_cell(x['munba'], 1)} "
                       f"({x['munba_digits_forgotten']}/{len(digits)} digits forgotten in every "
-                      f"seed) vs {fixed}; per-digit oracle {_fmt(x['oracle'])}: {status}")
+                      f"seed) vs {fixed}; per-digit oracle {format_cell(x['oracle'], 1)}: "
+                      f"{status}")
         md.append("")
     return "\n".join(md)
