@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from hf_munba.testing.digits_unlearning import METHODS  # noqa: E402
+from hf_munba.testing.digits_unlearning import method_name  # noqa: E402
 
 
 def _experiment_script():
@@ -48,7 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--cache_dir", default=None, help="cache of the built digits models")
     p.add_argument("--models_dir", default=None, help="a finished digits build to use instead")
     p.add_argument("--forget_digit", type=int, default=3)
-    p.add_argument("--methods", nargs="+", default=["munba", "weighted"], choices=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=["munba", "weighted-0.01"], type=method_name,
+                   help="rows of eval/digits_sd_experiment.py to train and attack; default: munba and "
+                        "the weighted sum at the λ that keeps the most when forgetting three")
     p.add_argument("--variants", nargs="+", default=["full", "lora"], choices=["full", "lora"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--max_train_steps", type=int, default=100)

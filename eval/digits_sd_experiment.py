@@ -6,7 +6,7 @@
 1. builds (or reuses from the cache) the digits pipeline + classifier (hf_munba.testing.digits);
 2. writes D_f (real images of the forgotten digit) and D_r (the other digits) as imagefolders;
 3. per method (munba = the recommended configuration, munba-paper, weighted-<lambda> for each
-   lambda of the sweep, ga, retain) x variant (full cross-attention, LoRA) x seed, runs
+   lambda of the sweep or any other lambda > 0, weighted-ga, retain) x variant (full cross-attention, LoRA) x seed, runs
    ``training/train_munba_sd.py`` (the forgotten digit's prompt remapped to the next digit, as the
    paper does with Imagenette classes) with a checkpoint every ``--eval_every`` steps, then
    evaluates the original model and every checkpoint in one process
@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from hf_munba.testing.digits_unlearning import FORGET_THRESHOLD, METHODS  # noqa: E402
+from hf_munba.testing.digits_unlearning import FORGET_THRESHOLD, METHODS, method_name  # noqa: E402
 
 VARIANTS = ("full", "lora")
 
@@ -54,7 +54,8 @@ def parse_args(argv=None):
                    help="override the build recipe's UNet steps (quick trials only)")
     p.add_argument("--forget_digit", type=int, default=3)
     p.add_argument("--remap_digit", type=int, default=None, help="default: the next digit")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=list(METHODS), type=method_name,
+                   help="rows to run: %s, or weighted-<λ> for any λ > 0" % ", ".join(METHODS))
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--train_params", default="xattn",

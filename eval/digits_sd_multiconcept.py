@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT / "eval"))
 
 from digits_sd_experiment import _single_thread, run  # noqa: E402
 from hf_munba.testing.digits_unlearning import (CONCEPT_MODES, FORGET_THRESHOLD,  # noqa: E402
-                                                METHODS)
+                                                method_name)
 
 VARIANTS = ("full", "lora")
 DEFAULT_METHODS = ("munba", "weighted-0.1", "weighted-0.3", "weighted-1")
@@ -53,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--cache_dir", default=None, help="cache of the built digits models")
     p.add_argument("--forget_digits", type=int, nargs="+", default=[3, 7])
     p.add_argument("--modes", nargs="+", default=list(CONCEPT_MODES), choices=CONCEPT_MODES)
-    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), type=method_name)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--train_params", default="xattn")

@@ -11,7 +11,7 @@ import pytest
 
 from hf_munba.testing.digits import DigitsRecipe, build_digits_models, digit_prompt
 from hf_munba.testing.digits_unlearning import (METHODS, best_weighted, curve_markdown,
-                                        summarize_curves, summarize_runs, summary_markdown,
+                                        method_args, summarize_curves, summarize_runs, summary_markdown,
                                         train_script_args, write_digit_imagefolders,
                                         write_digit_prompt_csv)
 from hf_munba.diffusion.data import check_disjoint, load_imagefolder
@@ -154,6 +154,43 @@ def test_methods_registry_is_what_the_docs_compare():
     assert METHODS["munba"] == ["--method", "munba", "--forget_objective", "remap"]
     assert METHODS["munba-paper"][-2:] == ["--retain_objective", "denoise"]
     assert METHODS["weighted-0.3"][:4] == ["--method", "weighted", "--forget_weight", "0.3"]
+
+
+def test_a_weighted_sum_at_any_lambda_is_a_row_and_bad_names_are_refused():
+    # a λ between the sweep's values checks a gap in the baseline's search
+    assert method_args("weighted-0.2") == ["--method", "weighted", "--forget_weight", "0.2",
+                                           "--forget_objective", "remap"]
+    assert method_args("weighted-0.3") == METHODS["weighted-0.3"]
+    assert method_args("munba") == METHODS["munba"] and method_args("munba") is not METHODS["munba"]
+    for bad in ("weighted", "weighted-0", "weighted--1", "weighted-nan", "weighted-inf",
+                "weighted-0.20", "weighted-1e-1", "weighted-x", "salun"):
+        with pytest.raises(ValueError, match="unknown method"):
+            method_args(bad)
+    a = train_script_args(method="weighted-0.2", pretrained="P", data={"forget": "F", "retain": "R"},
+                          output_dir="O", forget_digit=3)
+    assert a[a.index("--forget_weight") + 1] == "0.2"
+
+
+@pytest.mark.parametrize("script", ["digits_sd_experiment", "digits_sd_multiconcept",
+                                    "digits_attack_experiment"])
+def test_experiment_scripts_take_only_known_methods_and_default_to_known_ones(script, capsys):
+    import importlib.util
+
+    sys.path.insert(0, str(ROOT / "eval"))
+    try:
+        spec = importlib.util.spec_from_file_location(script, ROOT / "eval" / f"{script}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(ROOT / "eval"))
+    base = ["--output_dir", "unused-missing-dir"]
+    for m in mod.parse_args(base).methods:  # argparse checks no default against a type
+        method_args(m)
+    assert mod.parse_args(base + ["--methods", "munba", "weighted-0.2"]).methods == ["munba", "weighted-0.2"]
+    with pytest.raises(SystemExit):
+        mod.parse_args(base + ["--methods", "weighted"])
+    assert "unknown method 'weighted'" in capsys.readouterr().err
+    assert not Path("unused-missing-dir").exists()
 
 
 def test_experiment_retain_objective_reaches_every_row_but_the_papers_and_ft():

@@ -41,7 +41,7 @@ from ..evaluation.tradeoff import (ForgetCriterion, aggregate_curves, aggregate_
 from ..utils.atomic_save import atomic_directory
 from .digits import DIGIT_WORDS, PROMPT_TEMPLATE, digit_prompt, load_digits
 
-__all__ = ["METHODS", "WEIGHTED_LAMBDAS", "FORGET_THRESHOLD", "write_digit_imagefolders",
+__all__ = ["METHODS", "method_args", "method_name", "WEIGHTED_LAMBDAS", "FORGET_THRESHOLD", "write_digit_imagefolders",
            "write_digit_prompt_csv", "train_script_args", "evaluate_checkpoints",
            "summarize_runs", "summary_markdown", "summarize_curves", "curve_markdown",
            "best_weighted", "plot_digit_curves", "plot_tradeoff_curves", "concept_remaps",
@@ -75,6 +75,35 @@ METHODS: Dict[str, List[str]] = {
     "weighted-ga": ["--method", "weighted", "--forget_weight", "1.0", "--forget_objective", "ga"],
     "retain": ["--method", "ft"],
 }
+
+
+def method_args(method: str) -> List[str]:
+    """The training-script arguments of one compared method: a :data:`METHODS` row, or
+    ``weighted-<λ>`` for any λ > 0 (the default sweep is :data:`WEIGHTED_LAMBDAS`; a λ between
+    its values is how a gap in the baseline's search is checked). One ``ValueError`` otherwise."""
+    if method in METHODS:
+        return list(METHODS[method])
+    if method.startswith("weighted-") and method != "weighted-ga":
+        try:
+            lam = float(method.removeprefix("weighted-"))
+        except ValueError:
+            lam = None
+        if lam is not None and math.isfinite(lam) and lam > 0 and method == f"weighted-{lam:g}":
+            return ["--method", "weighted", "--forget_weight", f"{lam:g}", "--forget_objective", "remap"]
+    raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)} or weighted-<λ> "
+                     "with λ > 0 written the shortest way (weighted-0.2, not weighted-0.20)")
+
+
+def method_name(method: str) -> str:
+    """``argparse`` type of the experiments' ``--methods``: ``method`` if :func:`method_args`
+    knows it, else the reason, as argparse's own error (before any model work)."""
+    import argparse
+
+    try:
+        method_args(method)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return method
 
 
 def _check_digit(d: int, what: str) -> int:
@@ -203,8 +232,7 @@ def concept_train_script_args(*, method: str, pretrained: str, retain_dir: str, 
     ``single = (folder, digit, remap digit)`` (one digit: a step of the sequential protocol, its
     prompt remapped to the remap digit's as in :func:`train_script_args`).
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
+    method_flags = method_args(method)
     if (manifest is None) == (single is None):
         raise ValueError("give exactly one of manifest and single")
     args = ["--pretrained_model_name_or_path", pretrained, "--retain_data_dir", retain_dir,
@@ -219,7 +247,7 @@ def concept_train_script_args(*, method: str, pretrained: str, retain_dir: str, 
              "--train_params", train_params, "--max_train_steps", str(max_train_steps),
              "--train_batch_size", str(train_batch_size), "--learning_rate", str(learning_rate),
              "--checkpointing_steps", str(checkpointing_steps or 10 ** 9), "--report_to", "none",
-             *METHODS[method], *map(str, extra_args)]
+             *method_flags, *map(str, extra_args)]
     if use_lora:
         args += ["--use_lora", "--rank", str(rank)] + (["--fuse_lora"] if fuse_lora else [])
     return args
@@ -250,8 +278,7 @@ def train_script_args(*, method: str, pretrained: str, data: Mapping[str, str], 
     ``checkpointing_steps``: save a checkpoint every so many steps (for the curves); default none.
     ``extra_args`` are appended (e.g. forget-target options for a variant of ``munba``).
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
+    method_flags = method_args(method)
     _check_digit(forget_digit, "forget_digit")
     remap = (forget_digit + 1) % 10 if remap_digit is None else _check_digit(remap_digit, "remap_digit")
     if remap == forget_digit:
@@ -266,7 +293,7 @@ def train_script_args(*, method: str, pretrained: str, data: Mapping[str, str], 
             "--train_params", train_params, "--max_train_steps", str(max_train_steps),
             "--train_batch_size", str(train_batch_size), "--learning_rate", str(learning_rate),
             "--checkpointing_steps", str(checkpointing_steps or 10 ** 9), "--report_to", "none",
-            *METHODS[method], *map(str, extra_args)]
+            *method_flags, *map(str, extra_args)]
     if use_lora:
         args += ["--use_lora", "--rank", str(rank)]
     return args
