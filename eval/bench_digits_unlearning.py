@@ -386,12 +386,12 @@ def criterion_band(criteria):
 
 def render(payload, output_dir, name):
     """Markdown table + comparison and the trade-off PNG, from a setting's JSON payload."""
+    from hf_munba.evaluation.results import atomic_write_text
     from hf_munba.evaluation.tradeoff import plot_tradeoff_curves
 
     table = payload["table"]
     md = markdown_table(table, payload["title"], payload["criterion"]) + "\n" + comparison_text(table)
-    with open(os.path.join(output_dir, name + ".md"), "w") as f:
-        f.write(md)
+    atomic_write_text(os.path.join(output_dir, name + ".md"), md)
     refs = {n: {k: table[n]["end"][k]["mean"] for k in ("acc_forget", "acc_retain", "acc_test")}
             for n in ("retrain", "original") if n in table}
     twins = {}
@@ -406,20 +406,24 @@ def render(payload, output_dir, name):
 
 
 def write_setting(a, setting, table, per_seed_runs, search, criteria, title, criterion_text):
+    from hf_munba.evaluation.results import atomic_write_text
+
     name = f"digits_{setting}"
     payload = {"title": title, "criterion": criterion_text, "criteria_per_seed": criteria,
                "seeds": a.seeds, "lr_grid": a.lr_grid, "iu_alpha_grid": a.iu_alpha_grid,
-               "eval_every": a.eval_every,
+               "eval_every": a.eval_every, "model": a.model, "retain_objective": a.retain_objective,
                "recipes": a.recipes[setting],
                "best_weighted": {w: best_weighted(table, w) for w in ("first", "best")},
                "table": table, "runs": per_seed_runs, "lr_search": search}
-    with open(os.path.join(a.output_dir, name + ".json"), "w") as f:
-        json.dump(payload, f, separators=(",", ":"))  # compact: every point of every run
+    # compact: every point of every run
+    atomic_write_text(os.path.join(a.output_dir, name + ".json"), json.dumps(payload, separators=(",", ":")))
     return render(payload, a.output_dir, name)
 
 
 def replot(a):
     """--replot: rewrite the markdown and PNGs of --output_dir from its JSON, without training."""
+    from hf_munba.evaluation.results import atomic_write_text
+
     report = []
     for setting in a.settings:
         with open(os.path.join(a.output_dir, f"digits_{setting}.json")) as f:
@@ -430,8 +434,7 @@ def replot(a):
         with open(path) as f:
             old = f.read()
         footer = old[old.rfind("\nOriginal model training:"):] if "\nOriginal model training:" in old else ""
-    with open(path, "w") as f:
-        f.write("\n".join(report) + footer)
+    atomic_write_text(path, "\n".join(report) + footer)
 
 
 def main(argv=None):
@@ -448,6 +451,7 @@ def main(argv=None):
     from hf_munba.evaluation.classification import avg_gap, evaluate_unlearning
     from hf_munba.evaluation.tradeoff import ForgetCriterion
     from hf_munba.classification.forget_sets import ForgetSpec, split_forget_retain
+    from hf_munba.evaluation.results import atomic_write_text
 
     torch.set_num_threads(a.threads)
     hf_logging.set_verbosity_error()
@@ -534,8 +538,7 @@ def main(argv=None):
               f"{a.retain_objective or 'the trainer default'} (rows with both a retain and a forget loss).\n"
               f"Recipes: {json.dumps(a.recipes)}\n")
     text = "\n".join(report) + footer
-    with open(os.path.join(a.output_dir, "digits_benchmark.md"), "w") as f:
-        f.write(text)
+    atomic_write_text(os.path.join(a.output_dir, "digits_benchmark.md"), text)
     print(text)
     return runs
 

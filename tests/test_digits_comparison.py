@@ -56,16 +56,16 @@ def test_a_fixed_lambda_counts_only_if_it_forgets_every_digit(tmp_path):
     res = compare_across_digits(experiments)
     full = res["variants"]["full"]
     rows = full["rows"]
-    assert rows["weighted-0.01"]["digits_forgotten"] == 1 and not rows["weighted-0.01"]["every_digit"]
-    assert rows["weighted-0.01"]["first_retain"] is None
-    assert rows["weighted-0.3"]["first_retain"] == pytest.approx((94 + 90) / 2)
-    assert rows["munba"]["first_retain"] == pytest.approx((95 + 97) / 2)
-    assert rows["munba"]["best_retain"] == pytest.approx((97 + 99) / 2)
-    v = full["verdict"]["first_retain"]
+    assert rows["weighted-0.01"]["cases_forgotten"] == 1 and not rows["weighted-0.01"]["every_case"]
+    assert rows["weighted-0.01"]["first"] is None
+    assert rows["weighted-0.3"]["first"] == pytest.approx((94 + 90) / 2)
+    assert rows["munba"]["first"] == pytest.approx((95 + 97) / 2)
+    assert rows["munba"]["best"] == pytest.approx((97 + 99) / 2)
+    v = full["verdict"]["first"]
     assert v["best_fixed"] == "weighted-0.3" and v["met"] is True
     # the oracle picks each digit's own λ: 0.3 on "two", 0.01 on "three" (first point 99, step 40)
-    assert full["oracle"]["digits"]["3"]["first_lambda"] == "weighted-0.01"
-    assert full["oracle"]["first_retain"] == pytest.approx((94 + 99) / 2)
+    assert full["oracle"]["cases"]["3"]["first_setting"] == "weighted-0.01"
+    assert full["oracle"]["first"] == pytest.approx((94 + 99) / 2)
     md = across_digits_markdown(res)
     assert "1/2 seeds" not in md and "0/2 seeds" in md  # λ 0.01 on "two": no seed forgot
     assert "best single λ weighted-0.3" in md and ": met" in md
@@ -77,8 +77,8 @@ def test_munba_that_misses_a_digit_does_not_meet_it(tmp_path):
         _run("munba", 0, [0, 0], [99, 99]), _run("munba", 1, [20, 10], [99, 99]),
         *[_run(m, s, [0, 0], [98, 98]) for m in ("weighted-0.01", "weighted-0.3") for s in (0, 1)]])
     res = compare_across_digits(load_experiments(paths + [misses]))
-    v = res["variants"]["full"]["verdict"]["best_retain"]
-    assert v["munba_digits_forgotten"] == 2 and v["met"] is False
+    v = res["variants"]["full"]["verdict"]["best"]
+    assert v["ours_cases_forgotten"] == 2 and v["met"] is False
     assert "1/2 seeds" in across_digits_markdown(res)
 
 
@@ -87,15 +87,15 @@ def test_a_lambda_missing_on_a_digit_is_not_compared(tmp_path):
     extra = _write(tmp_path / "three_extra", 3, [_run("weighted-1", s, [0, 0], [99, 100])
                                                   for s in (0, 1)])
     res = compare_across_digits(load_experiments([two, three_lam, three_munba, extra]))
-    v = res["variants"]["full"]["verdict"]["first_retain"]
-    assert v["lambdas_not_on_every_digit"] == ["weighted-1"] and v["best_fixed"] == "weighted-0.3"
+    v = res["variants"]["full"]["verdict"]["first"]
+    assert v["baselines_not_on_every_case"] == ["weighted-1"] and v["best_fixed"] == "weighted-0.3"
     assert v["met"] is None  # weighted-1 might have beaten munba on "two": no verdict yet
     assert "not run" in across_digits_markdown(res)
     assert "n/a: run every λ on every digit" in across_digits_markdown(res)
     only_three = compare_across_digits(load_experiments([three_munba, extra]))
-    assert only_three["variants"]["full"]["verdict"]["first_retain"]["best_fixed"] == "weighted-1"
+    assert only_three["variants"]["full"]["verdict"]["first"]["best_fixed"] == "weighted-1"
     no_lambda = compare_across_digits(load_experiments([three_munba]))
-    assert no_lambda["variants"]["full"]["verdict"]["first_retain"]["met"] is None
+    assert no_lambda["variants"]["full"]["verdict"]["first"]["met"] is None
 
 
 @pytest.mark.parametrize("change", [{"learning_rate": 1e-4}, {"num_images_per_prompt": 30},
@@ -131,6 +131,6 @@ def test_script_writes_the_tables(tmp_path):
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     res = json.loads((out / "results.json").read_text())
-    assert res["variants"]["full"]["verdict"]["first_retain"]["best_fixed"] == "weighted-0.3"
+    assert res["variants"]["full"]["verdict"]["first"]["best_fixed"] == "weighted-0.3"
     assert res["sources"]["3"][0].endswith("three_lam/results.json")
     assert "# One setting for every digit" in (out / "results.md").read_text()
