@@ -1,15 +1,12 @@
 """One setting for every case: the shared comparison, and the classifier benchmark's pooling."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from script_helpers import load_script
 
 from hf_munba.evaluation.across_cases import across_cases_markdown, compare_across_cases
 from hf_munba.evaluation.tradeoff import aggregate_first_best
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _agg(firsts, bests, steps=None):
@@ -57,14 +54,6 @@ def test_no_verdict_while_a_lambda_misses_a_case_and_a_missed_case_fails():
     assert v["met"] is False and v["ours_cases_forgotten"] == 1
 
 
-def _bench_module():
-    spec = importlib.util.spec_from_file_location("bench_digits_across_cases",
-                                                  ROOT / "eval" / "bench_digits_across_cases.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _bench_json(path, title, rows, **protocol):
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {"title": title, "criterion": "Acc(D_f) <= 5%", "seeds": [0, 1],
@@ -77,7 +66,7 @@ def _bench_json(path, title, rows, **protocol):
 
 
 def test_classifier_benchmark_outputs_pool_by_case_and_refuse_incomparable_ones(tmp_path):
-    bench = _bench_module()
+    bench = load_script("bench_digits_across_cases")
     c = _cases()
     hard = _bench_json(tmp_path / "a" / "digits_class.json",
                        "Class-wise forgetting (digit 3), tiny-resnet, seeds [0, 1]",

@@ -2,13 +2,13 @@
 equal forgetting on scripted curves, the lr-selection rule, and one tiny end-to-end benchmark run
 (one seed, two rows, a few steps) whose JSON must agree with those functions."""
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from script_helpers import load_script
 
 from hf_munba.evaluation.tradeoff import (AccuracyCurveCallback, ForgetCriterion, aggregate_curves,
                                           aggregate_first_best, first_and_best, select_run)
@@ -17,11 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_digits_unlearning",
-                                                  ROOT / "eval" / "bench_digits_unlearning.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench_digits_unlearning")
 
 
 def _curve(rows):

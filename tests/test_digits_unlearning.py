@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from script_helpers import load_script
 
 from hf_munba.testing.digits import DigitsRecipe, build_digits_models, digit_prompt
 from hf_munba.testing.digits_unlearning import (METHODS, best_weighted, curve_markdown,
@@ -174,15 +175,7 @@ def test_a_weighted_sum_at_any_lambda_is_a_row_and_bad_names_are_refused():
 @pytest.mark.parametrize("script", ["digits_sd_experiment", "digits_sd_multiconcept",
                                     "digits_attack_experiment"])
 def test_experiment_scripts_take_only_known_methods_and_default_to_known_ones(script, capsys):
-    import importlib.util
-
-    sys.path.insert(0, str(ROOT / "eval"))
-    try:
-        spec = importlib.util.spec_from_file_location(script, ROOT / "eval" / f"{script}.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(ROOT / "eval"))
+    mod = load_script(script)
     base = ["--output_dir", "unused-missing-dir"]
     for m in mod.parse_args(base).methods:  # argparse checks no default against a type
         method_args(m)
@@ -194,12 +187,7 @@ def test_experiment_scripts_take_only_known_methods_and_default_to_known_ones(sc
 
 
 def test_experiment_retain_objective_reaches_every_row_but_the_papers_and_ft():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("digits_sd_experiment",
-                                                  ROOT / "eval/digits_sd_experiment.py")
-    exp = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(exp)
+    exp = load_script("digits_sd_experiment")
     args = exp.parse_args(["--output_dir", "unused-missing-dir", "--retain_objective", "denoise",
                            "--munba_flags", "--bargaining_power_forget 0.1"])
     assert exp.method_flags(args, "munba") == ["--bargaining_power_forget", "0.1",

@@ -18,7 +18,7 @@ classifier benchmark (``eval/bench_digits_across_cases.py``); both feed it
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, Mapping, Optional, Sequence
 
 from .results import format_cell, markdown_table
 from .tradeoff import best_at_forgetting
