@@ -6,11 +6,12 @@
 1. builds (or reuses from the cache) the digits pipeline + classifier (hf_munba.testing.digits);
 2. writes D_f (real images of the forgotten digit) and D_r (the other digits) as imagefolders;
 3. per method (munba = the recommended configuration, munba-paper, weighted-<lambda> for each
-   lambda of the sweep or any other lambda > 0, weighted-ga, retain) x variant (full cross-attention, LoRA) x seed, runs
-   ``training/train_munba_sd.py`` (the forgotten digit's prompt remapped to the next digit, as the
-   paper does with Imagenette classes) with a checkpoint every ``--eval_every`` steps, then
-   evaluates the original model and every checkpoint in one process
-   (``hf_munba.testing.digits_unlearning.evaluate_checkpoints``: generate every digit prompt, classify);
+   lambda of the sweep or any other lambda > 0, weighted-ga, retain) x variant (full
+   cross-attention, LoRA) x seed, runs ``training/train_munba_sd.py`` (the forgotten digit's
+   prompt remapped to the next digit, as the paper does with Imagenette classes) with a
+   checkpoint every ``--eval_every`` steps, then evaluates the original model and every
+   checkpoint in one process (``hf_munba.testing.digits_unlearning.evaluate_checkpoints``:
+   generate every digit prompt, classify);
 4. writes results.md / results.json (every curve point; end-of-run forgetting and retained
    accuracy and, beside them, the retained accuracy at the first evaluation with forget accuracy
    <= 5% and the best one among those, mean +- std over seeds; the best lambda named; the
