@@ -11,7 +11,8 @@ script and the evaluation suite:
 * :func:`write_digit_prompt_csv` - the ten labelled prompts for ``evaluate_generation``;
 * :data:`METHODS` - the compared unlearning methods as training-script arguments;
 * :func:`evaluate_checkpoints` - forget / retained accuracy of a run at each saved step, in one
-  process (the pipeline and classifier load once; each checkpoint swaps only the weights);
+  process (the pipeline and classifier load once, :func:`load_digit_evaluator`; each checkpoint
+  swaps only the weights, :func:`trained_weights`);
 * :func:`summarize_runs` / :func:`summary_markdown` - end-of-run mean and spread over seeds;
 * :func:`summarize_curves` / :func:`curve_markdown` / :func:`plot_digit_curves` - the trade-off
   over training: the forget-vs-retained curve, the retained accuracy at the first evaluation that
@@ -29,6 +30,7 @@ import csv
 import json
 import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -42,7 +44,8 @@ from ..utils.atomic_save import atomic_directory
 from .digits import DIGIT_WORDS, PROMPT_TEMPLATE, digit_prompt, load_digits
 
 __all__ = ["METHODS", "method_args", "method_name", "WEIGHTED_LAMBDAS", "FORGET_THRESHOLD", "write_digit_imagefolders",
-           "write_digit_prompt_csv", "train_script_args", "evaluate_checkpoints",
+           "write_digit_prompt_csv", "train_script_args", "evaluate_checkpoints", "load_digit_evaluator",
+           "trained_weights",
            "summarize_runs", "summary_markdown", "summarize_curves", "curve_markdown",
            "best_weighted", "plot_digit_curves", "plot_tradeoff_curves", "concept_remaps",
            "write_concept_imagefolders", "write_concept_manifest", "concept_train_script_args",
@@ -351,6 +354,47 @@ def summary_markdown(rows: Sequence[Mapping], base: Mapping) -> str:
                            "retained / original", "train s / run"], table) + "\n"
 
 
+def load_digit_evaluator(pipeline_path: str, classifier_path: str):
+    """The digits pipeline (progress bar off, no safety checker) and its classifier in eval mode:
+    what every evaluation of a run loads once before it swaps trained weights in and out."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import AutoModelForImageClassification
+
+    pipe = StableDiffusionPipeline.from_pretrained(pipeline_path, safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, AutoModelForImageClassification.from_pretrained(classifier_path).eval()
+
+
+@contextmanager
+def trained_weights(pipe, folder: Optional[str], *, lora: bool, base_state: Mapping):
+    """``pipe`` with a run's trained weights in it, the base weights back on exit.
+
+    ``folder`` is a training-script checkpoint or output directory: ``unet/`` weights (full
+    fine-tuning, loaded through safetensors) or ``pytorch_lora_weights.safetensors``
+    (``lora=True``); None leaves the base pipeline as it is. ``base_state`` is a copy of the
+    base UNet's state dict, taken once, so that evaluating ten checkpoints swaps weights ten
+    times instead of loading the pipeline ten times.
+    """
+    if folder is None:
+        yield pipe
+        return
+    if lora:
+        pipe.load_lora_weights(str(folder))
+    else:
+        from safetensors.torch import load_file
+
+        pipe.unet.load_state_dict(load_file(str(Path(folder) / "unet" /
+                                                "diffusion_pytorch_model.safetensors")))
+    try:
+        yield pipe
+    finally:
+        if lora:
+            pipe.unload_lora_weights()
+        else:
+            pipe.unet.load_state_dict(base_state)
+
+
 def evaluate_checkpoints(pipeline_path: str, classifier_path: str,
                          checkpoints: Sequence[Tuple[int, Optional[str]]], *, lora: bool,
                          forget_digit, num_images_per_prompt: int = 20,
@@ -374,30 +418,19 @@ def evaluate_checkpoints(pipeline_path: str, classifier_path: str,
     ``forget_accuracy_per_digit`` holds each, and the retained accuracy pools the digits not
     forgotten; the grid row shows ``grid_images`` of the first forgotten digit.
     """
-    from diffusers import StableDiffusionPipeline
-    from safetensors.torch import load_file
-    from transformers import AutoModelForImageClassification
-
     from .digits import classify_digit_images, generate_digit_images
 
     forgotten = [forget_digit] if isinstance(forget_digit, int) else list(forget_digit)
     for d in forgotten:
         _check_digit(d, "forget_digit")
-    pipe = StableDiffusionPipeline.from_pretrained(pipeline_path, safety_checker=None,
-                                                   requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    classifier = AutoModelForImageClassification.from_pretrained(classifier_path).eval()
+    pipe, classifier = load_digit_evaluator(pipeline_path, classifier_path)
     base_state = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     prompts = [digit_prompt(d) for d in range(10)]
     out = []
     for n, (step, folder) in enumerate(checkpoints):
-        if folder is not None and lora:
-            pipe.load_lora_weights(str(folder))
-        elif folder is not None:
-            pipe.unet.load_state_dict(load_file(str(Path(folder) / "unet" /
-                                                    "diffusion_pytorch_model.safetensors")))
-        images = generate_digit_images(pipe, prompts, num_images_per_prompt, guidance_scale,
-                                       seed, num_inference_steps)
+        with trained_weights(pipe, folder, lora=lora, base_state=base_state):
+            images = generate_digit_images(pipe, prompts, num_images_per_prompt, guidance_scale,
+                                           seed, num_inference_steps)
         preds = classify_digit_images(classifier, images).view(10, num_images_per_prompt)
         hits = (preds == torch.arange(10)[:, None]).float()
         keep = [d for d in range(10) if d not in forgotten]
@@ -412,10 +445,6 @@ def evaluate_checkpoints(pipeline_path: str, classifier_path: str,
             _write_grid_row(Path(grid_dir), images.view(10, num_images_per_prompt,
                                                         *images.shape[1:]),
                             forgotten[0], grid_images)
-        if folder is not None and lora:
-            pipe.unload_lora_weights()
-        elif folder is not None:
-            pipe.unet.load_state_dict(base_state)
     return out
 
 
