@@ -38,9 +38,12 @@ def parse_args(argv=None):
     if not (exp / "results.json").is_file():
         p.error(f"{exp} has no results.json: is it an eval/digits_sd_experiment.py output?")
     results = json.loads((exp / "results.json").read_text())
-    settings = results["settings"]
-    if not isinstance(settings["forget_digit"], int):
-        p.error(f"{exp} forgot several digits; this view is for one forgotten digit")
+    settings = results.get("settings", {})
+    if not isinstance(settings.get("forget_digit"), int):
+        p.error(f"{exp} has no single forgotten digit (several digits, or not a "
+                "digits_sd_experiment.py output); this view is for one forgotten digit")
+    if settings.get("remap_digit") is None:  # the experiment's default: the next digit
+        settings["remap_digit"] = (settings["forget_digit"] + 1) % 10
     root = Path(args.models_dir or results["build"]["root"])
     if not (root / "build_info.json").is_file():
         p.error(f"the digits build {root} is not there (no build_info.json); give --models_dir")

@@ -127,6 +127,10 @@ def test_script_end_to_end_and_its_refusals(tmp_path, build, run_folders):
     assert bad.returncode == 2 and "munba-lora-s0" in bad.stderr
     assert not (exp / "forget_images").exists()
     assert run(tmp_path).returncode == 2  # no results.json
+    several = tmp_path / "several"
+    several.mkdir()
+    (several / "results.json").write_text(json.dumps({"settings": {"forget_digits": [2, 5]}}))
+    assert "single forgotten digit" in run(several).stderr
     assert "matches" in run(exp, "--methods", "weighted-1").stderr
     assert "build" in run(exp, "--variants", "full", "--models_dir", tmp_path).stderr
     ok = run(exp, "--variants", "full")
