@@ -38,7 +38,7 @@ def parse_args(argv=None):
     if not (exp / "results.json").is_file():
         p.error(f"{exp} has no results.json: is it an eval/digits_sd_experiment.py output?")
     results = json.loads((exp / "results.json").read_text())
-    settings = results.get("settings", {})
+    settings = dict(results.get("settings", {}))
     if not isinstance(settings.get("forget_digit"), int):
         p.error(f"{exp} has no single forgotten digit (several digits, or not a "
                 "digits_sd_experiment.py output); this view is for one forgotten digit")
@@ -56,17 +56,16 @@ def parse_args(argv=None):
     missing = [r["name"] for r in chosen if not (exp / "runs" / r["name"]).is_dir()]
     if missing:
         p.error(f"these runs have no final weights under {exp / 'runs'}: {', '.join(missing)}")
-    return args, results, root, chosen
+    return args, settings, root, chosen
 
 
 def main(argv=None):
-    args, results, root, chosen = parse_args(argv)
+    args, s, root, chosen = parse_args(argv)
     from hf_munba.evaluation.results import atomic_write_text
     from hf_munba.testing.digits import DigitsArtifacts
     from hf_munba.testing.digits_forget_images import (forget_image_probabilities, forget_images_grid,
                                                        forget_images_markdown)
 
-    s = results["settings"]
     exp = Path(args.experiment)
     build = DigitsArtifacts.from_dir(root)
     runs = [(r["name"], str(exp / "runs" / r["name"]), r["variant"] == "lora") for r in chosen]
