@@ -38,7 +38,10 @@ def main(argv=None):
     from hf_munba.testing.digits_comparison import (across_digits_markdown, compare_across_digits,
                                                     load_experiments)
 
-    experiments = load_experiments(args.results)
+    try:
+        experiments = load_experiments(args.results)
+    except (FileNotFoundError, ValueError) as err:  # one line, nothing written
+        sys.exit(f"error: {err}")
     result = compare_across_digits(experiments, args.forget_threshold)
     result["sources"] = {str(d): e["sources"] for d, e in experiments.items()}
     md = ("# One setting for every digit\n\n"

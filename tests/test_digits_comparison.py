@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from hf_munba.testing.digits_comparison import (PROTOCOL_KEYS, across_digits_markdown,
-                                                compare_across_digits, load_experiments)
+from hf_munba.testing.digits_comparison import (MULTICONCEPT_PROTOCOL_KEYS, PROTOCOL_KEYS,
+                                                across_digits_markdown, across_pairs_markdown,
+                                                compare_across_digits, compare_across_pairs,
+                                                load_experiments, load_multiconcept_experiments)
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {"train_params": "xattn", "max_train_steps": 40, "eval_every": 20, "train_batch_size": 8,
@@ -134,3 +136,93 @@ def test_script_writes_the_tables(tmp_path):
     assert res["variants"]["full"]["verdict"]["first"]["best_fixed"] == "weighted-0.3"
     assert res["sources"]["3"][0].endswith("three_lam/results.json")
     assert "# One setting for every digit" in (out / "results.md").read_text()
+
+
+# --- several digits at once (eval/digits_sd_multiconcept.py outputs) ---------------------------
+
+MULTI_SETTINGS = {k: v for k, v in SETTINGS.items() if k in MULTICONCEPT_PROTOCOL_KEYS}
+MULTI_ORIGINAL = {"forget_accuracy": 100.0, "retain_accuracy": 100.0,
+                  "per_class": {str(d): 100.0 for d in range(10)}}
+
+
+def _multi_run(method, mode, seed, forget, retain, params="full"):
+    run = _run(method, seed, forget, retain, variant=f"{params}/{mode}")
+    return {**run, "mode": mode, "params": params}
+
+
+def _write_multi(path, digits, runs, **settings):
+    path.mkdir(parents=True)
+    data = {"settings": {**MULTI_SETTINGS, "forget_digits": list(digits), **settings},
+            "original": json.loads(json.dumps(MULTI_ORIGINAL)), "runs": runs}
+    (path / "results.json").write_text(json.dumps(data))
+    return path
+
+
+def _pairs(tmp_path):
+    """3+7 is easy (pooled λ 0.3 forgets it and keeps the most), 2+5 hard (it does not)."""
+    easy = _write_multi(tmp_path / "easy", (3, 7), [
+        *[_multi_run("munba", "per_concept", s, [0, 0], [96, 97]) for s in (0, 1)],
+        *[_multi_run("weighted-0.3", "pooled", s, [0, 0], [98, 99]) for s in (0, 1)],
+        *[_multi_run("weighted-1", "pooled", s, [0, 0], [90, 93]) for s in (0, 1)]])
+    hard = _write_multi(tmp_path / "hard", (2, 5), [
+        *[_multi_run("munba", "per_concept", s, [10, 0], [95, 96]) for s in (0, 1)],
+        *[_multi_run("weighted-0.3", "pooled", s, [30, 10], [97, 97]) for s in (0, 1)]])
+    hard_lam1 = _write_multi(tmp_path / "hard_lam1", (2, 5), [
+        *[_multi_run("weighted-1", "pooled", s, [0, 0], [85, 88]) for s in (0, 1)]])
+    return [easy, hard, hard_lam1]
+
+
+def test_one_method_and_mode_for_every_pair(tmp_path):
+    experiments = load_multiconcept_experiments(_pairs(tmp_path))
+    assert list(experiments) == ["3+7", "2+5"] and len(experiments["2+5"]["runs"]) == 6
+    full = compare_across_pairs(experiments)["variants"]["full"]
+    rows = full["rows"]
+    assert list(rows)[0] == "munba/per_concept"
+    assert rows["weighted-0.3/pooled"]["cases_forgotten"] == 1
+    assert rows["weighted-1/pooled"]["first"] == pytest.approx((90 + 85) / 2)
+    assert rows["munba/per_concept"]["best"] == pytest.approx((97 + 96) / 2)
+    # each pair's own best: λ 0.3 on the easy pair, λ 1 (the only one that forgets) on the hard
+    assert full["oracle"]["cases"]["3+7"]["first_setting"] == "weighted-0.3/pooled"
+    assert full["oracle"]["cases"]["2+5"]["first_setting"] == "weighted-1/pooled"
+    for point in ("first", "best"):
+        assert full["verdict"][point]["best_fixed"] == "weighted-1/pooled"
+        assert full["verdict"][point]["met"] is True
+    md = across_pairs_markdown(compare_across_pairs(experiments))
+    assert "forget 3+7: first (step) / best" in md and "1/2" in md
+
+
+def test_incomparable_or_repeated_multiconcept_runs_are_refused(tmp_path):
+    paths = _pairs(tmp_path)
+    steps = _write_multi(tmp_path / "steps", (0, 8), [], max_train_steps=50)
+    with pytest.raises(ValueError, match="max_train_steps"):
+        load_multiconcept_experiments(paths + [steps])
+    build = _write_multi(tmp_path / "build", (0, 8), [])
+    data = json.loads((build / "results.json").read_text())
+    data["original"]["per_class"]["4"] = 90.0
+    (build / "results.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="different builds"):
+        load_multiconcept_experiments(paths + [build])
+    again = _write_multi(tmp_path / "again", (3, 7), [_multi_run("munba", "per_concept", 1,
+                                                                 [0, 0], [90, 90])])
+    with pytest.raises(ValueError, match="munba full/per_concept seed 1 forgetting 3\\+7 is in both"):
+        load_multiconcept_experiments(paths + [again])
+    single = _write(tmp_path / "single", 3, [_run("munba", 0, [0, 0], [99, 99])])
+    with pytest.raises(ValueError, match="no forget_digits"):
+        load_multiconcept_experiments([single])
+
+
+def test_multiconcept_script_writes_the_tables(tmp_path):
+    out = tmp_path / "out"
+    script = ROOT / "eval" / "digits_sd_multiconcept_across_pairs.py"
+    proc = subprocess.run([sys.executable, str(script), *map(str, _pairs(tmp_path)),
+                           "--output_dir", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads((out / "results.json").read_text())
+    assert res["variants"]["full"]["verdict"]["best"]["best_fixed"] == "weighted-1/pooled"
+    assert res["sources"]["2+5"][1].endswith("hard_lam1/results.json")
+    assert "# One setting for every set of forgotten digits" in (out / "results.md").read_text()
+    bad = subprocess.run([sys.executable, str(script), str(tmp_path / "missing"),
+                          "--output_dir", str(tmp_path / "never")],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode != 0 and "no results.json" in bad.stderr
+    assert not (tmp_path / "never").exists()

@@ -18,6 +18,7 @@ classifier benchmark (``eval/bench_digits_across_cases.py``); both feed it
 from __future__ import annotations
 
 import math
+import re
 from typing import Callable, Dict, Mapping, Optional, Sequence
 
 from .results import format_cell, markdown_table
@@ -52,10 +53,9 @@ def _order(ours: str, baseline_prefix: str, given: Sequence[str]) -> Callable[[s
     """``ours``, then its relatives (``munba-power-0.1`` before ``munba-power-0.3``), the baseline
     by its parameter, then the rest as given."""
     def number(setting: str, prefix: str) -> float:
-        try:
-            return float(setting.removeprefix(prefix))
-        except ValueError:
-            return math.inf
+        # the parameter leads what follows the prefix ("0.3" of "weighted-0.3/pooled")
+        found = re.match(r"\d+(?:\.\d*)?(?:[eE][-+]?\d+)?", setting.removeprefix(prefix))
+        return float(found.group()) if found else math.inf
 
     def key(setting: str):
         if setting.startswith(baseline_prefix):

@@ -10,6 +10,12 @@ Runs are only pooled when they are comparable: every file must share the protoco
 learning rates, images per prompt, retain loss, forget threshold, ...) and the build, files for
 one digit must agree on the original model's numbers, the ``munba`` rows of every file must have
 run the same ``--munba_flags``, and a (method, variant, seed) may appear once per digit.
+
+The same holds for ``eval/digits_sd_multiconcept.py``'s experiments (several digits forgotten at
+once): :func:`load_multiconcept_experiments` pools them by the set of forgotten digits, and
+:func:`compare_across_pairs` compares each (method, mode) run unchanged on every set: one λ *and*
+one way of handing the digits to the trainer (per concept, pooled, one after the other), which is
+what a user without an oracle has to fix in advance.
 """
 
 from __future__ import annotations
@@ -21,18 +27,25 @@ from typing import Dict, Mapping, Optional, Sequence
 from ..evaluation.across_cases import across_cases_markdown, compare_across_cases
 from .digits_unlearning import FORGET_THRESHOLD, summarize_curves
 
-__all__ = ["PROTOCOL_KEYS", "load_experiments", "compare_across_digits", "across_digits_markdown"]
+__all__ = ["PROTOCOL_KEYS", "load_experiments", "compare_across_digits", "across_digits_markdown",
+           "MULTICONCEPT_PROTOCOL_KEYS", "load_multiconcept_experiments", "compare_across_pairs",
+           "across_pairs_markdown"]
 
 # What must be equal for two experiments' runs to be compared (the experiment's flags).
 PROTOCOL_KEYS = ("train_params", "max_train_steps", "eval_every", "train_batch_size",
                  "learning_rate", "lora_learning_rate", "retain_objective", "forget_threshold",
                  "rank", "guidance_scale", "num_images_per_prompt", "num_inference_steps",
                  "build_seed", "build_unet_steps")
+# What digits_sd_multiconcept.py records and two of its experiments must share.
+MULTICONCEPT_PROTOCOL_KEYS = ("train_params", "max_train_steps", "eval_every", "train_batch_size",
+                              "learning_rate", "lora_learning_rate", "forget_threshold", "rank",
+                              "guidance_scale", "num_images_per_prompt", "num_inference_steps")
 # Methods whose arguments --munba_flags changes (the experiment appends them to these only).
 _FLAGGED = ("munba", "munba-paper")
 
 
-def _read(path) -> Dict:
+def _read(path, required=("settings", "build", "original", "runs"),
+          what="a digits experiment's") -> Dict:
     p = Path(path)
     if p.is_dir():
         p = p / "results.json"
@@ -40,9 +53,9 @@ def _read(path) -> Dict:
         raise FileNotFoundError(f"{p}: no results.json (pass an experiment's output_dir or its "
                                 f"results.json)")
     data = json.loads(p.read_text())
-    for key in ("settings", "build", "original", "runs"):
+    for key in required:
         if key not in data:
-            raise ValueError(f"{p} is not a digits experiment's results.json (no {key!r})")
+            raise ValueError(f"{p} is not {what} results.json (no {key!r})")
     data["_path"] = str(p)
     return data
 
@@ -128,4 +141,76 @@ def across_digits_markdown(result: Mapping) -> str:
     return "\n".join(
         f"**{v}**: " + across_cases_markdown(entry, noun="digit", label=lambda d: f"forget {d}",
                                              criterion=f"at forget ≤ {thr:g}%", tag=v)
+        for v, entry in result["variants"].items())
+
+
+def load_multiconcept_experiments(paths: Sequence) -> Dict[str, Dict]:
+    """Pool ``eval/digits_sd_multiconcept.py`` experiments by their forgotten digits:
+    ``{"3+7": {"settings", "runs", "sources"}}``.
+
+    Refused with a ``ValueError`` naming both files: another protocol
+    (:data:`MULTICONCEPT_PROTOCOL_KEYS`), another build of the digits model (its results.json
+    records no build, so the original model's per-digit accuracies stand for it), or a (method,
+    mode, variant, seed) run twice for one set of digits.
+    """
+    if not paths:
+        raise ValueError("give at least one results.json")
+    files = [_read(p, ("settings", "original", "runs"), "a digits_sd_multiconcept.py")
+             for p in paths]
+    ref = files[0]
+    pooled: Dict[str, Dict] = {}
+    for f in files:
+        if "forget_digits" not in f["settings"]:
+            raise ValueError(f"{f['_path']} is not a digits_sd_multiconcept.py results.json (no "
+                             f"forget_digits)")
+        for key in MULTICONCEPT_PROTOCOL_KEYS:
+            a, b = ref["settings"].get(key), f["settings"].get(key)
+            if a != b:
+                raise ValueError(f"{f['_path']} and {ref['_path']} ran different protocols: "
+                                 f"{key} = {b!r} vs {a!r}")
+        if f["original"].get("per_class") != ref["original"].get("per_class"):
+            raise ValueError(f"{f['_path']} and {ref['_path']} evaluated different builds of the "
+                             f"digits model (the original's per-digit accuracies differ)")
+        pair = "+".join(str(d) for d in f["settings"]["forget_digits"])
+        entry = pooled.setdefault(pair, {"settings": f["settings"], "runs": [], "sources": [],
+                                         "seen": {}})
+        for r in f["runs"]:
+            key = (r["method"], r["variant"], r["seed"])
+            if key in entry["seen"]:
+                raise ValueError(f"{r['method']} {r['variant']} seed {r['seed']} forgetting {pair} "
+                                 f"is in both {entry['seen'][key]} and {f['_path']}")
+            entry["seen"][key] = f["_path"]
+            entry["runs"].append(r)
+        entry["sources"].append(f["_path"])
+    for entry in pooled.values():
+        del entry["seen"]
+    return pooled
+
+
+def compare_across_pairs(experiments: Mapping[str, Mapping], ours: str = "munba/per_concept",
+                         ) -> Dict:
+    """Per variant (full, LoRA), :func:`~hf_munba.evaluation.across_cases.compare_across_cases`
+    over the sets of digits, a setting being ``<method>/<mode>``: the verdict ``ours`` (the
+    default, a player per digit) vs the best ``weighted-<λ>/<mode>`` fixed for every set, and
+    each set's own best (the oracle). A point forgets when every digit of the set is at or below
+    the experiments' ``forget_threshold``."""
+    first = next(iter(experiments.values()), {})
+    thr = float(first.get("settings", {}).get("forget_threshold", FORGET_THRESHOLD))
+    cases: Dict[str, Dict[str, Dict]] = {}
+    for pair, e in experiments.items():
+        for row in summarize_curves(e["runs"], thr):
+            params, mode = row["variant"].split("/")
+            cases.setdefault(params, {}).setdefault(pair, {})[f"{row['method']}/{mode}"] = (
+                row["at_forgetting"])
+    return {"threshold": thr, "pairs": list(experiments), "variants": {
+        v: compare_across_cases(per_pair, ours=ours) for v, per_pair in cases.items()}}
+
+
+def across_pairs_markdown(result: Mapping) -> str:
+    """The tables (one per variant) and the verdict lines of :func:`compare_across_pairs`."""
+    thr = result["threshold"]
+    return "\n".join(
+        f"**{v}**: " + across_cases_markdown(entry, noun="pair", label=lambda d: f"forget {d}",
+                                             criterion=f"with every digit at forget ≤ {thr:g}%",
+                                             tag=v)
         for v, entry in result["variants"].items())
