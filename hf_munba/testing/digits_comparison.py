@@ -60,6 +60,39 @@ def _read(path, required=("settings", "build", "original", "runs"),
     return data
 
 
+def _check_protocol(files: Sequence[Dict], keys: Sequence[str]) -> None:
+    ref = files[0]
+    for f in files:
+        for key in keys:
+            a, b = ref["settings"].get(key), f["settings"].get(key)
+            if a != b:
+                raise ValueError(f"{f['_path']} and {ref['_path']} ran different protocols: "
+                                 f"{key} = {b!r} vs {a!r}")
+
+
+def _pool_runs(files: Sequence[Dict], case_of, name_of, check=None) -> Dict:
+    """``{case: {"original", "settings", "runs", "sources"}}``: each file's runs under
+    ``case_of(file)``, refusing a (method, variant, seed) twice for one case (``name_of(case)``
+    says which in the error). ``check(entry, file, case)`` may refuse a file for its case."""
+    pooled: Dict = {}
+    seen: Dict = {}
+    for f in files:
+        case = case_of(f)
+        entry = pooled.setdefault(case, {"original": f["original"], "settings": f["settings"],
+                                         "runs": [], "sources": []})
+        if check is not None:
+            check(entry, f, case)
+        for r in f["runs"]:
+            key = (case, r["method"], r["variant"], r["seed"])
+            if key in seen:
+                raise ValueError(f"{r['method']} {r['variant']} seed {r['seed']} {name_of(case)} "
+                                 f"is in both {seen[key]} and {f['_path']}")
+            seen[key] = f["_path"]
+            entry["runs"].append(r)
+        entry["sources"].append(f["_path"])
+    return pooled
+
+
 def load_experiments(paths: Sequence) -> Dict[int, Dict]:
     """Pool experiments by forgotten digit: ``{digit: {"original", "settings", "runs", "sources"}}``
     (``settings``: the first file's, whose protocol every file shares).
@@ -70,14 +103,10 @@ def load_experiments(paths: Sequence) -> Dict[int, Dict]:
     if not paths:
         raise ValueError("give at least one results.json")
     files = [_read(p) for p in paths]
+    _check_protocol(files, PROTOCOL_KEYS)
     ref = files[0]
     flagged_ref = None
     for f in files:
-        for key in PROTOCOL_KEYS:
-            a, b = ref["settings"].get(key), f["settings"].get(key)
-            if a != b:
-                raise ValueError(f"{f['_path']} and {ref['_path']} ran different protocols: "
-                                 f"{key} = {b!r} vs {a!r}")
         if f["build"].get("metrics") != ref["build"].get("metrics"):
             raise ValueError(f"{f['_path']} and {ref['_path']} evaluated different builds of the "
                              f"digits model (their build metrics differ)")
@@ -91,26 +120,16 @@ def load_experiments(paths: Sequence) -> Dict[int, Dict]:
                     f"--munba_flags ({f['settings'].get('munba_flags')} vs "
                     f"{flagged_ref['settings'].get('munba_flags')}): one setting must be the "
                     f"same on every digit")
-    pooled: Dict[int, Dict] = {}
-    for f in files:
-        digit = int(f["settings"]["forget_digit"])
-        entry = pooled.setdefault(digit, {"original": f["original"], "settings": f["settings"],
-                                          "runs": [], "sources": [], "seen": {}})
+
+    def same_original(entry, f, digit):
         orig = entry["original"]
         if (orig["forget_accuracy"], orig["retain_accuracy"]) != (
                 f["original"]["forget_accuracy"], f["original"]["retain_accuracy"]):
             raise ValueError(f"{f['_path']} and {entry['sources'][0]} disagree on the original "
                              f"model's accuracy for digit {digit}")
-        for r in f["runs"]:
-            key = (r["method"], r["variant"], r["seed"])
-            if key in entry["seen"]:
-                raise ValueError(f"{r['method']} {r['variant']} seed {r['seed']} on digit {digit} "
-                                 f"is in both {entry['seen'][key]} and {f['_path']}")
-            entry["seen"][key] = f["_path"]
-            entry["runs"].append(r)
-        entry["sources"].append(f["_path"])
-    for entry in pooled.values():
-        del entry["seen"]
+
+    pooled = _pool_runs(files, lambda f: int(f["settings"]["forget_digit"]),
+                        lambda digit: f"on digit {digit}", same_original)
     return dict(sorted(pooled.items()))
 
 
@@ -146,7 +165,7 @@ def across_digits_markdown(result: Mapping) -> str:
 
 def load_multiconcept_experiments(paths: Sequence) -> Dict[str, Dict]:
     """Pool ``eval/digits_sd_multiconcept.py`` experiments by their forgotten digits:
-    ``{"3+7": {"settings", "runs", "sources"}}``.
+    ``{"3+7": {"original", "settings", "runs", "sources"}}``.
 
     Refused with a ``ValueError`` naming both files: another protocol
     (:data:`MULTICONCEPT_PROTOCOL_KEYS`), another build of the digits model (its results.json
@@ -157,34 +176,18 @@ def load_multiconcept_experiments(paths: Sequence) -> Dict[str, Dict]:
         raise ValueError("give at least one results.json")
     files = [_read(p, ("settings", "original", "runs"), "a digits_sd_multiconcept.py")
              for p in paths]
-    ref = files[0]
-    pooled: Dict[str, Dict] = {}
     for f in files:
         if "forget_digits" not in f["settings"]:
             raise ValueError(f"{f['_path']} is not a digits_sd_multiconcept.py results.json (no "
                              f"forget_digits)")
-        for key in MULTICONCEPT_PROTOCOL_KEYS:
-            a, b = ref["settings"].get(key), f["settings"].get(key)
-            if a != b:
-                raise ValueError(f"{f['_path']} and {ref['_path']} ran different protocols: "
-                                 f"{key} = {b!r} vs {a!r}")
+    _check_protocol(files, MULTICONCEPT_PROTOCOL_KEYS)
+    ref = files[0]
+    for f in files:
         if f["original"].get("per_class") != ref["original"].get("per_class"):
             raise ValueError(f"{f['_path']} and {ref['_path']} evaluated different builds of the "
                              f"digits model (the original's per-digit accuracies differ)")
-        pair = "+".join(str(d) for d in f["settings"]["forget_digits"])
-        entry = pooled.setdefault(pair, {"settings": f["settings"], "runs": [], "sources": [],
-                                         "seen": {}})
-        for r in f["runs"]:
-            key = (r["method"], r["variant"], r["seed"])
-            if key in entry["seen"]:
-                raise ValueError(f"{r['method']} {r['variant']} seed {r['seed']} forgetting {pair} "
-                                 f"is in both {entry['seen'][key]} and {f['_path']}")
-            entry["seen"][key] = f["_path"]
-            entry["runs"].append(r)
-        entry["sources"].append(f["_path"])
-    for entry in pooled.values():
-        del entry["seen"]
-    return pooled
+    return _pool_runs(files, lambda f: "+".join(str(d) for d in f["settings"]["forget_digits"]),
+                      lambda pair: f"forgetting {pair}")
 
 
 def compare_across_pairs(experiments: Mapping[str, Mapping], ours: str = "munba/per_concept",
