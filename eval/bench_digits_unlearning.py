@@ -98,8 +98,10 @@ def row_spec(name: str, retain_objective=None):
     ``munba`` is what ``MunbaTrainer(method="munba")`` does with no other option (the
     recommended configuration); ``munba-paper`` is the paper's plain rule: bargaining power 1
     and no satisfaction target. While the classifiers' default forget loss has no default target,
-    that is exactly ``munba``'s configuration (the row then shares munba's run); should it get
-    one, the row runs the registry's ``munba-paper`` method, which never builds a rule.
+    that is exactly ``munba``'s configuration on class-wise forgetting, where the trainer picks
+    power 1 (the row then shares munba's run; on random samples it picks 0.2, see
+    ``hf_munba.classification.forget_power``); should the loss get a target, the row runs the
+    registry's ``munba-paper`` method, which never builds a rule.
     ``munba-target-<T>`` (absolute target T on the forget loss) and ``munba-power-<w>``
     (forget bargaining power w) are for exploring the bargaining options.
     """
@@ -138,12 +140,18 @@ def row_spec(name: str, retain_objective=None):
     return name, {}
 
 
-def config_key(row: str, retain_objective=None) -> str:
-    """The full MunbaTrainer configuration a row runs (two rows with the same key are one run)."""
+def config_key(row: str, retain_objective=None, setting: str = "class") -> str:
+    """The full MunbaTrainer configuration a row runs on ``setting`` (two rows with the same key
+    are one run): a forget power left to the trainer is the one it picks for that forget set."""
+    from hf_munba.classification.forget_power import CLASS_FORGET_POWER, SAMPLE_FORGET_POWER
+    from hf_munba.classification.methods import get_method
     from hf_munba.classification.trainer import MunbaArguments
 
     method, extra = row_spec(row, retain_objective)
-    return json.dumps(MunbaArguments(method=method, **extra).to_dict(), sort_keys=True)
+    config = MunbaArguments(method=method, **extra).to_dict()
+    if config["bargaining_power_forget"] is None and "bargaining_power_forget" in get_method(method).settings:
+        config["bargaining_power_forget"] = SAMPLE_FORGET_POWER if setting == "random" else CLASS_FORGET_POWER
+    return json.dumps(config, sort_keys=True)
 
 
 def parse_args(argv=None):
@@ -490,7 +498,7 @@ def main(argv=None):
                 criteria[setting][seed] = criterion.to_dict()
                 done = {}  # configuration -> the row that ran it (identical configurations run once)
                 for row in a.methods:
-                    key = (config_key(row, a.retain_objective), json.dumps(a.recipes[setting][row], sort_keys=True))
+                    key = (config_key(row, a.retain_objective, setting), json.dumps(a.recipes[setting][row], sort_keys=True))
                     if key in done:
                         first = done[key]
                         results[row] = {**copy.deepcopy(results[first]), "same_run_as": first}

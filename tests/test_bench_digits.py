@@ -168,6 +168,10 @@ def test_row_names_and_arguments():
     paper = MunbaArguments(method=method, **extra)
     assert paper.make_forget_rule() is None and paper.bargaining_power_forget == 1.0
     assert bench.config_key("munba-target-2.5") != bench.config_key("munba")
+    # the power the trainer picks per forget set: munba is munba-paper on classes, power 0.2 on samples
+    assert bench.config_key("munba", setting="class") == bench.config_key("munba-paper", setting="class")
+    assert bench.config_key("munba", setting="random") == bench.config_key("munba-power-0.2", setting="random")
+    assert bench.config_key("munba", setting="random") != bench.config_key("munba-paper", setting="random")
     assert bench.config_key("weighted-1") != bench.config_key("weighted-0.3")
     # --retain_objective reaches every row with both players, and only those
     assert bench.row_spec("weighted-0.3", "distill") == ("weighted", {"forget_weight": 0.3,

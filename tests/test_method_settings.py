@@ -30,9 +30,15 @@ BASELINE_FIELDS = {"iu_alpha": 10.0, "iu_damping": 1.0, "iu_fisher_batches": 64,
 # Fields added since (with their defaults).
 NEW_FIELDS = {"retain_objective": "ce"}
 
+# Defaults changed on purpose since (the name stays; an old value still loads).
+CHANGED_DEFAULTS = {"bargaining_power_forget": None}  # was 1.0: MunbaTrainer picks it per forget set
+
 
 def test_every_legacy_field_keeps_its_name_and_default():
-    assert MunbaArguments().to_dict() == {**LEGACY_FIELDS, **BASELINE_FIELDS, **NEW_FIELDS}
+    assert MunbaArguments().to_dict() == {**LEGACY_FIELDS, **BASELINE_FIELDS, **NEW_FIELDS,
+                                          **CHANGED_DEFAULTS}
+    assert MunbaArguments.from_dict({**MunbaArguments().to_dict(), **LEGACY_FIELDS}) \
+        .bargaining_power_forget == 1.0  # a checkpoint's munba_args from before still loads
 
 
 def test_method_fields_come_from_the_methods_that_declare_them():

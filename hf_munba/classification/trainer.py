@@ -21,7 +21,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields, make_dataclass
+from dataclasses import asdict, dataclass, field, fields, make_dataclass, replace
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
@@ -30,6 +30,7 @@ from ..bargaining import NashBargainer, SatisfactionRule
 from ..unlearning.distributed import unsupported_distributed_message
 from ..unlearning.methods import check_forget_names, settings_fields, validate_settings
 from ..unlearning.step import SkippedStepGuard, TooManySkippedSteps, unlearning_step
+from .forget_power import default_forget_power
 from .methods import FRONT_END, ClassifierContext, UnlearningMethod, available_methods, get_method
 from .objectives import FORGET_LOSSES, RETAIN_OBJECTIVES, distilled_kl, get_forget_loss, retain_cross_entropy
 
@@ -284,6 +285,11 @@ class MunbaTrainer(Trainer):
         train_dataset = kwargs.get("train_dataset")
         if method_cls.uses_retain and train_dataset is not None and len(train_dataset) == 0:
             raise ValueError("train_dataset (the retain set) is empty")
+        if forget_sets and munba_args.bargaining_power_forget is None \
+                and "bargaining_power_forget" in method_cls.settings:
+            # None: 1 for classes, less for samples of kept classes (forget_power's docstring)
+            munba_args = replace(munba_args, bargaining_power_forget=default_forget_power(
+                forget_sets.values(), train_dataset))
         if args is not None and getattr(args, "fp16", False) and not torch.cuda.is_available():
             raise ValueError("fp16 mixed precision needs a CUDA GPU; on CPU use bf16 or fp32")
         super().__init__(model=model, args=args, **kwargs)

@@ -169,10 +169,11 @@ class SDUnlearningConfig:
         "opposed_tol", "MUNBa: when 1 + cos(g_r, g_f) is below this, no direction helps both "
                        "players and the step follows the retain gradient")
     # ---- bargaining power and the satisfied forget player (--method munba)
-    bargaining_power_forget: float = _setting(
+    bargaining_power_forget: Optional[float] = _setting(
         "bargaining_power_forget", "the forget player's bargaining power w_f (retain has 1) "
                                    "while it is not satisfied; only the ratio matters "
-                                   "(hf_munba.bargaining)")
+                                   "(hf_munba.bargaining). Default: 1, the paper's symmetric "
+                                   "game (a concept is forgotten as a class is)")
     forget_target: Optional[float] = _setting(
         "forget_target", "the forget player is satisfied (its power drops to "
                          "--satisfied_power_forget) once an EMA of its loss is at or below this "
@@ -268,6 +269,8 @@ class SDUnlearningConfig:
                 raise ValueError(f"--{name} {value!r} is not one of {list(allowed)}")
         self._check_concepts()
         method = get_method(self.method)
+        if self.bargaining_power_forget is None:  # a concept is forgotten as a class is: 1
+            self.bargaining_power_forget = 1.0
         if self.forget_objective is None:  # the method's own forget loss (ga: ascent)
             self.forget_objective = method.default_forget_loss["diffusion"]
         if self.retain_objective is None:

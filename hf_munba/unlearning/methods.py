@@ -94,8 +94,11 @@ BARGAINING_SETTINGS: Dict[str, MethodSetting] = {"opposed_tol": OPPOSED_TOL,
                                                   "fallback_player": FALLBACK_PLAYER}
 FORGET_RULE_SETTINGS: Dict[str, MethodSetting] = {
     "bargaining_power_forget": MethodSetting(
-        1.0, "method 'munba': the forget player's bargaining power (retain has 1) while it is "
-        "not satisfied; 1 = the paper's symmetric game", float, _positive, "a positive number"),
+        None, "method 'munba': the forget player's bargaining power (retain has 1) while it is "
+        "not satisfied; 1 = the paper's symmetric game. None: chosen by the front end from the "
+        "forget set, 1 for classes or concepts, 0.2 for a classifier's samples of classes it "
+        "keeps (hf_munba.classification.forget_power)", Optional[float],
+        lambda v: v is None or _positive(v), "a positive number or None"),
     "forget_target": MethodSetting(
         None, "method 'munba': the forget player leaves the game once an EMA of its loss is at "
         "or below this target; default per forget loss (none for random_label and neg_ce: see "
@@ -256,7 +259,7 @@ class UnlearningMethod:
         if not self.bargains or "bargaining_power_forget" not in self.settings:
             return None
         w = self.setting("bargaining_power_forget")
-        if w == 1.0:
+        if w is None or w == 1.0:  # None: a front end that did not choose (the symmetric game)
             return None
         return [1.0 if p == "retain" else float(w) for p in self.players()]
 
@@ -269,7 +272,8 @@ class UnlearningMethod:
             forget_loss, target=s("forget_target"), mode=s("forget_target_mode"),
             ema=s("forget_target_ema"), hysteresis=s("forget_target_hysteresis"),
             reference_steps=s("forget_target_reference_steps"),
-            satisfied_power=s("satisfied_power_forget"), power=s("bargaining_power_forget"))
+            satisfied_power=s("satisfied_power_forget"),
+            power=1.0 if s("bargaining_power_forget") is None else s("bargaining_power_forget"))
 
     def forget_rules(self, forget_loss: str) -> Dict[int, SatisfactionRule]:
         """One independent satisfied-player rule per forget player (bargainer index -> rule):
