@@ -112,3 +112,22 @@ def test_the_sd_config_keeps_the_symmetric_game():
     assert SDUnlearningConfig(**base, bargaining_power_forget=0.3).bargaining_power_forget == 0.3
     cfg = SDUnlearningConfig(**base)
     assert SDUnlearningConfig.from_dict(cfg.to_dict()).bargaining_power_forget == 1.0
+
+
+def test_unlearn_classifier_records_the_power_it_ran(tmp_path):
+    """Random samples through the one-call API: the model card and munba_args.json say 0.2."""
+    import hf_munba
+    from datasets import DatasetDict
+
+    from hf_munba.classification.data import digits_dataset
+
+    d = digits_dataset()
+    small = DatasetDict(train=d["train"].select(range(0, len(d["train"]), 6)),
+                        test=d["test"].select(range(0, len(d["test"]), 6)))
+    out = tmp_path / "out"
+    hf_munba.unlearn_classifier(tiny_resnet_classifier(num_labels=10), small, forget_fraction=0.1,
+                                output_dir=str(out), max_steps=1, per_device_train_batch_size=32,
+                                use_cpu=True, disable_tqdm=True)
+    assert "| munba.bargaining_power_forget | 0.2 |" in (out / "README.md").read_text()
+    saved = MunbaArguments.from_json_string((out / "munba_args.json").read_text())
+    assert saved.bargaining_power_forget == SAMPLE_FORGET_POWER

@@ -230,7 +230,8 @@ def run_unlearning(model, train, test, *, plan: Optional[ForgetPlan], munba_args
                     json.dump({"forget": record, "method": munba_args.method, "metrics": metrics}, f,
                               indent=2)
                 write_model_card(stage, base_model=base_model, method=munba_args.method,
-                                 forget=record, munba_args=munba_args.to_dict(), metrics=metrics,
+                                 forget=record, metrics=metrics,
+                                 munba_args=trainer.munba_args.to_dict(),  # as run (e.g. the forget power chosen)
                                  dataset=dataset_name, training_args=training_args)
         return UnlearningResult(model, metrics, trainer)
     finally:
