@@ -131,3 +131,18 @@ def test_unlearn_classifier_records_the_power_it_ran(tmp_path):
     assert "| munba.bargaining_power_forget | 0.2 |" in (out / "README.md").read_text()
     saved = MunbaArguments.from_json_string((out / "munba_args.json").read_text())
     assert saved.bargaining_power_forget == SAMPLE_FORGET_POWER
+
+
+def test_ranks_that_chose_different_powers_are_one_clear_error(monkeypatch):
+    """Under DDP every rank must bargain under the same power; given different datasets they
+    would not, so the trainer's check (run when the power was chosen and there are several
+    ranks; the two-process run in test_trainer_ddp.py goes through it) refuses."""
+    import accelerate.utils
+
+    from hf_munba.classification.forget_power import check_same_on_every_rank
+
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda objs: [1.0, 0.2])
+    with pytest.raises(ValueError, match="ranks chose different forget powers"):
+        check_same_on_every_rank(1.0)
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda objs: [0.2, 0.2])
+    check_same_on_every_rank(0.2)

@@ -17,7 +17,9 @@ follows the forget set").
 The kind is read from the labels, not from how the split was asked for: a forget set is
 "classes" when none of its labels occurs in the retain set, "samples" otherwise. That holds for
 ``forget_indices`` that happen to select a whole class, and for a split made outside hf_munba.
-Every rank reads the same datasets, so every rank chooses the same power.
+Every rank reads the same datasets (the Trainer shards batches, not datasets), so every rank
+chooses the same power; ranks given different datasets would bargain under different powers and
+drift apart silently, so under DDP the trainer checks that they agree.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any, Iterable, Mapping, Optional
 import numpy as np
 
 __all__ = ["CLASS_FORGET_POWER", "SAMPLE_FORGET_POWER", "forget_set_kind", "default_forget_power",
-           "dataset_labels"]
+           "dataset_labels", "check_same_on_every_rank"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +44,12 @@ def dataset_labels(dataset: Any, column: str = "labels") -> Optional[np.ndarray]
     """The label column (``labels`` or ``label``) of a ``datasets.Dataset``, read without running
     its transform, or of an :class:`~hf_munba.classification.data.InMemoryDataset`; None when
     the dataset exposes none (a torch ``Dataset``: reading every row could load every image)."""
-    names = getattr(dataset, "column_names", None)
+    from datasets import Dataset
+
+    names = dataset.column_names if isinstance(dataset, Dataset) else None  # not iterable ones
     columns = getattr(dataset, "columns", None)
     for col in (column, "label"):
-        if names is not None and hasattr(dataset, "with_format") and col in names:
+        if names is not None and col in names:
             return np.asarray(dataset.with_format(None)[col])
         if isinstance(columns, Mapping) and col in columns:
             return np.asarray(columns[col])
@@ -80,3 +84,15 @@ def default_forget_power(forget_datasets: Iterable[Any], retain_dataset: Any) ->
                        "classes the model keeps pass bargaining_power_forget=%g",
                        CLASS_FORGET_POWER, SAMPLE_FORGET_POWER)
     return CLASS_FORGET_POWER
+
+
+def check_same_on_every_rank(power: float) -> None:
+    """One clear error when the ranks of a distributed run chose different powers (each was
+    given a different dataset, e.g. sharded by hand): their bargains would differ every step."""
+    from accelerate.utils import gather_object
+
+    powers = gather_object([float(power)])
+    if len(set(powers)) > 1:
+        raise ValueError(f"the ranks chose different forget powers {powers}: their forget or retain "
+                         "datasets differ (give every rank the whole datasets; the Trainer shards "
+                         "them), or pass bargaining_power_forget")

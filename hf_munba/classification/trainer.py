@@ -30,7 +30,7 @@ from ..bargaining import NashBargainer, SatisfactionRule
 from ..unlearning.distributed import unsupported_distributed_message
 from ..unlearning.methods import check_forget_names, settings_fields, validate_settings
 from ..unlearning.step import SkippedStepGuard, TooManySkippedSteps, unlearning_step
-from .forget_power import default_forget_power
+from .forget_power import check_same_on_every_rank, default_forget_power
 from .methods import FRONT_END, ClassifierContext, UnlearningMethod, available_methods, get_method
 from .objectives import FORGET_LOSSES, RETAIN_OBJECTIVES, distilled_kl, get_forget_loss, retain_cross_entropy
 
@@ -285,9 +285,9 @@ class MunbaTrainer(Trainer):
         train_dataset = kwargs.get("train_dataset")
         if method_cls.uses_retain and train_dataset is not None and len(train_dataset) == 0:
             raise ValueError("train_dataset (the retain set) is empty")
-        if forget_sets and munba_args.bargaining_power_forget is None \
-                and "bargaining_power_forget" in method_cls.settings:
-            # None: 1 for classes, less for samples of kept classes (forget_power's docstring)
+        chosen_power = forget_sets and munba_args.bargaining_power_forget is None \
+            and "bargaining_power_forget" in method_cls.settings
+        if chosen_power:  # None: 1 for classes, less for samples of kept classes (forget_power)
             munba_args = replace(munba_args, bargaining_power_forget=default_forget_power(
                 forget_sets.values(), train_dataset))
         if args is not None and getattr(args, "fp16", False) and not torch.cuda.is_available():
@@ -297,6 +297,8 @@ class MunbaTrainer(Trainer):
         refused = unsupported_distributed_message(bargains=method_cls.bargains, distributed_type=engine)
         if refused:  # the one rule both front ends apply (hf_munba.unlearning.distributed)
             raise ValueError(f"MunbaTrainer: {refused}")
+        if chosen_power and self.accelerator.num_processes > 1:
+            check_same_on_every_rank(munba_args.bargaining_power_forget)
         self.munba_args = munba_args
         self.method: UnlearningMethod = method_cls(munba_args, forget_names=forget_names)
         self.forget_dataset = forget_dataset
