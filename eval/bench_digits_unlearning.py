@@ -143,14 +143,14 @@ def row_spec(name: str, retain_objective=None):
 def config_key(row: str, retain_objective=None, setting: str = "class") -> str:
     """The full MunbaTrainer configuration a row runs on ``setting`` (two rows with the same key
     are one run): a forget power left to the trainer is the one it picks for that forget set."""
-    from hf_munba.classification.forget_power import CLASS_FORGET_POWER, SAMPLE_FORGET_POWER
+    from hf_munba.classification.forget_power import power_for_kind
     from hf_munba.classification.methods import get_method
     from hf_munba.classification.trainer import MunbaArguments
 
     method, extra = row_spec(row, retain_objective)
     config = MunbaArguments(method=method, **extra).to_dict()
     if config["bargaining_power_forget"] is None and "bargaining_power_forget" in get_method(method).settings:
-        config["bargaining_power_forget"] = SAMPLE_FORGET_POWER if setting == "random" else CLASS_FORGET_POWER
+        config["bargaining_power_forget"] = power_for_kind("samples" if setting == "random" else "classes")
     return json.dumps(config, sort_keys=True)
 
 

@@ -29,8 +29,8 @@ from typing import Any, Iterable, Mapping, Optional
 
 import numpy as np
 
-__all__ = ["CLASS_FORGET_POWER", "SAMPLE_FORGET_POWER", "forget_set_kind", "default_forget_power",
-           "dataset_labels", "check_same_on_every_rank"]
+__all__ = ["CLASS_FORGET_POWER", "SAMPLE_FORGET_POWER", "forget_set_kind", "power_for_kind",
+           "default_forget_power", "dataset_labels", "check_same_on_every_rank"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,11 @@ def forget_set_kind(forget_datasets: Iterable[Any], retain_dataset: Any) -> Opti
     return "samples" if shared.size else "classes"
 
 
+def power_for_kind(kind: Optional[str]) -> float:
+    """The default power for a forget set of ``kind`` (None, unknown: the class default)."""
+    return SAMPLE_FORGET_POWER if kind == "samples" else CLASS_FORGET_POWER
+
+
 def default_forget_power(forget_datasets: Iterable[Any], retain_dataset: Any) -> float:
     """The power ``bargaining_power_forget=None`` stands for with these datasets (logged)."""
     kind = forget_set_kind(list(forget_datasets), retain_dataset)
@@ -76,14 +81,13 @@ def default_forget_power(forget_datasets: Iterable[Any], retain_dataset: Any) ->
         logger.info("the forget set shares its classes with the retain set (samples, not classes): "
                     "the forget player's bargaining power is %g (pass bargaining_power_forget to "
                     "choose another)", SAMPLE_FORGET_POWER)
-        return SAMPLE_FORGET_POWER
-    if kind is None:
+    elif kind is None:
         logger.warning("could not read the datasets' labels (not datasets.Dataset with a 'labels' "
                        "column), so the forget set's kind is unknown: the forget player's "
                        "bargaining power is %g, the class-forgetting default; for samples of "
                        "classes the model keeps pass bargaining_power_forget=%g",
                        CLASS_FORGET_POWER, SAMPLE_FORGET_POWER)
-    return CLASS_FORGET_POWER
+    return power_for_kind(kind)
 
 
 def check_same_on_every_rank(power: float) -> None:

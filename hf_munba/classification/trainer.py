@@ -285,7 +285,7 @@ class MunbaTrainer(Trainer):
         train_dataset = kwargs.get("train_dataset")
         if method_cls.uses_retain and train_dataset is not None and len(train_dataset) == 0:
             raise ValueError("train_dataset (the retain set) is empty")
-        chosen_power = forget_sets and munba_args.bargaining_power_forget is None \
+        chosen_power = bool(forget_sets) and munba_args.bargaining_power_forget is None \
             and "bargaining_power_forget" in method_cls.settings
         if chosen_power:  # None: 1 for classes, less for samples of kept classes (forget_power)
             munba_args = replace(munba_args, bargaining_power_forget=default_forget_power(

@@ -258,10 +258,15 @@ class UnlearningMethod:
         player gets ``bargaining_power_forget``."""
         if not self.bargains or "bargaining_power_forget" not in self.settings:
             return None
-        w = self.setting("bargaining_power_forget")
-        if w is None or w == 1.0:  # None: a front end that did not choose (the symmetric game)
+        w = self.forget_power()
+        if w == 1.0:
             return None
-        return [1.0 if p == "retain" else float(w) for p in self.players()]
+        return [1.0 if p == "retain" else w for p in self.players()]
+
+    def forget_power(self) -> float:
+        """``bargaining_power_forget``; None (no front end chose one) is the symmetric game, 1."""
+        w = self.setting("bargaining_power_forget")
+        return 1.0 if w is None else float(w)
 
     def forget_rule(self, forget_loss: str) -> Optional[SatisfactionRule]:
         """The satisfied-forget-player rule for ``forget_loss`` (an objective name), or None."""
@@ -272,8 +277,7 @@ class UnlearningMethod:
             forget_loss, target=s("forget_target"), mode=s("forget_target_mode"),
             ema=s("forget_target_ema"), hysteresis=s("forget_target_hysteresis"),
             reference_steps=s("forget_target_reference_steps"),
-            satisfied_power=s("satisfied_power_forget"),
-            power=1.0 if s("bargaining_power_forget") is None else s("bargaining_power_forget"))
+            satisfied_power=s("satisfied_power_forget"), power=self.forget_power())
 
     def forget_rules(self, forget_loss: str) -> Dict[int, SatisfactionRule]:
         """One independent satisfied-player rule per forget player (bargainer index -> rule):
